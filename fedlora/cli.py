@@ -1,0 +1,321 @@
+"""The fedlora command line. Hydra composes and validates the config; the CLI owns the console.
+
+    fedlora simulate strategy=fedavg clients=100 rounds=3
+
+Bad input prints one line (``error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import logging
+import os
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedlora.config import ConfigError, RunConfig, register_schema
+
+GROUPS = ("strategy", "model", "data", "partition", "lora", "train", "simulation")
+EXIT_USAGE = 2
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+log = logging.getLogger("fedlora")
+
+
+# -- composing the config -------------------------------------------------------------
+def group_options(group: str) -> list[str]:
+    folder = importlib.resources.files("conf") / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def compose(overrides: list[str]) -> tuple[RunConfig, Any]:
+    """(typed RunConfig, composed DictConfig) for ``overrides``; bad input raises ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        if key in GROUPS and value not in (options := group_options(key)):
+            raise ConfigError(f"unknown {key} {value!r}; choose from {options}")
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="conf", version_base=None):
+            composed = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_object(composed), composed
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_hydra_message(err)) from None
+
+
+def _hydra_message(err: BaseException) -> str:
+    """One line from Hydra's and OmegaConf's multi-line errors."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = err.__cause__ or err
+    if isinstance(cause, ValidationError):
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        return f"unknown config key {cause.full_key!r} (see fedlora simulate --help)"
+    return str(err).splitlines()[0]
+
+
+# -- help -----------------------------------------------------------------------------
+def describe_config() -> str:
+    """The groups, their options and every key with its default, for --help."""
+    try:
+        cfg, _ = compose([])
+    except ConfigError as err:  # pragma: no cover - the shipped defaults are valid
+        return f"(config does not compose: {err})"
+    flat = cfg.to_flat()
+    lines = ["config groups (pick one: group=option):"]
+    lines += [f"  {g:<11} {', '.join(group_options(g))}" for g in GROUPS]
+    lines.append("")
+    lines.append("keys and defaults (override with key=value or group.key=value):")
+    for key, value in flat.items():
+        lines.append(f"  {key}={value if value != '' else 'null'}")
+    lines.append("")
+    lines.append("example: fedlora simulate strategy=fedavg model=tiny clients=100 clients_per_round=10 rounds=3")
+    return "\n".join(lines)
+
+
+def build_parser(*, describe: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; ``describe`` composes the config to list it in ``simulate --help``."""
+    parser = argparse.ArgumentParser(
+        prog="fedlora",
+        description="Federated LoRA fine-tuning on Flower: simulate many clients, deploy the same apps.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    simulate = sub.add_parser(
+        "simulate",
+        help="run a federated fine-tuning simulation (Flower simulation engine, Ray)",
+        description="Run a federated LoRA fine-tuning simulation. Arguments are Hydra overrides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=describe_config() if describe else None,
+    )
+    simulate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. clients=100")
+    simulate.add_argument("--dry-run", action="store_true", help="validate, show the partitions, and stop")
+    simulate.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return parser
+
+
+# -- simulate ----------------------------------------------------------------------------
+def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> int:
+    import torch
+
+    from fedlora.checkpoint import METRICS, read_metrics, write_json
+    from fedlora.worker import get_worker
+
+    if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
+        raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
+    out = Path(cfg.output_dir or Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+    cfg.output_dir = str(out)
+    composed.output_dir = str(out)
+
+    # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
+    # ServerApp (a thread of this process) finds them in the worker cache.
+    worker = get_worker(cfg)
+    splits = worker.splits
+    show_partitions(worker, out if not dry_run else None)
+    worker.model  # noqa: B018 - builds and caches the model, validating path and target modules
+    if dry_run:
+        from omegaconf import OmegaConf
+
+        console.print(OmegaConf.to_yaml(composed))
+        return 0
+
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    write_json(out / "run_config.json", cfg.to_flat())
+    console.print(
+        f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} data={cfg.data.name} "
+        f"({len(splits.train)} train / {len(splits.test)} test, {splits.num_labels} labels) "
+        f"clients={cfg.clients} per round={cfg.sampled_per_round} rounds={cfg.rounds} -> {out}"
+    )
+    run_flower_simulation(cfg, verbose=verbose)
+    rows = read_metrics(out / METRICS)
+    console.print(summary_table(rows))
+    console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
+    return 0
+
+
+def run_flower_simulation(cfg: RunConfig, *, verbose: bool) -> None:
+    from flwr.simulation import run_simulation
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedlora.flower.client_app import make_client_app
+    from fedlora.flower.server_app import make_server_app
+
+    flat = cfg.to_flat()
+    init_args: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.WARNING}
+    init_args["log_to_driver"] = verbose
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    backend = {
+        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
+        "init_args": init_args,
+    }
+    columns = (TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("rounds", total=cfg.rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.console.print(round_line(row, cfg.rounds))
+            if row["round"] > 0:
+                progress.advance(task)
+
+        run_simulation(
+            server_app=make_server_app(flat, on_round=on_round),
+            client_app=make_client_app(flat),
+            num_supernodes=cfg.clients,
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
+
+
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    acc = row.get("test_accuracy")
+    parts = [f"round {row['round']:>3}/{rounds}"]
+    parts.append(f"test acc {acc:.4f}  loss {row['test_loss']:.4f}" if acc is not None else "test acc   -   ")
+    if row.get("train_loss") is not None:
+        parts.append(f"train loss {row['train_loss']:.4f}")
+    if row.get("replies_expected"):
+        parts.append(f"replies {row['replies_received']}/{row['replies_expected']}")
+        parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
+    parts.append(f"{row['wall_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def summary_table(rows: list[dict[str, str]]) -> Table:
+    table = Table(title="fedlora: rounds")
+    for name in ("round", "test acc", "test loss", "train loss", "replies", "up", "down", "wall s"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        replies = f"{r['replies_received']}/{r['replies_expected']}" if r["replies_expected"] else ""
+        table.add_row(
+            r["round"],
+            _fmt(r["test_accuracy"], ".4f"),
+            _fmt(r["test_loss"], ".4f"),
+            _fmt(r["train_loss"], ".4f"),
+            replies,
+            human_bytes(float(r["bytes_up"])) if r["bytes_up"] else "",
+            human_bytes(float(r["bytes_down"])) if r["bytes_down"] else "",
+            _fmt(r["wall_s"], ".1f"),
+        )
+    return table
+
+
+def _fmt(value: str, spec: str) -> str:
+    return format(float(value), spec) if value not in ("", None) else ""
+
+
+def show_partitions(worker: Any, out: Path | None) -> None:
+    """Per-client sizes and label counts: a summary on the console, every client in a CSV."""
+    import numpy as np
+
+    from fedlora.data import label_counts, label_skew
+
+    labels = worker.splits.train["label"]
+    counts = label_counts(labels, worker.partitions, worker.splits.num_labels)
+    sizes = counts.sum(1)
+    cfg = worker.cfg
+    table = Table(title=f"partition={cfg.partition.name}: {cfg.clients} clients", title_justify="left")
+    table.add_column("client", justify="right")
+    table.add_column("examples", justify="right")
+    names = worker.splits.label_names
+    for name in names:
+        table.add_column(name[:12], justify="right")
+    shown = list(range(min(len(sizes), 8)))
+    for i in shown:
+        table.add_row(str(i), str(sizes[i]), *map(str, counts[i]))
+    if len(sizes) > len(shown):
+        table.add_row(f"... {len(sizes) - len(shown)} more", "", *[""] * len(names))
+    console.print(table)
+    console.print(
+        f"examples per client: min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}  "
+        f"total {sizes.sum()};  label skew (mean TV distance to the global mix) {label_skew(counts):.3f}"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        header = "client,examples," + ",".join(names)
+        rows = [f"{i},{sizes[i]}," + ",".join(map(str, counts[i])) for i in range(len(sizes))]
+        (out / "partitions.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
+# -- entry point -------------------------------------------------------------------------
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
+    # Flower logs through its own console handler; keep it from also reaching ours, and
+    # (unless verbose) let only its warnings through: the CLI prints one line per round.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    if not verbose:
+        flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
+    for noisy in ("datasets", "transformers", "ray", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wants_help = bool(argv) and argv[0] == "simulate" and ("-h" in argv or "--help" in argv)
+    args = build_parser(describe=wants_help).parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging(args.verbose)
+    started = time.perf_counter()
+    try:
+        cfg, composed = compose(args.overrides)
+        code = simulate(cfg, composed, dry_run=args.dry_run, verbose=args.verbose)
+    except ConfigError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    log.debug("done in %.1f s", time.perf_counter() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

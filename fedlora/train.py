@@ -1,0 +1,45 @@
+"""The local training loop: plain PyTorch, no Flower."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one client round of training did."""
+
+    steps: int
+    mean_loss: float
+
+
+def cycle(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches: each pass re-iterates (a DataLoader reshuffles with its generator)."""
+    while True:
+        yield from batches
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    *,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device,
+) -> LocalResult:
+    """``steps`` optimizer steps on ``batches``; returns the mean training loss."""
+    model.train()
+    total = 0.0
+    for _ in range(steps):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+    return LocalResult(steps=steps, mean_loss=total / steps)

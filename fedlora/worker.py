@@ -1,0 +1,169 @@
+"""Per-process state and the work of a client round, with no Flower in it.
+
+A :class:`Worker` holds what is heavy (the peft model, the tokenizer, the data and
+its partitions) and is built once per process and run configuration
+(:func:`get_worker`); every client round that the process serves reuses it and
+only loads the adapter tensors it received. The ClientApp, the ServerApp's central
+evaluation and the benchmark's plain loop all call the same methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from functools import cached_property
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedlora import lora
+from fedlora.config import RunConfig
+from fedlora.data import Splits, load_splits, partition
+from fedlora.lora import LORA_ROLES, AdapterKey, Tensors
+from fedlora.model import build_peft_model, device_for_worker, resolve_path
+from fedlora.task import TASK
+from fedlora.train import LocalResult, cycle, train_steps
+from strategies import Strategy, get_strategy_class
+
+log = logging.getLogger(__name__)
+
+_WORKERS: dict[str, Worker] = {}
+
+
+def get_worker(cfg: RunConfig, *, num_partitions: int | None = None) -> Worker:
+    """The cached worker for ``cfg`` in this process (built on first use)."""
+    num_partitions = num_partitions or cfg.clients
+    key = hashlib.sha256(json.dumps(cfg.to_flat() | {"_parts": num_partitions}, sort_keys=True).encode()).hexdigest()
+    if key not in _WORKERS:
+        _WORKERS.clear()  # one run per process at a time: do not keep an old model alive
+        _WORKERS[key] = Worker(cfg, num_partitions=num_partitions)
+    return _WORKERS[key]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from (run seed, round, client, ...): independent streams per tuple."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Worker:
+    """Model, data and strategy of one run, as seen from one process."""
+
+    def __init__(self, cfg: RunConfig, *, num_partitions: int) -> None:
+        self.cfg = cfg
+        self.num_partitions = num_partitions
+        self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.lora.scaling)
+        self.device = device_for_worker()
+        self._tokenised: dict[int, object] = {}
+
+    # -- heavy things, built lazily and once ---------------------------------------
+    @cached_property
+    def splits(self) -> Splits:
+        return load_splits(self.cfg.data, seed=self.cfg.seed)
+
+    @cached_property
+    def partitions(self) -> list[list[int]]:
+        return partition(
+            self.splits.train["label"], self.cfg.partition, num_partitions=self.num_partitions, seed=self.cfg.seed
+        )
+
+    @cached_property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(resolve_path(self.cfg.model.path))
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        model = build_peft_model(
+            self.cfg.model, self.cfg.lora, num_labels=self.splits.num_labels, seed=self.cfg.seed
+        )
+        return model.to(self.device)
+
+    @cached_property
+    def params(self) -> dict[AdapterKey, torch.nn.Parameter]:
+        return lora.adapter_parameters(self.model)
+
+    @cached_property
+    def trainable_keys(self) -> set[AdapterKey]:
+        """LoRA tensors by the strategy's rule; dense (head) modules by ``train.head``."""
+        train_head = self.cfg.train.head == "train"
+        return {
+            k
+            for k in self.params
+            if (self.strategy.trainable(k) if k.role in LORA_ROLES else train_head)
+        }
+
+    @cached_property
+    def test_batches(self) -> DataLoader:
+        data = TASK.tokenize(self.splits.test, self.tokenizer, max_len=self.cfg.train.max_seq_len)
+        return DataLoader(data, batch_size=self.cfg.train.eval_batch_size, collate_fn=TASK.collate(self.tokenizer))
+
+    def client_data(self, partition_id: int):  # noqa: ANN201 - a datasets.Dataset
+        """The tokenised partition, cached: tokenised on first use by this process."""
+        if partition_id not in self._tokenised:
+            rows = self.splits.train.select(self.partitions[partition_id])
+            self._tokenised[partition_id] = TASK.tokenize(rows, self.tokenizer, max_len=self.cfg.train.max_seq_len)
+        return self._tokenised[partition_id]
+
+    # -- what a round does --------------------------------------------------------------
+    def initial_adapters(self) -> Tensors:
+        """The freshly initialised adapter (identical in every process for a given seed)."""
+        return lora.read(self.params)
+
+    def sent_down(self, state: Tensors) -> Tensors:
+        """What the server broadcasts: the strategy's choice, less a frozen head (clients have it)."""
+        down = self.strategy.broadcast(state)
+        if self.cfg.train.head == "freeze":
+            down = {k: v for k, v in down.items() if k.role in LORA_ROLES}
+        return down
+
+    def load(self, received: Tensors) -> None:
+        """Load the tensors the server sent into this process's model."""
+        lora.write(self.params, received)
+
+    def local_steps(self, num_examples: int) -> int:
+        train = self.cfg.train
+        if train.local_steps is not None:
+            return train.local_steps
+        return train.local_epochs * math.ceil(num_examples / train.batch_size)
+
+    def train_round(self, partition_id: int, received: Tensors, *, server_round: int) -> tuple[Tensors, int, LocalResult]:
+        """Load ``received``, train on the partition, return (payload, num_examples, result)."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
+        data = self.client_data(partition_id)
+        self.load(received)
+        lora.set_trainable(self.params, self.trainable_keys)
+        seed = derive_seed(self.cfg.seed, server_round, partition_id)
+        # Dropout draws from torch's global generator; seed it per (run, round, client).
+        torch.manual_seed(seed)
+        batches = DataLoader(
+            data,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=TASK.collate(self.tokenizer),
+        )
+        optimizer = torch.optim.AdamW(
+            [self.params[k] for k in sorted(self.trainable_keys)],
+            lr=self.cfg.train.lr,
+            weight_decay=self.cfg.train.weight_decay,
+        )
+        result = train_steps(
+            self.model,
+            cycle(batches),
+            loss_fn=TASK.loss,
+            optimizer=optimizer,
+            steps=self.local_steps(len(data)),
+            device=self.device,
+        )
+        trained = {k: v for k, v in lora.read(self.params).items() if k in self.trainable_keys}
+        return self.strategy.payload(trained), len(data), result
+
+    def evaluate(self, received: Tensors) -> dict[str, float]:
+        """Central evaluation on the test split with the global adapter loaded."""
+        self.load(received)
+        return TASK.evaluate(self.model, self.test_batches, self.device)

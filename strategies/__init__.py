@@ -1,0 +1,22 @@
+"""Aggregation strategies for federated LoRA: one file each, pure tensor math.
+
+``STRATEGIES`` maps the config name (``strategy=<name>``) to the class.
+"""
+
+from __future__ import annotations
+
+from strategies.base import Strategy, StrategyConfig
+from strategies.fedavg import FedAvg
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    """The registered class for ``name``; a miss names every choice."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyConfig", "get_strategy_class"]

@@ -1,0 +1,114 @@
+"""The interface every aggregation strategy implements: pure tensor math, no Flower.
+
+A strategy owns a *state* (a dict of adapter tensors keyed by :class:`AdapterKey`)
+on the server. Each round the server broadcasts ``broadcast(state)``, each sampled
+client loads it, trains the tensors for which ``trainable(key)`` holds and sends
+``payload(adapters)``; the server folds the payloads into a new state with
+``aggregate``. ``export(state)`` gives a standard LoRA (A, B per module) that peft
+can load. Modules trained in full (``Role.DENSE``, e.g. a task head) travel with
+the payload when the run trains them and are averaged with the same weights.
+
+Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
+A (r, d_in), s = alpha / r; client k holds n_k examples.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedlora.lora import AdapterKey, Tensors
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Settings every strategy shares; subclasses add their own fields.
+
+    ``weighting``: ``examples`` gives client k the weight p_k = n_k / sum n;
+    ``uniform`` gives every replying client 1 / K.
+    """
+
+    name: str
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}"
+            )
+
+
+def normalise(weights: Sequence[float]) -> torch.Tensor:
+    """Weights -> probabilities p (float64, sum 1). Refuses negative or all-zero weights."""
+    p = torch.tensor(weights, dtype=torch.float64)
+    if p.ndim != 1 or len(p) == 0:
+        raise ValueError("need at least one weight")
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    return p / p.sum()
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], p: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k T_k, accumulated in float64 and returned in the tensors' dtype."""
+    stacked = torch.stack([t.to(torch.float64) for t in tensors])
+    return torch.tensordot(p, stacked, dims=1).to(tensors[0].dtype)
+
+
+def same_keys(payloads: Sequence[Tensors]) -> list[AdapterKey]:
+    """The keys all payloads share; a reply with other keys is a bug upstream, not noise."""
+    if not payloads:
+        raise ValueError("aggregate needs at least one payload")
+    keys = sorted(payloads[0])
+    for i, payload in enumerate(payloads[1:], start=1):
+        if sorted(payload) != keys:
+            raise ValueError(f"payload {i} holds other tensors than payload 0")
+    return keys
+
+
+class Strategy(ABC):
+    """One federated LoRA method: what clients train and send, how the server combines it."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
+        self.config = config
+        self.scaling = scaling  # s = alpha / r, the same on every client
+
+    # -- client side ---------------------------------------------------------
+    def trainable(self, key: AdapterKey) -> bool:
+        """Whether clients train (and so send) this LoRA tensor. Default: A and B."""
+        return True
+
+    def payload(self, trained: Tensors) -> Tensors:
+        """What a client sends, given the tensors it trained this round. Default: all of them."""
+        return dict(trained)
+
+    # -- server side ---------------------------------------------------------
+    def initial_state(self, adapters: Tensors, *, generator: torch.Generator) -> Tensors:
+        """The round-1 state from the freshly initialised adapter (peft: A random, B = 0)."""
+        return dict(adapters)
+
+    def weights(self, num_examples: Sequence[int]) -> torch.Tensor:
+        """p_k for the replying clients, by ``config.weighting``."""
+        if self.config.weighting == "uniform":
+            return normalise([1.0] * len(num_examples))
+        return normalise(num_examples)
+
+    @abstractmethod
+    def aggregate(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+        """The next state from the clients' payloads and their normalised weights p."""
+
+    def broadcast(self, state: Tensors) -> Tensors:
+        """What every sampled client receives and loads at the start of a round."""
+        return state
+
+    def export(self, state: Tensors) -> Tensors:
+        """A standard LoRA (A, B per module, plus dense modules) equal to the global model."""
+        return dict(state)

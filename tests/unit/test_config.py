@@ -1,0 +1,101 @@
+"""The typed config: flat round trip, and one clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.cli import compose, main
+from fedlora.config import ConfigError, RunConfig, build_strategy_config
+
+
+def test_flat_round_trip_of_defaults() -> None:
+    cfg, _ = compose([])
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_flat_round_trip_of_nulls_lists_dicts_and_fractions() -> None:
+    cfg, _ = compose(
+        [
+            "model=tiny",
+            "clients=7",
+            "clients_per_round=0.3",
+            "train.local_steps=null",
+            "train.local_epochs=2",
+            "lora.target_modules=[query,key,value]",
+            "data.max_test_examples=50",
+            "train.head=freeze",
+            "simulation.ray_address=auto",
+        ]
+    )
+    flat = cfg.to_flat()
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    back = RunConfig.from_flat(flat)
+    assert back == cfg
+    assert back.train.local_steps is None and back.train.local_epochs == 2
+    assert back.lora.target_modules == ["query", "key", "value"]
+    assert back.model.architecture["hidden_size"] == 32
+
+
+@pytest.mark.parametrize(
+    ("cpr", "clients", "expected"), [(10, 100, 10), (0.1, 100, 10), (0.5, 3, 2), (1, 5, 1), (0.01, 10, 1)]
+)
+def test_clients_per_round_is_a_count_or_a_fraction(cpr: float, clients: int, expected: int) -> None:
+    cfg, _ = compose([f"clients={clients}", f"clients_per_round={cpr}"])
+    assert cfg.sampled_per_round == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fedavg'"),
+        (["model=bert-huge"], "unknown model 'bert-huge'"),
+        (["data=imagenet"], "unknown data 'imagenet'"),
+        (["partition=zipf"], "unknown partition 'zipf'"),
+        (["clients=0"], "clients must be >= 1"),
+        (["clients=abc"], "clients: Value 'abc'"),
+        (["clients=4", "clients_per_round=5"], "clients_per_round (5) must not exceed clients (4)"),
+        (["clients_per_round=2.5"], "clients_per_round must be an integer count or a fraction"),
+        (["lora.rank=0"], "lora.rank must be >= 1"),
+        (["data=ag_news"], "data.path is required for data=ag_news"),
+        (["train.head=maybe"], "train.head must be one of"),
+        (["train.local_epochs=1"], "set exactly one of train.local_steps and train.local_epochs"),
+        (["lora.bogus=1"], "unknown config key 'lora.bogus'"),
+        (["rounds"], "expected key=value"),
+    ],
+)
+def test_bad_input_is_one_clear_config_error(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_strategy_config_rejects_unknown_keys_and_bad_weighting() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_strategy_config({"name": "fedavg", "refactor_every": 2})
+    with pytest.raises(ConfigError, match="weighting"):
+        build_strategy_config({"name": "fedavg", "weighting": "by_size"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=ag_news", "data.path=/nonexistent/ag_news"], "data.path '/nonexistent/ag_news' does not exist"),
+        (["data.synthetic_train=5", "clients=6", "clients_per_round=1"], "clients (6) exceeds the training examples (5)"),
+        (["model=tiny", "lora.target_modules=[nothere]"], "lora.target_modules"),
+    ],
+)
+def test_cli_exits_2_with_one_line(overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--dry-run", "model=tiny", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_missing_label_column_is_named(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "train.csv").write_text("text,y\n" + "a b c,0\nd e f,1\n" * 10)
+    (tmp_path / "test.csv").write_text("text,y\na b,0\n")
+    code = main(["simulate", "--dry-run", "model=tiny", "data=files", f"data.path={tmp_path}", "clients=2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.label_column 'label' is not a column" in err and "['text', 'y']" in err

@@ -8,7 +8,7 @@ Flower's run config carries scalars only, so the apps receive
 """
 
 # OmegaConf's structured configs understand typing.Optional/List/Dict, not PEP 604/585.
-# ruff: noqa: UP006, UP007, UP045
+# ruff: noqa: UP006, UP007, UP035, UP045
 
 from __future__ import annotations
 
@@ -99,9 +99,7 @@ class PartitionConfig:
     min_partition_size: int = 2  # dirichlet: redraw until every client has this many
 
     def __post_init__(self) -> None:
-        _require(
-            self.name in PARTITIONS, f"unknown partition {self.name!r}; choose from {list(PARTITIONS)}"
-        )
+        _require(self.name in PARTITIONS, f"unknown partition {self.name!r}; choose from {list(PARTITIONS)}")
         _require(self.alpha > 0, "partition.alpha must be > 0")
         _require(self.labels_per_client >= 1, "partition.labels_per_client must be >= 1")
         _require(self.min_partition_size >= 0, "partition.min_partition_size must be >= 0")

@@ -59,7 +59,9 @@ def _load_files(cfg: DataConfig, *, seed: int) -> DatasetDict:
     if not path.exists():
         raise ConfigError(f"data.path {str(path)!r} does not exist")
     if path.is_dir():
-        files = {split: _find_split(path, stem) for split, stem in (("train", cfg.train_split), ("test", cfg.test_split))}
+        files = {
+            split: _find_split(path, stem) for split, stem in (("train", cfg.train_split), ("test", cfg.test_split))
+        }
     else:
         files = {"train": path}
     suffixes = {f.suffix.lower() for f in files.values()}

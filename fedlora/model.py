@@ -37,6 +37,11 @@ def build_peft_model(model: ModelConfig, lora: LoraConfig, *, num_labels: int, s
     initial weights. The caller's generator state is restored afterwards.
     """
     path = resolve_path(model.path)
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(
+            f"model.path {model.path!r} is not a folder (give a local model folder, a hub id, "
+            "or package:<module>/<folder>)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

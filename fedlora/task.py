@@ -57,7 +57,9 @@ class SequenceClassification:
         return model(**batch).loss
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+    ) -> dict[str, float]:
         """Accuracy and mean cross-entropy over all examples."""
         was_training = model.training
         model.eval()

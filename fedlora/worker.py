@@ -57,6 +57,9 @@ class Worker:
         self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.lora.scaling)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
+        log.debug(
+            "worker for strategy=%s on %s, %d torch threads", cfg.strategy.name, self.device, torch.get_num_threads()
+        )
 
     # -- heavy things, built lazily and once ---------------------------------------
     @cached_property
@@ -70,16 +73,14 @@ class Worker:
         )
 
     @cached_property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(resolve_path(self.cfg.model.path))
 
     @cached_property
     def model(self) -> torch.nn.Module:
-        model = build_peft_model(
-            self.cfg.model, self.cfg.lora, num_labels=self.splits.num_labels, seed=self.cfg.seed
-        )
+        model = build_peft_model(self.cfg.model, self.cfg.lora, num_labels=self.splits.num_labels, seed=self.cfg.seed)
         return model.to(self.device)
 
     @cached_property
@@ -90,18 +91,14 @@ class Worker:
     def trainable_keys(self) -> set[AdapterKey]:
         """LoRA tensors by the strategy's rule; dense (head) modules by ``train.head``."""
         train_head = self.cfg.train.head == "train"
-        return {
-            k
-            for k in self.params
-            if (self.strategy.trainable(k) if k.role in LORA_ROLES else train_head)
-        }
+        return {k for k in self.params if (self.strategy.trainable(k) if k.role in LORA_ROLES else train_head)}
 
     @cached_property
     def test_batches(self) -> DataLoader:
         data = TASK.tokenize(self.splits.test, self.tokenizer, max_len=self.cfg.train.max_seq_len)
         return DataLoader(data, batch_size=self.cfg.train.eval_batch_size, collate_fn=TASK.collate(self.tokenizer))
 
-    def client_data(self, partition_id: int):  # noqa: ANN201 - a datasets.Dataset
+    def client_data(self, partition_id: int):
         """The tokenised partition, cached: tokenised on first use by this process."""
         if partition_id not in self._tokenised:
             rows = self.splits.train.select(self.partitions[partition_id])
@@ -130,7 +127,9 @@ class Worker:
             return train.local_steps
         return train.local_epochs * math.ceil(num_examples / train.batch_size)
 
-    def train_round(self, partition_id: int, received: Tensors, *, server_round: int) -> tuple[Tensors, int, LocalResult]:
+    def train_round(
+        self, partition_id: int, received: Tensors, *, server_round: int
+    ) -> tuple[Tensors, int, LocalResult]:
         """Load ``received``, train on the partition, return (payload, num_examples, result)."""
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")

@@ -39,9 +39,7 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}"
-            )
+            raise ValueError(f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
 
 
 def normalise(weights: Sequence[float]) -> torch.Tensor:

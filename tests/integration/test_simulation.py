@@ -91,10 +91,11 @@ def test_the_command_runs_as_a_subprocess(tmp_path: Path) -> None:
 def test_bad_input_from_the_command_line_exits_2_with_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "simulate", "strategy=fedsdv"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "error: unknown strategy 'fedsdv'; choose from ['fedavg']"
-    ]
+    assert done.stderr.strip().splitlines() == ["error: unknown strategy 'fedsdv'; choose from ['fedavg']"]
     assert "Traceback" not in done.stdout + done.stderr

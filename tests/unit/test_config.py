@@ -81,8 +81,12 @@ def test_strategy_config_rejects_unknown_keys_and_bad_weighting() -> None:
     ("overrides", "message"),
     [
         (["data=ag_news", "data.path=/nonexistent/ag_news"], "data.path '/nonexistent/ag_news' does not exist"),
-        (["data.synthetic_train=5", "clients=6", "clients_per_round=1"], "clients (6) exceeds the training examples (5)"),
+        (
+            ["data.synthetic_train=5", "clients=6", "clients_per_round=1"],
+            "clients (6) exceeds the training examples (5)",
+        ),
         (["model=tiny", "lora.target_modules=[nothere]"], "lora.target_modules"),
+        (["model.path=/nonexistent/model"], "model.path '/nonexistent/model' is not a folder"),
     ],
 )
 def test_cli_exits_2_with_one_line(overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,9 @@ def random_adapter(generator: torch.Generator) -> dict[AdapterKey, torch.Tensor]
     for m in MODULES:
         tensors[AdapterKey(m, Role.A)] = torch.randn(R, D_IN, generator=generator, dtype=torch.float64)
         tensors[AdapterKey(m, Role.B)] = torch.randn(D_OUT, R, generator=generator, dtype=torch.float64)
-    tensors[AdapterKey("classifier", Role.DENSE, "weight")] = torch.randn(4, D_OUT, generator=generator, dtype=torch.float64)
+    tensors[AdapterKey("classifier", Role.DENSE, "weight")] = torch.randn(
+        4, D_OUT, generator=generator, dtype=torch.float64
+    )
     return tensors
 
 
@@ -94,7 +96,10 @@ def test_payload_holds_only_trainable_tensors(name: str) -> None:
 def test_fedavg_is_the_example_weighted_mean_of_each_factor() -> None:
     s = make("fedavg")
     key = AdapterKey("m", Role.A)
-    payloads = [{key: torch.full((2, 2), 1.0, dtype=torch.float64)}, {key: torch.full((2, 2), 5.0, dtype=torch.float64)}]
+    payloads = [
+        {key: torch.full((2, 2), 1.0, dtype=torch.float64)},
+        {key: torch.full((2, 2), 5.0, dtype=torch.float64)},
+    ]
     new = s.aggregate({}, payloads, s.weights([1, 3]))
     # p = (1/4, 3/4): 1 * 1/4 + 5 * 3/4 = 4
     torch.testing.assert_close(new[key], torch.full((2, 2), 4.0, dtype=torch.float64))
@@ -104,7 +109,9 @@ def test_uniform_weighting_ignores_example_counts() -> None:
     s = make("fedavg", weighting="uniform")
     key = AdapterKey("m", Role.B)
     payloads = [{key: torch.tensor([1.0], dtype=torch.float64)}, {key: torch.tensor([5.0], dtype=torch.float64)}]
-    torch.testing.assert_close(s.aggregate({}, payloads, s.weights([1, 3]))[key], torch.tensor([3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        s.aggregate({}, payloads, s.weights([1, 3]))[key], torch.tensor([3.0], dtype=torch.float64)
+    )
 
 
 def test_fedavg_is_inexact_for_the_product_and_its_error_is_the_covariance() -> None:

@@ -71,7 +71,9 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         base = TASK.build(
-            resolve_path(cfg.model.path), num_labels=worker.splits.num_labels, pretrained=False,
+            resolve_path(cfg.model.path),
+            num_labels=worker.splits.num_labels,
+            pretrained=False,
             architecture=cfg.model.architecture,
         )
     loaded = PeftModel.from_pretrained(base, str(folder)).eval()
@@ -106,8 +108,15 @@ def test_minilm_learns_the_easy_synthetic_task() -> None:
     """Real pretrained MiniLM, two local rounds on one client: accuracy rises far above chance."""
     from fedlora.cli import compose
 
-    cfg, _ = compose(["clients=2", "clients_per_round=1", "data.synthetic_train=400", "data.synthetic_test=200",
-                      "train.local_steps=15"])
+    cfg, _ = compose(
+        [
+            "clients=2",
+            "clients_per_round=1",
+            "data.synthetic_train=400",
+            "data.synthetic_test=200",
+            "train.local_steps=15",
+        ]
+    )
     worker = Worker(cfg, num_partitions=2)
     state = worker.initial_adapters()
     before = worker.evaluate(state)["accuracy"]

@@ -5,7 +5,11 @@ Runs R rounds of C client rounds (MiniLM, LoRA, S local steps each) twice:
 * simulation: ``fedlora``'s ServerApp/ClientApp on Flower's simulation engine with Ray,
   one actor per ``simulation.num_cpus`` cores (so all cores train clients in parallel);
 * plain loop: the same client rounds (same partitions, seeds, batches and FedAvg) called
-  directly on a :class:`fedlora.worker.Worker` in this process, torch using all cores.
+  directly on :class:`fedlora.worker.Worker` objects, with no Flower and no Ray, in one of
+  two shapes (``--plain``): ``threads``, one process with torch using every core (what a
+  person would write first), or ``processes``, a pool with one single-thread process per
+  client slot, the same parallel shape as the simulation, so that the ratio isolates what
+  Flower and Ray cost.
 
 Prints per-round wall times and the ratio simulation / plain loop, for the steady state
 (rounds after the first, which in both cases also loads the model and tokenises data)
@@ -24,6 +28,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
+    from fedlora.lora import Tensors
+    from fedlora.worker import Worker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news"
 
@@ -36,12 +46,12 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per client actor")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="fraction of a GPU per client actor")
     parser.add_argument("--data", default=str(SHARED) if SHARED.exists() else "", help="AG News folder")
+    parser.add_argument("--plain", choices=("threads", "processes", "both"), default="both")
     parser.add_argument("overrides", nargs="*", help="extra fedlora overrides")
     args = parser.parse_args()
 
     from fedlora.checkpoint import METRICS, read_metrics
     from fedlora.cli import compose, run_flower_simulation, setup_logging
-    from fedlora.worker import Worker
 
     setup_logging(verbose=False)
     logging.getLogger("fedlora").setLevel(logging.WARNING)
@@ -70,22 +80,77 @@ def main() -> None:
         sim_total = time.perf_counter() - started
         sim_rounds = [float(r["wall_s"]) for r in read_metrics(Path(tmp) / METRICS)[1:]]
 
+    slots = max(1, int(cores // args.num_cpus))
+    shapes = ("threads", "processes") if args.plain == "both" else (args.plain,)
+    for shape in shapes:
+        plain_rounds, plain_total = plain_loop(cfg, parallel=slots if shape == "processes" else 0, cores=cores)
+        label = f"plain loop, {shape}" + (f" ({slots} x 1 thread)" if shape == "processes" else f" (1 x {cores})")
+        report(label, cfg, sim_rounds, sim_total, plain_rounds, plain_total)
+
+
+def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float], float]:
+    """The simulation's client rounds without Flower: in this process, or in ``parallel`` processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
+
+    from fedlora.worker import Worker
 
     torch.set_num_threads(cores)
     worker = Worker(cfg, num_partitions=cfg.clients)
+    pool = None
+    if parallel:
+        pool = ProcessPoolExecutor(
+            parallel, mp_context=mp.get_context("spawn"), initializer=_init_process, initargs=(cfg,)
+        )
+        list(pool.map(_noop, range(parallel)))  # start the processes before timing, as Ray's actors are
     started = time.perf_counter()
     state = worker.strategy.initial_state(worker.initial_adapters(), generator=torch.Generator().manual_seed(0))
-    plain_rounds = []
+    times = []
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         received = worker.sent_down(state)
-        replies = [worker.train_round(pid, received, server_round=server_round) for pid in range(cfg.clients)]
-        p = worker.strategy.weights([n for _, n, _ in replies])
-        state = worker.strategy.aggregate(state, [payload for payload, _, _ in replies], p)
-        plain_rounds.append(time.perf_counter() - t0)
-    plain_total = time.perf_counter() - started
+        jobs = [(pid, received, server_round) for pid in range(cfg.clients)]
+        replies = list(pool.map(_train, jobs)) if pool else [_train(job, worker) for job in jobs]
+        p = worker.strategy.weights([n for _, n in replies])
+        state = worker.strategy.aggregate(state, [payload for payload, _ in replies], p)
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - started
+    if pool:
+        pool.shutdown()
+    return times, total
 
+
+_PROCESS_WORKER = None
+
+
+def _init_process(cfg: RunConfig) -> None:
+    import torch
+
+    from fedlora.cli import setup_logging
+    from fedlora.worker import Worker
+
+    global _PROCESS_WORKER
+    setup_logging(verbose=False)
+    torch.set_num_threads(1)
+    _PROCESS_WORKER = Worker(cfg, num_partitions=cfg.clients)
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+def _train(job: tuple[int, Tensors, int], worker: Worker | None = None) -> tuple[Tensors, int]:
+    pid, received, server_round = job
+    payload, num_examples, _ = (worker or _PROCESS_WORKER).train_round(pid, received, server_round=server_round)
+    return payload, num_examples
+
+
+def report(
+    label: str, cfg: RunConfig, sim_rounds: list[float], sim_total: float, plain_rounds: list[float], plain_total: float
+) -> None:
+    print(f"\n== simulation vs {label}")
     print("round   simulation_s   plain_loop_s")
     for i, (s, p) in enumerate(zip(sim_rounds, plain_rounds, strict=True), start=1):
         print(f"{i:>5}   {s:>12.2f}   {p:>12.2f}")

@@ -7,7 +7,7 @@
 # installed version that satisfies "torch>=2.2").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "torch==2.13.0"
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
-python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".${extra}"

@@ -145,8 +145,12 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
     write_json(out / "run_config.json", cfg.to_flat())
+    trainable = sum(worker.params[k].numel() for k in worker.trainable_keys)
+    adapter_ids = {id(p) for p in worker.params.values()}
+    total = sum(p.numel() for p in worker.model.parameters() if id(p) not in adapter_ids)  # the base model
     console.print(
-        f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} data={cfg.data.name} "
+        f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} "
+        f"({trainable:,} of {total:,} parameters trainable) data={cfg.data.name} "
         f"({len(splits.train)} train / {len(splits.test)} test, {splits.num_labels} labels) "
         f"clients={cfg.clients} per round={cfg.sampled_per_round} rounds={cfg.rounds} -> {out}"
     )

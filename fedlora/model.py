@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 from fedlora.config import ConfigError, LoraConfig, ModelConfig
 from fedlora.task import TASK
@@ -64,9 +63,3 @@ def build_peft_model(model: ModelConfig, lora: LoraConfig, *, num_labels: int, s
 def device_for_worker() -> torch.device:
     """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

@@ -118,6 +118,7 @@ def build_parser(*, describe: bool = False) -> argparse.ArgumentParser:
 # -- simulate ----------------------------------------------------------------------------
 def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> int:
     import torch
+    from omegaconf import OmegaConf
 
     from fedlora.checkpoint import METRICS, read_metrics, write_json
     from fedlora.worker import get_worker
@@ -134,16 +135,13 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     splits = worker.splits
     show_partitions(worker, out if not dry_run else None)
     worker.model  # noqa: B018 - builds and caches the model, validating path and target modules
+    resolved = OmegaConf.to_yaml(composed)
     if dry_run:
-        from omegaconf import OmegaConf
-
-        console.print(OmegaConf.to_yaml(composed))
+        console.print(resolved)
         return 0
 
-    from omegaconf import OmegaConf
-
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    (out / "config.yaml").write_text(resolved)
     write_json(out / "run_config.json", cfg.to_flat())
     trainable = sum(worker.params[k].numel() for k in worker.trainable_keys)
     adapter_ids = {id(p) for p in worker.params.values()}

@@ -159,7 +159,7 @@ class Worker:
             steps=self.local_steps(len(data)),
             device=self.device,
         )
-        trained = {k: v for k, v in lora.read(self.params).items() if k in self.trainable_keys}
+        trained = lora.read({k: self.params[k] for k in self.trainable_keys})  # copy only what was trained
         return self.strategy.payload(trained), len(data), result
 
     def evaluate(self, received: Tensors) -> dict[str, float]:

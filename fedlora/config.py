@@ -13,6 +13,7 @@ Flower's run config carries scalars only, so the apps receive
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -205,6 +206,17 @@ class RunConfig:
         )
 
     @property
+    def lora_alpha(self) -> float:
+        """The LoRA alpha the run uses: ``lora.alpha`` unless the strategy sets its own (FFA-LoRA, Fed-SB)."""
+        cls = get_strategy_class(self.strategy.name)
+        return cls.lora_alpha(self.strategy, rank=self.lora.rank, alpha=self.lora.alpha)
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r with the run's alpha."""
+        return self.lora_alpha / self.lora.rank
+
+    @property
     def sampled_per_round(self) -> int:
         """How many clients train each round."""
         cpr = self.clients_per_round
@@ -228,7 +240,7 @@ def build_strategy_config(values: dict[str, Any]) -> StrategyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         _require(not unknown, f"unknown key(s) {unknown} for strategy={name}; known: {sorted(known)}")
-        return cls(**values)
+        return _unflatten(cls, values, prefix="")  # coerces by field type (the flat form carries "" for None)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -280,8 +292,8 @@ def _unflatten(cls: type, flat: dict[str, Any], prefix: str) -> Any:
         if key not in flat:
             continue
         value = flat[key]
-        optional = origin is typing.Union and type(None) in typing.get_args(hint)
-        if optional and value == "":
+        optional = origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+        if optional and value in ("", None):
             kwargs[f.name] = None
         elif origin in (list, List):
             kwargs[f.name] = [v for v in str(value).split(_LIST_SEP) if v]

@@ -5,12 +5,18 @@ and ``base_model.model.<module>.modules_to_save.<adapter>.<param>``. That
 naming is parsed here, once, into an :class:`AdapterKey`; everything else
 (strategies, wire format, checkpoints) picks tensors by ``key.role``, never by
 substring.
+
+Fed-SB trains an r x r matrix R between LoRA's A and B. :func:`insert_r` puts it
+inside peft's ``lora_B`` (as an ``nn.Linear(r, r)``, which Opacus has a grad
+sampler for), so peft's forward computes ``B(R(A x)) * s`` unchanged and its
+parameter is named ``<module>.lora_B.<adapter>.R.weight``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,14 +29,17 @@ class Role(str, Enum):
 
     A = "A"  # LoRA down-projection, (r, d_in)
     B = "B"  # LoRA up-projection, (d_out, r)
+    R = "R"  # Fed-SB's square matrix between A and B, (r, r)
     DENSE = "dense"  # a fully trained module (peft's modules_to_save), e.g. a task head
+    BASE = "base"  # an adapted module's base weight W0 (d_out, d_in): only its gradient travels (LoRA-SB init)
 
 
-LORA_ROLES = frozenset({Role.A, Role.B})
+LORA_ROLES = frozenset({Role.A, Role.B, Role.R})
 
 _LORA_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<role>[AB])\.(?P<adapter>[^.]+)\.(?P<param>\w+)$"
 )
+_R_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_B\.(?P<adapter>[^.]+)\.R\.(?P<param>\w+)$")
 _DENSE_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>\w+)$"
 )
@@ -62,6 +71,8 @@ class AdapterKey:
         """Key of a peft parameter name, or None for a base-model parameter."""
         if m := _LORA_NAME.match(name):
             role = Role(m["role"])
+        elif m := _R_NAME.match(name):
+            role = Role.R
         elif m := _DENSE_NAME.match(name):
             role = Role.DENSE
         else:
@@ -107,3 +118,68 @@ def set_trainable(params: Mapping[AdapterKey, nn.Parameter], trainable: set[Adap
     """requires_grad on exactly the ``trainable`` keys; frozen tensors get no gradient at all."""
     for key, param in params.items():
         param.requires_grad_(key in trainable)
+
+
+# -- Fed-SB's R between A and B -------------------------------------------------------
+class BWithR(nn.Module):
+    """peft's ``lora_B`` with R in front: x (.., r) -> B (R x). ``weight`` is B (d_out, r).
+
+    B keeps its peft name (``lora_B.<adapter>.weight``) and its Parameter; R is an
+    ``nn.Linear(r, r, bias=False)`` initialised to the identity, so inserting it
+    leaves the model's output unchanged.
+    """
+
+    def __init__(self, b: nn.Linear) -> None:
+        super().__init__()
+        if b.bias is not None:
+            raise ValueError("Fed-SB's R needs LoRA without a bias on B")
+        rank = b.in_features
+        self.weight = b.weight
+        self.R = nn.Linear(rank, rank, bias=False, device=b.weight.device, dtype=b.weight.dtype)
+        with torch.no_grad():
+            self.R.weight.copy_(torch.eye(rank, dtype=b.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.R(x), self.weight)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(module path as in AdapterKey.module, peft LoRA layer) for every adapted module."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name.removeprefix("base_model.model."), module
+
+
+def insert_r(model: nn.Module, *, adapter: str = "default") -> None:
+    """Put an identity R between A and B of every LoRA layer (idempotent)."""
+    for _, layer in lora_layers(model):
+        if not isinstance(layer.lora_B[adapter], BWithR):
+            layer.lora_B[adapter] = BWithR(layer.lora_B[adapter])
+
+
+@contextmanager
+def plain_lora(model: nn.Module, *, adapter: str = "default") -> Iterator[None]:
+    """Within the block, every ``BWithR`` is a plain ``nn.Linear`` (a copy of B): what peft saves and loads."""
+    swapped = []
+    for _, layer in lora_layers(model):
+        with_r = layer.lora_B[adapter]
+        if isinstance(with_r, BWithR):
+            d_out, rank = with_r.weight.shape
+            plain = nn.Linear(rank, d_out, bias=False, device=with_r.weight.device, dtype=with_r.weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(with_r.weight)
+            plain.weight.requires_grad_(with_r.weight.requires_grad)
+            layer.lora_B[adapter] = plain
+            swapped.append((layer, with_r))
+    try:
+        yield
+    finally:
+        for layer, with_r in swapped:
+            layer.lora_B[adapter] = with_r
+
+
+def base_weights(model: nn.Module) -> dict[AdapterKey, nn.Parameter]:
+    """The base weight W0 (d_out, d_in) of every adapted module, keyed with ``Role.BASE``."""
+    return {AdapterKey(name, Role.BASE): layer.get_base_layer().weight for name, layer in lora_layers(model)}

@@ -1,12 +1,17 @@
 """The interface every aggregation strategy implements: pure tensor math, no Flower.
 
 A strategy owns a *state* (a dict of adapter tensors keyed by :class:`AdapterKey`)
-on the server. Each round the server broadcasts ``broadcast(state)``, each sampled
-client loads it, trains the tensors for which ``trainable(key)`` holds and sends
-``payload(adapters)``; the server folds the payloads into a new state with
-``aggregate``. ``export(state)`` gives a standard LoRA (A, B per module) that peft
-can load. Modules trained in full (``Role.DENSE``, e.g. a task head) travel with
-the payload when the run trains them and are averaged with the same weights.
+on the server. Every process (server and clients) starts from
+``initial_state(adapters, generator)`` with the same seeded generator, so what a
+strategy draws there (FFA-LoRA's frozen A) is bit-identical everywhere without
+being sent. Each round the server broadcasts ``broadcast(state)``, plus
+``fixed(state)`` to a node that does not hold it yet (tensors fixed for the run,
+such as Fed-SB's A and B); each sampled client loads them, trains the tensors for
+which ``trainable(key)`` holds and sends ``payload(adapters)``; the server folds
+the payloads into a new state with ``aggregate``. ``export(state)`` gives a
+standard LoRA (A, B per module) that peft can load. Modules trained in full
+(``Role.DENSE``, e.g. a task head) travel with the payload when the run trains
+them and are averaged with the same weights.
 
 Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
 A (r, d_in), s = alpha / r; client k holds n_k examples.
@@ -21,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from fedlora.lora import AdapterKey, Tensors
+from fedlora.lora import AdapterKey, Role, Tensors
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -69,15 +74,42 @@ def same_keys(payloads: Sequence[Tensors]) -> list[AdapterKey]:
     return keys
 
 
+def kaiming_a(like: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    """A (r, d_in) drawn as peft draws it (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in)))."""
+    bound = 1.0 / like.shape[1] ** 0.5
+    return (torch.rand(like.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(like.dtype)
+
+
+def by_role(tensors: Tensors, *roles: Role) -> Tensors:
+    """The tensors whose key has one of ``roles``."""
+    return {k: v for k, v in tensors.items() if k.role in roles}
+
+
+def partner(key: AdapterKey, role: Role) -> AdapterKey:
+    """The key of the same module's tensor of ``role`` (B's A, A's B, ...)."""
+    return AdapterKey(key.module, role, key.param)
+
+
 class Strategy(ABC):
     """One federated LoRA method: what clients train and send, how the server combines it."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    uses_r: ClassVar[bool] = False  # an r x r matrix R between A and B (Fed-SB)
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config
         self.scaling = scaling  # s = alpha / r, the same on every client
+
+    @classmethod
+    def lora_alpha(cls, config: StrategyConfig, *, rank: int, alpha: float) -> float:
+        """The LoRA alpha this strategy runs with, given ``lora.rank`` and ``lora.alpha``."""
+        return alpha
+
+    @property
+    def gradient_init(self) -> bool:
+        """Whether the state is initialised from base-weight gradients before round 1 (LoRA-SB)."""
+        return False
 
     # -- client side ---------------------------------------------------------
     def trainable(self, key: AdapterKey) -> bool:
@@ -99,13 +131,23 @@ class Strategy(ABC):
             return normalise([1.0] * len(num_examples))
         return normalise(num_examples)
 
+    def initialise(self, state: Tensors, gradients: Tensors, *, lr: float, generator: torch.Generator) -> Tensors:
+        """The round-1 state from summed base-weight gradients (``Role.BASE``); only if ``gradient_init``."""
+        raise NotImplementedError(f"{self.name} has no gradient initialisation")
+
     @abstractmethod
-    def aggregate(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+    def aggregate(
+        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+    ) -> Tensors:
         """The next state from the clients' payloads and their normalised weights p."""
 
     def broadcast(self, state: Tensors) -> Tensors:
         """What every sampled client receives and loads at the start of a round."""
         return state
+
+    def fixed(self, state: Tensors) -> Tensors:
+        """Tensors fixed for the rest of the run, sent once to each node (Fed-SB: A, B). Default: none."""
+        return {}
 
     def export(self, state: Tensors) -> Tensors:
         """A standard LoRA (A, B per module, plus dense modules) equal to the global model."""

@@ -20,7 +20,9 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def aggregate(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+    def aggregate(
+        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+    ) -> Tensors:
         """B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k (and dense modules alike)."""
         keys = same_keys(payloads)
         new = dict(state)

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 from strategies.base import Strategy, StrategyConfig
+from strategies.fed_sb import FedSB
 from strategies.fedavg import FedAvg
+from strategies.fedsvd import FedSVD
+from strategies.ffa_lora import FFALora
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB)}
 
 
 def get_strategy_class(name: str) -> type[Strategy]:

@@ -148,7 +148,8 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     total = sum(p.numel() for p in worker.model.parameters() if id(p) not in adapter_ids)  # the base model
     console.print(
         f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} "
-        f"({trainable:,} of {total:,} parameters trainable) data={cfg.data.name} "
+        f"({trainable:,} of {total:,} parameters trainable; LoRA r={cfg.lora.rank}, s={cfg.scaling:g}) "
+        f"data={cfg.data.name} "
         f"({len(splits.train)} train / {len(splits.test)} test, {splits.num_labels} labels) "
         f"clients={cfg.clients} per round={cfg.sampled_per_round} rounds={cfg.rounds} -> {out}"
     )

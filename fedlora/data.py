@@ -9,12 +9,13 @@ to recompute in every process and identical everywhere for a given seed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets, load_dataset
 
 from fedlora.config import ConfigError, DataConfig, PartitionConfig
 
@@ -76,6 +77,21 @@ def _load_files(cfg: DataConfig, *, seed: int) -> DatasetDict:
     if "test" not in raw:
         raw = raw["train"].train_test_split(test_size=cfg.test_fraction, seed=seed)
     return raw
+
+
+def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]) -> Dataset:
+    """All rows of a calibration file in ``cfg``'s format, labels mapped by name to ``label_names``."""
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"calibration file {path!r} does not exist (give 'clients' or a file)")
+    raw = _load_files(dataclasses.replace(cfg, path=path), seed=0)
+    splits = _normalise(raw, cfg)
+    rows = concatenate_datasets([splits.train, splits.test])
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(splits.label_names) - set(index))
+    if unknown:
+        raise ConfigError(f"calibration labels {unknown[:5]} are not labels of the data set {list(label_names)}")
+    to_run = [index[name] for name in splits.label_names]
+    return rows.map(lambda row: {"label": to_run[row["label"]]}, keep_in_memory=True)
 
 
 def _find_split(folder: Path, stem: str) -> Path:

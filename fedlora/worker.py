@@ -9,6 +9,7 @@ evaluation and the benchmark's plain loop all call the same methods.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from fedlora import lora
 from fedlora.config import RunConfig
-from fedlora.data import Splits, load_splits, partition
+from fedlora.data import Splits, load_calibration, load_splits, partition
 from fedlora.lora import LORA_ROLES, AdapterKey, Tensors
 from fedlora.model import build_peft_model, device_for_worker, resolve_path
 from fedlora.task import TASK
@@ -54,7 +55,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, *, num_partitions: int) -> None:
         self.cfg = cfg
         self.num_partitions = num_partitions
-        self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.lora.scaling)
+        self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.scaling)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
         log.debug(
@@ -80,8 +81,18 @@ class Worker:
 
     @cached_property
     def model(self) -> torch.nn.Module:
-        model = build_peft_model(self.cfg.model, self.cfg.lora, num_labels=self.splits.num_labels, seed=self.cfg.seed)
-        return model.to(self.device)
+        """The peft model, holding the strategy's initial state (the same in every process)."""
+        lora_cfg = dataclasses.replace(self.cfg.lora, alpha=self.cfg.lora_alpha)
+        model = build_peft_model(self.cfg.model, lora_cfg, num_labels=self.splits.num_labels, seed=self.cfg.seed)
+        if self.strategy.uses_r:
+            lora.insert_r(model)
+        model.to(self.device)
+        params = lora.adapter_parameters(model)
+        # Every process draws the same initial state from the run seed (FFA-LoRA's A is never sent).
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0, -1))
+        self._initial = self.strategy.initial_state(lora.read(params), generator=generator)
+        lora.write(params, self._initial)
+        return model
 
     @cached_property
     def params(self) -> dict[AdapterKey, torch.nn.Parameter]:
@@ -106,9 +117,10 @@ class Worker:
         return self._tokenised[partition_id]
 
     # -- what a round does --------------------------------------------------------------
-    def initial_adapters(self) -> Tensors:
-        """The freshly initialised adapter (identical in every process for a given seed)."""
-        return lora.read(self.params)
+    def initial_state(self) -> Tensors:
+        """The strategy's initial state (identical in every process for a given seed)."""
+        _ = self.model
+        return dict(self._initial)
 
     def sent_down(self, state: Tensors) -> Tensors:
         """What the server broadcasts: the strategy's choice, less a frozen head (clients have it)."""
@@ -161,6 +173,61 @@ class Worker:
         )
         trained = lora.read({k: self.params[k] for k in self.trainable_keys})  # copy only what was trained
         return self.strategy.payload(trained), len(data), result
+
+    def base_gradients(self, data, *, num_examples: int, seed: int) -> tuple[Tensors, int]:
+        """Summed per-example gradients of the adapted modules' base weights W0 (``Role.BASE``).
+
+        Over the first ``num_examples`` rows of ``data`` in a seeded order, with the
+        adapter switched off (LoRA-SB's initialisation). Returns (gradients, rows used).
+        """
+        weights = lora.base_weights(self.model)
+        torch.manual_seed(seed)  # dropout, as in a training step
+        batches = DataLoader(
+            data,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=TASK.collate(self.tokenizer),
+        )
+        self.model.train()
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
+        seen = 0
+        try:
+            with self.model.disable_adapter():
+                for batch in batches:
+                    take = min(len(batch["labels"]), num_examples - seen)
+                    if take <= 0:
+                        break
+                    batch = {k: v[:take].to(self.device) for k, v in batch.items()}
+                    (TASK.loss(self.model, batch) * take).backward()  # mean loss -> sum over examples
+                    seen += take
+            return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
+                w.grad = None
+
+    def init_round(self, partition_id: int, *, num_examples: int, server_round: int = 0) -> tuple[Tensors, int]:
+        """A client's share of a gradient initialisation: summed base-weight gradients on its partition."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
+        seed = derive_seed(self.cfg.seed, server_round, partition_id)
+        return self.base_gradients(self.client_data(partition_id), num_examples=num_examples, seed=seed)
+
+    def initialise(self, state: Tensors, gradients: Tensors) -> Tensors:
+        """The strategy's gradient initialisation, seeded by the run; the result is loaded here too."""
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0, -2))
+        state = self.strategy.initialise(state, gradients, lr=self.cfg.train.lr, generator=generator)
+        self.load(state)
+        return state
+
+    @cached_property
+    def calibration(self):
+        """The tokenised calibration file named by ``strategy.init_source`` (a public set the server may use)."""
+        rows = load_calibration(self.cfg.data, self.cfg.strategy.init_source, label_names=self.splits.label_names)
+        return TASK.tokenize(rows, self.tokenizer, max_len=self.cfg.train.max_seq_len)
 
     def evaluate(self, received: Tensors) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter loaded."""

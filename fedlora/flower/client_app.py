@@ -2,7 +2,8 @@
 
 All heavy state lives in :mod:`fedlora.worker`'s per-process cache, not in this
 app's closure: Ray ships the ClientApp by value with every message, so the closure
-holds only the flat run config (a few hundred bytes).
+holds only the flat run config (a few hundred bytes). What a node must keep between
+rounds (tensors fixed for the run, sent once) lives in its ``context.state``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.config import RunConfig
 from fedlora.flower import records
+from fedlora.lora import Tensors
 from fedlora.worker import get_worker
 
 
@@ -36,8 +38,16 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
         num_partitions = int(context.node_config.get(records.NUM_PARTITIONS, cfg.clients))
         worker = get_worker(cfg, num_partitions=num_partitions)
         pid = int(context.node_config[records.PARTITION_ID])
+        config = msg.content[records.CONFIG]
+        server_round = int(config[records.SERVER_ROUND])
+        if config.get(records.PHASE) == records.PHASE_INIT:
+            gradients, used = worker.init_round(pid, num_examples=int(config[records.INIT_EXAMPLES]))
+            metrics = MetricRecord({records.PARTITION_ID: pid, records.NUM_EXAMPLES: used})
+            return Message(
+                RecordDict({records.ARRAYS: records.to_record(gradients), records.METRICS: metrics}), reply_to=msg
+            )
         received = records.from_record(msg.content[records.ARRAYS])
-        server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+        received |= fixed_tensors(msg, context)
         payload, num_examples, result = worker.train_round(pid, received, server_round=server_round)
         metrics = MetricRecord(
             {
@@ -54,3 +64,21 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 app = make_client_app()
+
+
+def fixed_tensors(msg: Message, context: Context) -> Tensors:
+    """The run's fixed tensors: from the message (then kept in ``context.state``) or from the state.
+
+    Fails when the node does not hold the ones the server names (e.g. after a restart):
+    the server then sends them with the node's next round.
+    """
+    want = str(msg.content[records.CONFIG].get(records.FIXED_DIGEST, ""))
+    if not want:
+        return {}
+    if records.FIXED in msg.content:
+        context.state[records.FIXED] = msg.content[records.FIXED]
+        context.state[records.FIXED_DIGEST] = ConfigRecord({records.FIXED_DIGEST: want})
+    held = context.state.config_records.get(records.FIXED_DIGEST)
+    if held is None or held[records.FIXED_DIGEST] != want:
+        raise RuntimeError("this node does not hold the run's fixed tensors; the server will resend them")
+    return records.from_record(context.state[records.FIXED])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -17,6 +19,11 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 TRAIN_LOSS = "train-loss"
 LOCAL_STEPS = "local-steps"
+FIXED = "fixed"  # tensors fixed for the run, sent once per node and kept in its context.state
+FIXED_DIGEST = "fixed-digest"
+PHASE = "phase"
+PHASE_INIT = "gradient-init"  # round 0 of a gradient-initialised strategy (LoRA-SB)
+INIT_EXAMPLES = "init-examples"
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
@@ -34,3 +41,13 @@ def size(record: ArrayRecord) -> tuple[int, int]:
     """(numbers, bytes) of a record as sent: element counts and serialised array bytes."""
     numbers = sum(int(np.prod(a.shape)) for a in record.values())
     return numbers, sum(len(a.data) for a in record.values())
+
+
+def digest(tensors: Tensors) -> str:
+    """A short content hash of ``tensors`` (keys, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for key, value in sorted(tensors.items()):
+        v = value.detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -14,16 +14,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import lora
 from fedlora.checkpoint import METRICS, MetricsLog, save_checkpoint, write_json
 from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.lora import Tensors
-from fedlora.worker import Worker, derive_seed, get_worker
+from fedlora.worker import Worker, get_worker
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,10 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
     out = Path(cfg.output_dir or "outputs/serverapp").resolve()
     out.mkdir(parents=True, exist_ok=True)
     worker = get_worker(cfg)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, -1))
-    state = worker.strategy.initial_state(worker.initial_adapters(), generator=generator)
     nodes = discover_partitions(grid, expected=cfg.clients)
-    fl = FedLoraStrategy(worker, state, nodes_by_partition=nodes)
+    fl = FedLoraStrategy(worker, worker.initial_state(), nodes_by_partition=nodes)
+    if worker.strategy.gradient_init:
+        fl.initialise(grid, timeout=ROUND_TIMEOUT_S)
     metrics = MetricsLog(out / METRICS)
 
     def evaluate(server_round: int, arrays: Any) -> MetricRecord | None:
@@ -64,7 +64,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
         every = cfg.train.eval_every
         due = every > 0 and (server_round % every == 0 or server_round == cfg.rounds)
         started = time.perf_counter()
-        result = worker.evaluate(records.from_record(arrays)) if due else {}
+        result = worker.evaluate(fl.state) if due else {}  # the full state: broadcasts may omit fixed tensors
         if server_round > 0:
             save_checkpoint(out, fl.state, server_round=server_round)
         row = {
@@ -88,7 +88,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
             on_round(row)
         return MetricRecord({k: v for k, v in result.items() if not math.isnan(v)}) if result else None
 
-    initial = records.to_record(worker.sent_down(state))
+    initial = records.to_record(worker.sent_down(fl.state))
     fl.start(grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=ROUND_TIMEOUT_S, evaluate_fn=evaluate)
     export_adapter(worker, fl.state, out / ADAPTER_DIR)
     return out
@@ -122,7 +122,9 @@ def discover_partitions(grid: Grid, *, expected: int) -> dict[int, int]:
 
 def export_adapter(worker: Worker, state: Tensors, folder: Path) -> Path:
     """The final global adapter in peft's format: ``PeftModel.from_pretrained(base, folder)``."""
-    worker.load(worker.strategy.export(state))
-    worker.model.save_pretrained(str(folder))
+    worker.load(state)  # the worker's model is the global model afterwards, for every strategy
+    with lora.plain_lora(worker.model):  # Fed-SB's R is folded into B: a standard peft LoRA
+        lora.write(lora.adapter_parameters(worker.model), worker.strategy.export(state))
+        worker.model.save_pretrained(str(folder))
     write_json(folder / "labels.json", list(worker.splits.label_names))
     return folder

@@ -1,15 +1,22 @@
 """The one Flower strategy: Flower's FedAvg round loop around a fedlora Strategy.
 
-It keeps Flower's message plumbing and round loop, and changes three things:
+It keeps Flower's message plumbing and round loop, and changes four things:
 clients are sampled by partition id with a generator seeded by (seed, round), so
 a run is reproducible although node ids are random; replies are sorted by
-partition id before aggregation, so results do not depend on arrival order; and
-aggregation is delegated to the pure-tensor strategy in ``strategies/``.
+partition id before aggregation, so results do not depend on arrival order;
+aggregation is delegated to the pure-tensor strategy in ``strategies/``; and
+tensors fixed for the run (``strategy.fixed``) go to each node once: a node keeps
+them in its ``context.state``, and one that lost them (a restart) fails its round,
+which makes the server send them again the next time it is sampled.
+
+A strategy with a gradient initialisation (Fed-SB's LoRA-SB) gets a round 0
+before round 1 (:meth:`FedLoraStrategy.initialise`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -21,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora.flower import records
 from fedlora.lora import Tensors
-from fedlora.worker import Worker
+from fedlora.worker import Worker, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ class FedLoraStrategy(FedAvg):
         self.state = state
         self.nodes_by_partition = dict(sorted(nodes_by_partition.items()))
         self.stats: dict[int, RoundStats] = {}
+        self.holding: set[int] = set()  # nodes that hold the current fixed tensors
+        self._fixed_digest = ""
+        self._carried_fixed: set[int] = set()  # nodes whose message this round carried them
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train this round: seeded by (seed, round), sorted."""
@@ -66,15 +76,29 @@ class FedLoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         chosen = self.sample(server_round)
-        numbers, nbytes = records.size(arrays)
-        self.stats[server_round] = RoundStats(
-            replies_expected=len(chosen), numbers_down=numbers * len(chosen), bytes_down=nbytes * len(chosen)
-        )
+        fixed = self.worker.strategy.fixed(self.state)
+        digest = records.digest(fixed) if fixed else ""
+        if digest != self._fixed_digest:
+            self._fixed_digest, self.holding = digest, set()
+        fixed_record = records.to_record(fixed) if fixed else None
+        stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
         config[records.SERVER_ROUND] = server_round
-        content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
-        nodes = [self.nodes_by_partition[p] for p in chosen]
+        config[records.FIXED_DIGEST] = digest
+        self._carried_fixed = set()
+        messages = []
+        for pid in chosen:
+            node = self.nodes_by_partition[pid]
+            content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
+            if fixed_record is not None and node not in self.holding:
+                content[records.FIXED] = fixed_record
+                self._carried_fixed.add(node)
+            for record in content.array_records.values():
+                numbers, nbytes = records.size(record)
+                stats.numbers_down += numbers
+                stats.bytes_down += nbytes
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log.debug("round %d: training partitions %s", server_round, chosen)
-        return self._construct_messages(content, nodes, MessageType.TRAIN)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -84,6 +108,8 @@ class FedLoraStrategy(FedAvg):
         for m in replies:
             if m.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+                self.holding.discard(m.metadata.src_node_id)  # it may have lost its fixed tensors
+        self.holding |= self._carried_fixed & {m.metadata.src_node_id for m in valid}
         valid.sort(key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID]))
         stats = self.stats[server_round]
         stats.replies_received = len(valid)
@@ -104,7 +130,52 @@ class FedLoraStrategy(FedAvg):
 
         strategy = self.worker.strategy
         p = strategy.weights(num_examples)
-        self.state = strategy.aggregate(self.state, payloads, p)
+        self.state = strategy.aggregate(self.state, payloads, p, server_round=server_round)
         stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
         out = records.to_record(self.worker.sent_down(self.state))
         return out, MetricRecord({"train-loss": stats.train_loss, "replies": len(valid)})
+
+    def initialise(self, grid: Grid, *, timeout: float) -> None:
+        """Round 0 of a gradient-initialised strategy (LoRA-SB): the state from summed base-weight gradients.
+
+        With ``init_source=clients`` the clients sampled for round 0 each sum the
+        gradient over their share of ``init_samples`` examples and send it once (its
+        size is counted in round 0's stats); otherwise the server uses the named
+        calibration file and nothing is sent.
+        """
+        worker, cfg = self.worker, self.worker.cfg
+        stats = self.stats[0] = RoundStats()
+        if cfg.strategy.init_source != "clients":
+            gradients, _ = worker.base_gradients(
+                worker.calibration, num_examples=cfg.strategy.init_samples, seed=derive_seed(cfg.seed, 0, -3)
+            )
+            self.state = worker.initialise(self.state, gradients)
+            return
+        chosen = self.sample(0)
+        share = math.ceil(cfg.strategy.init_samples / len(chosen))
+        config = ConfigRecord(
+            {records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share}
+        )
+        messages = [
+            Message(
+                RecordDict({records.CONFIG: config}),
+                dst_node_id=self.nodes_by_partition[pid],
+                message_type=MessageType.TRAIN,
+            )
+            for pid in chosen
+        ]
+        stats.replies_expected = len(messages)
+        replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
+        if not replies:
+            raise RuntimeError("no client answered the gradient initialisation (round 0)")
+        stats.replies_received = len(replies)
+        total: Tensors = {}
+        for m in sorted(replies, key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID])):
+            arrays = m.content[records.ARRAYS]
+            numbers, nbytes = records.size(arrays)
+            stats.numbers_up += numbers
+            stats.bytes_up += nbytes
+            for key, grad in records.from_record(arrays).items():
+                total[key] = total[key] + grad.double() if key in total else grad.double()
+        log.info("gradient initialisation from %d clients: %d numbers uploaded", len(replies), stats.numbers_up)
+        self.state = worker.initialise(self.state, {k: v.float() for k, v in total.items()})

@@ -97,5 +97,50 @@ def test_bad_input_from_the_command_line_exits_2_with_one_line() -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: unknown strategy 'fedsdv'; choose from ['fedavg']"]
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedsvd', 'ffa_lora']"
+    ]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+D, RANK, LAYERS, TARGETS, LABELS = 32, 8, 2, 2, 4  # the tiny model, LoRA on query and value
+MODULES = LAYERS * TARGETS
+HEAD = LABELS * D + LABELS  # the trained classifier: weight and bias
+NPY_HEADER = 128  # bytes of the .npy header Flower's Array carries per tensor
+
+
+def wire(numbers: int, arrays: int) -> int:
+    """Bytes as sent: float32 values plus one .npy header per tensor."""
+    return 4 * numbers + NPY_HEADER * arrays
+
+
+# Per client and round: (numbers, tensors) up; (numbers, tensors) down in round 1.
+FORMULAS = {
+    "ffa_lora": ((MODULES * D * RANK + HEAD, MODULES + 2), (MODULES * D * RANK + HEAD, MODULES + 2)),
+    "fedsvd": ((MODULES * D * RANK + HEAD, MODULES + 2), (MODULES * 2 * D * RANK + HEAD, 2 * MODULES + 2)),
+    # Fed-SB: R up; R down plus, once per node, the fixed A and B.
+    "fed_sb": (
+        (MODULES * RANK * RANK + HEAD, MODULES + 2),
+        (MODULES * (RANK * RANK + 2 * D * RANK) + HEAD, 3 * MODULES + 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(FORMULAS))
+def test_each_exact_strategy_runs_and_sends_what_its_formula_says(strategy: str, tmp_path: Path) -> None:
+    assert main(["simulate", *TINY_RUN, f"strategy={strategy}", f"output_dir={tmp_path}"]) == 0
+    table = rows(tmp_path)
+    (up, up_arrays), (down, down_arrays) = FORMULAS[strategy]
+    for row in table[1:]:
+        assert row["replies_received"] == "3"
+        assert int(row["numbers_up"]) == 3 * up
+        assert int(row["bytes_up"]) == 3 * wire(up, up_arrays)
+    assert int(table[1]["numbers_down"]) == 3 * down
+    assert int(table[1]["bytes_down"]) == 3 * wire(down, down_arrays)
+    if strategy == "fed_sb":
+        # Round 0: the sampled clients' one-off gradient of every adapted base weight (d_out x d_in).
+        assert int(table[0]["numbers_up"]) == 3 * MODULES * D * D
+        assert int(table[0]["bytes_up"]) == 3 * wire(MODULES * D * D, MODULES)
+        # Round 2 sends A and B only to nodes that did not get them in round 1.
+        assert int(table[2]["numbers_down"]) < int(table[1]["numbers_down"])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedlora import lora
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.flower import records
 from fedlora.flower.server_app import export_adapter
-from fedlora.lora import LORA_ROLES, Role
+from fedlora.lora import LORA_ROLES, AdapterKey, Role
 from fedlora.model import resolve_path
 from fedlora.task import TASK
 from fedlora.worker import Worker
@@ -22,7 +23,7 @@ def base_weights(worker: Worker) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("head", ["train", "freeze"])
 def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> None:
     worker = Worker(make_config(f"train.head={head}", "train.lr=0.01"), num_partitions=10)
-    received = worker.sent_down(worker.initial_adapters())
+    received = worker.sent_down(worker.initial_state())
     before = base_weights(worker)
     payload, num_examples, result = worker.train_round(3, received, server_round=1)
 
@@ -37,7 +38,7 @@ def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> N
         assert changed and all("modules_to_save" in n for n in changed)
     else:
         assert changed == []
-        assert not any(k.role is Role.DENSE for k in worker.sent_down(worker.initial_adapters()))
+        assert not any(k.role is Role.DENSE for k in worker.sent_down(worker.initial_state()))
     # LoRA B starts at zero and moves: the round did train.
     assert any(k.role is Role.B and v.abs().sum() > 0 for k, v in payload.items())
 
@@ -46,8 +47,8 @@ def test_a_client_round_is_reproducible(make_config) -> None:
     cfg = make_config("train.lr=0.01", "lora.dropout=0.1")
     first = Worker(cfg, num_partitions=10)
     second = Worker(cfg, num_partitions=10)
-    start = first.initial_adapters()
-    assert all(torch.equal(start[k], v) for k, v in second.initial_adapters().items())
+    start = first.initial_state()
+    assert all(torch.equal(start[k], v) for k, v in second.initial_state().items())
     a, _, _ = first.train_round(1, start, server_round=2)
     b, _, _ = second.train_round(1, start, server_round=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -55,11 +56,12 @@ def test_a_client_round_is_reproducible(make_config) -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config, tmp_path) -> None:
-    cfg = make_config()
+@pytest.mark.parametrize("strategy", ["fedavg", "fed_sb"])
+def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config, tmp_path, strategy) -> None:
+    cfg = make_config(f"strategy={strategy}")
     worker = Worker(cfg, num_partitions=10)
     g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_adapters().items()}
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
     folder = export_adapter(worker, state, tmp_path / "adapter")
 
     batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
@@ -83,7 +85,7 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config
 
 def test_checkpoint_and_wire_round_trips_are_bit_exact(make_config, tmp_path) -> None:
     worker = Worker(make_config(), num_partitions=10)
-    state = worker.initial_adapters()
+    state = worker.initial_state()
     path = save_checkpoint(tmp_path, state, server_round=7)
     loaded, server_round = load_checkpoint(path)
     assert server_round == 7 and loaded.keys() == state.keys()
@@ -98,7 +100,7 @@ def test_checkpoint_and_wire_round_trips_are_bit_exact(make_config, tmp_path) ->
 def test_lora_count_matches_the_formula(make_config) -> None:
     cfg = make_config()
     worker = Worker(cfg, num_partitions=10)
-    lora_numbers = sum(v.numel() for k, v in worker.initial_adapters().items() if k.role in LORA_ROLES)
+    lora_numbers = sum(v.numel() for k, v in worker.initial_state().items() if k.role in LORA_ROLES)
     d, r = cfg.model.architecture["hidden_size"], cfg.lora.rank
     layers, targets = cfg.model.architecture["num_hidden_layers"], len(cfg.lora.target_modules)
     assert lora_numbers == layers * targets * (d * r + r * d)
@@ -118,10 +120,80 @@ def test_minilm_learns_the_easy_synthetic_task() -> None:
         ]
     )
     worker = Worker(cfg, num_partitions=2)
-    state = worker.initial_adapters()
+    state = worker.initial_state()
     before = worker.evaluate(state)["accuracy"]
     for server_round in (1, 2):
         payload, _, _ = worker.train_round(0, state, server_round=server_round)
         state = {**state, **payload}
     after = worker.evaluate(state)["accuracy"]
     assert before < 0.5 and after > 0.8, (before, after)
+
+
+FROZEN_LORA = {"ffa_lora": {Role.A}, "fedsvd": {Role.A}, "fed_sb": {Role.A, Role.B}}
+SENT = {"ffa_lora": {Role.B, Role.DENSE}, "fedsvd": {Role.B, Role.DENSE}, "fed_sb": {Role.R, Role.DENSE}}
+
+
+@pytest.mark.parametrize("strategy", sorted(FROZEN_LORA))
+def test_only_the_strategy_s_tensors_train_and_travel(make_config, strategy: str) -> None:
+    worker = Worker(make_config(f"strategy={strategy}", "train.lr=0.01"), num_partitions=10)
+    state = worker.initial_state()
+    if strategy == "fed_sb":  # B = 0 before the LoRA-SB init would hide R's gradient
+        gradients, _ = worker.init_round(0, num_examples=8)
+        state = worker.initialise(state, gradients)
+    frozen = {k: v.detach().clone() for k, v in worker.params.items() if k.role in FROZEN_LORA[strategy]}
+    payload, _, _ = worker.train_round(2, {**worker.sent_down(state), **worker.strategy.fixed(state)}, server_round=1)
+    assert {k.role for k in payload} == SENT[strategy]
+    assert all(torch.equal(worker.params[k], v) for k, v in frozen.items())  # bit-identical
+    assert all(not worker.params[k].requires_grad for k in frozen)
+    trained = [k for k in payload if k.role not in (Role.DENSE,)]
+    assert any(not torch.equal(payload[k], state[k]) for k in trained)  # the round did train them
+
+
+def test_ffa_lora_a_is_bit_identical_in_every_process_and_never_sent(make_config) -> None:
+    cfg = make_config("strategy=ffa_lora", "train.lr=0.01")
+    server, client = Worker(cfg, num_partitions=10), Worker(cfg, num_partitions=10)
+    a_keys = [k for k in server.params if k.role is Role.A]
+    start = server.initial_state()
+    assert a_keys and all(torch.equal(client.params[k], start[k]) for k in a_keys)
+    state = start
+    for server_round in (1, 2):
+        down = server.sent_down(state)
+        assert not any(k.role is Role.A for k in down)
+        payload, _, _ = client.train_round(server_round, down, server_round=server_round)
+        state = server.strategy.aggregate(state, [payload], server.strategy.weights([1]))
+        assert all(torch.equal(client.params[k], start[k]) for k in a_keys)
+
+
+def test_fed_sb_model_and_lora_sb_init(make_config) -> None:
+    cfg = make_config("strategy=fed_sb", "strategy.init_svd=exact")
+    worker = Worker(cfg, num_partitions=10)
+    assert cfg.scaling == 1.0 and {k.role for k in worker.trainable_keys} == {Role.R, Role.DENSE}
+    r_keys = [k for k in worker.params if k.role is Role.R]
+    assert len(r_keys) == 2 * 2  # layers x target modules
+    assert all(isinstance(worker.params[k], torch.nn.Parameter) and worker.params[k].shape == (8, 8) for k in r_keys)
+    gradients, used = worker.init_round(1, num_examples=12)
+    assert used == min(12, len(worker.partitions[1]))
+    base = {k.module: w for k, w in lora.base_weights(worker.model).items()}
+    assert {k.module for k in gradients} == set(base) and all(not w.requires_grad for w in base.values())
+    state = worker.initialise(worker.initial_state(), gradients)
+    for key, grad in gradients.items():
+        b, r0, a = (state[AdapterKey(key.module, role)] for role in (Role.B, Role.R, Role.A))
+        eye = torch.eye(8)
+        torch.testing.assert_close(b.T @ b, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)
+        u, s, vh = torch.linalg.svd(-cfg.train.lr * torch.sign(grad.double()))
+        torch.testing.assert_close((b @ r0 @ a).double(), (u[:, :8] * s[:8]) @ vh[:8], atol=1e-6, rtol=1e-4)
+
+
+def test_an_identity_r_leaves_the_model_unchanged(make_config) -> None:
+    worker = Worker(make_config("train.lr=0.01"), num_partitions=10)
+    state = worker.initial_state()
+    payload, _, _ = worker.train_round(0, state, server_round=1)  # B != 0
+    worker.load({**state, **payload})
+    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
+    worker.model.eval()
+    with torch.no_grad():
+        before = worker.model(**batch).logits
+        lora.insert_r(worker.model)
+        after = worker.model(**batch).logits
+    torch.testing.assert_close(after, before)

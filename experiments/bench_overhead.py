@@ -106,7 +106,7 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
         )
         list(pool.map(_noop, range(parallel)))  # start the processes before timing, as Ray's actors are
     started = time.perf_counter()
-    state = worker.strategy.initial_state(worker.initial_adapters(), generator=torch.Generator().manual_seed(0))
+    state = worker.initial_state()
     times = []
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()

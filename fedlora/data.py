@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
 
 from fedlora.config import ConfigError, DataConfig, PartitionConfig
 
@@ -91,7 +91,14 @@ def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]
     if unknown:
         raise ConfigError(f"calibration labels {unknown[:5]} are not labels of the data set {list(label_names)}")
     to_run = [index[name] for name in splits.label_names]
-    return rows.map(lambda row: {"label": to_run[row["label"]]}, keep_in_memory=True)
+    return _map_labels(rows, lambda label: to_run[label])
+
+
+def _map_labels(ds: Dataset, fn) -> Dataset:
+    """``label`` <- fn(label) as int64 (without ``features``, datasets keeps a string column's type)."""
+    features = ds.features.copy()
+    features["label"] = Value("int64")
+    return ds.map(lambda row: {"label": fn(row["label"])}, features=features, keep_in_memory=True)
 
 
 def _find_split(folder: Path, stem: str) -> Path:
@@ -125,7 +132,7 @@ def _normalise(raw: DatasetDict, cfg: DataConfig) -> Splits:
     if unseen:
         raise ConfigError(f"test labels {sorted(unseen)[:5]} never occur in the training split")
     if list(index) != list(range(len(values))):
-        out = {s: ds.map(lambda row: {"label": index[row["label"]]}) for s, ds in out.items()}
+        out = {s: _map_labels(ds, lambda label: index[label]) for s, ds in out.items()}
     return Splits(out["train"], out["test"], tuple(str(v) for v in values))
 
 

@@ -65,3 +65,15 @@ def test_more_clients_than_examples_is_refused() -> None:
 def test_too_many_labels_per_client_is_refused(labels: list[int]) -> None:
     with pytest.raises(ConfigError, match="labels_per_client"):
         partition(labels, PartitionConfig(name="pathological", labels_per_client=5), num_partitions=4, seed=0)
+
+
+def test_string_and_sparse_labels_become_0_to_k_minus_1(tmp_path) -> None:
+    from fedlora.config import DataConfig
+    from fedlora.data import load_splits
+
+    (tmp_path / "train.csv").write_text("text,label\n" + "a b,pos\nc d,neg\ne f,pos\n" * 4)
+    (tmp_path / "test.csv").write_text("text,label\ng h,neg\ni j,pos\n")
+    splits = load_splits(DataConfig(name="files", path=str(tmp_path)), seed=0)
+    assert splits.label_names == ("neg", "pos")
+    assert splits.train.features["label"].dtype == "int64"
+    assert sorted(set(splits.train["label"])) == [0, 1] and splits.test["label"] == [0, 1]

@@ -74,6 +74,14 @@ def same_keys(payloads: Sequence[Tensors]) -> list[AdapterKey]:
     return keys
 
 
+def average_payloads(state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+    """The state with every tensor the clients sent replaced by sum_k p_k T_k; the rest unchanged."""
+    new = dict(state)
+    for key in same_keys(payloads):
+        new[key] = weighted_mean([payload[key] for payload in payloads], p)
+    return new
+
+
 def kaiming_a(like: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """A (r, d_in) drawn as peft draws it (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in)))."""
     bound = 1.0 / like.shape[1] ** 0.5

@@ -28,13 +28,13 @@ authors' code:
   set's format and labels, that the server uses itself (no upload).
 - Under DP, that gradient is a release of private data. The authors' code leaves
   it unprotected; here it must be clipped per sample, noised and charged to each
-  client's privacy ledger, or come from a public calibration file (the DP layer
-  enforces one of the two).
+  client's privacy ledger, or come from a public calibration file. The DP layer
+  (client-side DP-SGD, still to come) must enforce one of the two.
 - A and B are sent once to each node (``fixed``) and kept by the node; every round
   moves only R (and a trained head).
 - The authors' multi-round scripts never clear the list of client results, so later
   rounds average stale R's; here each round aggregates only that round's replies.
-  Their DP code sets delta = 1 / #batches, above 1 / n; the DP layer uses delta < 1 / n.
+  Their DP code sets delta = 1 / #batches, above 1 / n; ours must keep delta < 1 / n.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.lora import Role, Tensors
-from strategies.base import Strategy, StrategyConfig, by_role, partner, same_keys, weighted_mean
+from strategies.base import Strategy, StrategyConfig, average_payloads, by_role, partner
 
 INIT_SVDS = ("lowrank", "exact")
 
@@ -127,10 +127,7 @@ class FedSB(Strategy):
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
         """R <- sum_k p_k R_k (and dense modules alike); A and B unchanged."""
-        new = dict(state)
-        for key in same_keys(payloads):
-            new[key] = weighted_mean([payload[key] for payload in payloads], p)
-        return new
+        return average_payloads(state, payloads, p)
 
     def broadcast(self, state: Tensors) -> Tensors:
         return {k: v for k, v in state.items() if k.role not in (Role.A, Role.B)}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.lora import Tensors
-from strategies.base import Strategy, same_keys, weighted_mean
+from strategies.base import Strategy, average_payloads
 
 
 class FedAvg(Strategy):
@@ -24,8 +24,4 @@ class FedAvg(Strategy):
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
         """B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k (and dense modules alike)."""
-        keys = same_keys(payloads)
-        new = dict(state)
-        for key in keys:
-            new[key] = weighted_mean([payload[key] for payload in payloads], p)
-        return new
+        return average_payloads(state, payloads, p)

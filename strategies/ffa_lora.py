@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.lora import AdapterKey, Role, Tensors
-from strategies.base import Strategy, StrategyConfig, kaiming_a, same_keys, weighted_mean
+from strategies.base import Strategy, StrategyConfig, average_payloads, kaiming_a
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ class FFALora(Strategy):
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
         """B <- sum_k p_k B_k (and dense modules alike); A unchanged."""
-        new = dict(state)
-        for key in same_keys(payloads):
-            new[key] = weighted_mean([payload[key] for payload in payloads], p)
-        return new
+        return average_payloads(state, payloads, p)
 
     def broadcast(self, state: Tensors) -> Tensors:
         """Everything but A, which every process already holds from the seed."""

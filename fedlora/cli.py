@@ -135,6 +135,8 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     splits = worker.splits
     show_partitions(worker, out if not dry_run else None)
     worker.model  # noqa: B018 - builds and caches the model, validating path and target modules
+    if worker.strategy.gradient_init and cfg.strategy.init_source != "clients":
+        worker.calibration  # noqa: B018 - loads the calibration file now, not after the nodes started
     resolved = OmegaConf.to_yaml(composed)
     if dry_run:
         console.print(resolved)

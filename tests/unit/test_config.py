@@ -47,7 +47,7 @@ def test_clients_per_round_is_a_count_or_a_fraction(cpr: float, clients: int, ex
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fedavg'"),
+        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedsvd', 'ffa_lora']"),
         (["model=bert-huge"], "unknown model 'bert-huge'"),
         (["data=imagenet"], "unknown data 'imagenet'"),
         (["partition=zipf"], "unknown partition 'zipf'"),
@@ -70,6 +70,27 @@ def test_bad_input_is_one_clear_config_error(overrides: list[str], message: str)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=ffa_lora", "strategy.alpha=null"],
+        ["strategy=fedsvd", "strategy.refactor_every=3", "strategy.weighting=uniform"],
+        ["strategy=fed_sb", "strategy.init_lr=0.01", "strategy.init_svd=exact"],
+        ["strategy=fed_sb"],
+    ],
+)
+def test_flat_round_trip_of_every_strategy_config(overrides: list[str]) -> None:
+    cfg, _ = compose(overrides)
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_strategies_set_the_run_s_lora_scaling() -> None:
+    assert compose(["lora.alpha=32"])[0].scaling == 4.0  # fedavg: lora.alpha / rank
+    assert compose(["strategy=ffa_lora", "lora.alpha=32"])[0].scaling == 8.0  # strategy.alpha = 64
+    assert compose(["strategy=ffa_lora", "strategy.alpha=null", "lora.alpha=32"])[0].scaling == 4.0
+    assert compose(["strategy=fed_sb", "lora.alpha=32"])[0].scaling == 1.0
+
+
 def test_strategy_config_rejects_unknown_keys_and_bad_weighting() -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         build_strategy_config({"name": "fedavg", "refactor_every": 2})
@@ -87,6 +108,9 @@ def test_strategy_config_rejects_unknown_keys_and_bad_weighting() -> None:
         ),
         (["model=tiny", "lora.target_modules=[nothere]"], "lora.target_modules"),
         (["model.path=/nonexistent/model"], "model.path '/nonexistent/model' is not a folder"),
+        (["strategy=fedsvd", "strategy.refactor_every=0"], "strategy.refactor_every must be >= 1"),
+        (["strategy=fed_sb", "strategy.init_source=/nonexistent.csv"], "calibration file '/nonexistent.csv'"),
+        (["strategy=ffa_lora", "strategy.bogus=1"], "unknown config key 'strategy.bogus'"),
     ],
 )
 def test_cli_exits_2_with_one_line(overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ from peft import PeftModel
 
 from fedlora import lora
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.config import ConfigError
 from fedlora.flower import records
 from fedlora.flower.server_app import export_adapter
 from fedlora.lora import LORA_ROLES, AdapterKey, Role
@@ -197,3 +198,18 @@ def test_an_identity_r_leaves_the_model_unchanged(make_config) -> None:
         lora.insert_r(worker.model)
         after = worker.model(**batch).logits
     torch.testing.assert_close(after, before)
+
+
+def test_fed_sb_can_initialise_from_a_calibration_file(make_config, tmp_path) -> None:
+    calib = tmp_path / "calib.csv"
+    calib.write_text("text,label\n" + "goal match team,sports\nrain storm wind,weather\nrecipe pasta chef,food\n" * 4)
+    worker = Worker(make_config("strategy=fed_sb", f"strategy.init_source={calib}"), num_partitions=10)
+    rows = worker.calibration
+    names = worker.splits.label_names
+    assert len(rows) == 12 and {names[i] for i in rows["labels"]} == {"sports", "weather", "food"}
+    gradients, used = worker.base_gradients(rows, num_examples=100, seed=0)
+    assert used == 12 and all(g.abs().sum() > 0 for g in gradients.values())
+
+    calib.write_text("text,label\n" + "some text,cooking\nmore text,sports\n" * 3)
+    with pytest.raises(ConfigError, match=r"calibration labels \['cooking'\]"):
+        _ = Worker(make_config("strategy=fed_sb", f"strategy.init_source={calib}"), num_partitions=10).calibration

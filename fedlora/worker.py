@@ -133,6 +133,17 @@ class Worker:
         """Load the tensors the server sent into this process's model."""
         lora.write(self.params, received)
 
+    def shuffled(self, data, *, seed: int) -> DataLoader:
+        """Training batches in a seeded order; also seeds dropout, which draws from torch's global generator."""
+        torch.manual_seed(seed)
+        return DataLoader(
+            data,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=TASK.collate(self.tokenizer),
+        )
+
     def local_steps(self, num_examples: int) -> int:
         train = self.cfg.train
         if train.local_steps is not None:
@@ -148,16 +159,7 @@ class Worker:
         data = self.client_data(partition_id)
         self.load(received)
         lora.set_trainable(self.params, self.trainable_keys)
-        seed = derive_seed(self.cfg.seed, server_round, partition_id)
-        # Dropout draws from torch's global generator; seed it per (run, round, client).
-        torch.manual_seed(seed)
-        batches = DataLoader(
-            data,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=TASK.collate(self.tokenizer),
-        )
+        batches = self.shuffled(data, seed=derive_seed(self.cfg.seed, server_round, partition_id))
         optimizer = torch.optim.AdamW(
             [self.params[k] for k in sorted(self.trainable_keys)],
             lr=self.cfg.train.lr,
@@ -181,14 +183,7 @@ class Worker:
         adapter switched off (LoRA-SB's initialisation). Returns (gradients, rows used).
         """
         weights = lora.base_weights(self.model)
-        torch.manual_seed(seed)  # dropout, as in a training step
-        batches = DataLoader(
-            data,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=TASK.collate(self.tokenizer),
-        )
+        batches = self.shuffled(data, seed=seed)
         self.model.train()
         for w in weights.values():
             w.requires_grad_(True)

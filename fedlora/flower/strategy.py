@@ -81,6 +81,8 @@ class FedLoraStrategy(FedAvg):
         if digest != self._fixed_digest:
             self._fixed_digest, self.holding = digest, set()
         fixed_record = records.to_record(fixed) if fixed else None
+        arrays_size = records.size(arrays)
+        fixed_size = records.size(fixed_record) if fixed_record is not None else (0, 0)
         stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
         config[records.SERVER_ROUND] = server_round
         config[records.FIXED_DIGEST] = digest
@@ -89,13 +91,13 @@ class FedLoraStrategy(FedAvg):
         for pid in chosen:
             node = self.nodes_by_partition[pid]
             content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
+            sent = [arrays_size]
             if fixed_record is not None and node not in self.holding:
                 content[records.FIXED] = fixed_record
                 self._carried_fixed.add(node)
-            for record in content.array_records.values():
-                numbers, nbytes = records.size(record)
-                stats.numbers_down += numbers
-                stats.bytes_down += nbytes
+                sent.append(fixed_size)
+            stats.numbers_down += sum(numbers for numbers, _ in sent)
+            stats.bytes_down += sum(nbytes for _, nbytes in sent)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log.debug("round %d: training partitions %s", server_round, chosen)
         return messages

@@ -212,9 +212,15 @@ class RunConfig:
         return cls.lora_alpha(self.strategy, rank=self.lora.rank, alpha=self.lora.alpha)
 
     @property
+    def model_rank(self) -> int:
+        """The adapter rank the model is built with: ``lora.rank`` unless the strategy's clients differ (FLoRA)."""
+        cls = get_strategy_class(self.strategy.name)
+        return cls.model_rank(self.strategy, rank=self.lora.rank)
+
+    @property
     def scaling(self) -> float:
-        """s = alpha / r with the run's alpha."""
-        return self.lora_alpha / self.lora.rank
+        """s = alpha / r with the run's alpha and rank: the same for every client."""
+        return self.lora_alpha / self.model_rank
 
     @property
     def sampled_per_round(self) -> int:

@@ -8,10 +8,15 @@ from __future__ import annotations
 from strategies.base import Strategy, StrategyConfig
 from strategies.fed_sb import FedSB
 from strategies.fedavg import FedAvg
+from strategies.fedex import FedEx
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALora
+from strategies.flora import FLoRA
+from strategies.lora_fair import LoraFair
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB, FLoRA, LoraFair, FedEx)
+}
 
 
 def get_strategy_class(name: str) -> type[Strategy]:

@@ -7,11 +7,17 @@ strategy draws there (FFA-LoRA's frozen A) is bit-identical everywhere without
 being sent. Each round the server broadcasts ``broadcast(state)``, plus
 ``fixed(state)`` to a node that does not hold it yet (tensors fixed for the run,
 such as Fed-SB's A and B); each sampled client loads them, trains the tensors for
-which ``trainable(key)`` holds and sends ``payload(adapters)``; the server folds
+which ``trainable(key)`` holds and sends ``payload(adapters)``; the server combines
 the payloads into a new state with ``aggregate``. ``export(state)`` gives a
 standard LoRA (A, B per module) that peft can load. Modules trained in full
 (``Role.DENSE``, e.g. a task head) travel with the payload when the run trains
 them and are averaged with the same weights.
+
+Two strategies (FLoRA, FedEx) also change the base weights: with ``folds`` set,
+``fold(state, payloads, p)`` returns low-rank factors (A_f, B_f per module) whose
+product s * B_f A_f the server and every client add to W0 (the Flower side keeps
+nodes that skipped rounds in step). FLoRA's clients may use different ranks
+(``client_rank``) and start each round from a fresh adapter (``start``).
 
 Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
 A (r, d_in), s = alpha / r; client k holds n_k examples.
@@ -82,6 +88,23 @@ def average_payloads(state: Tensors, payloads: Sequence[Tensors], p: torch.Tenso
     return new
 
 
+def stack(payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+    """Per module, B = [B_1 | ... | B_K] and A = [p_1 A_1; ...; p_K A_K]: then B A = sum_k p_k B_k A_k.
+
+    Exactly one factor carries p_k. Ranks may differ between clients; the stacked
+    rank is the sum of the ranks of the payloads given.
+    """
+    out: Tensors = {}
+    for key in same_keys(payloads):
+        if key.role is Role.A:
+            out[key] = torch.cat(
+                [(pk * pl[key].double()).to(pl[key].dtype) for pk, pl in zip(p, payloads, strict=True)]
+            )
+        elif key.role is Role.B:
+            out[key] = torch.cat([pl[key] for pl in payloads], dim=1)
+    return out
+
+
 def kaiming_a(like: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """A (r, d_in) drawn as peft draws it (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in)))."""
     bound = 1.0 / like.shape[1] ** 0.5
@@ -104,15 +127,23 @@ class Strategy(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     uses_r: ClassVar[bool] = False  # an r x r matrix R between A and B (Fed-SB)
+    folds: ClassVar[bool] = False  # folds a low-rank update into the base weights each round (FLoRA, FedEx)
+    metric_columns: ClassVar[tuple[str, ...]] = ()  # diagnostics aggregate() leaves in self.report
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config
         self.scaling = scaling  # s = alpha / r, the same on every client
+        self.report: dict[str, float] = {}  # the last aggregate's diagnostics, by metric_columns
 
     @classmethod
     def lora_alpha(cls, config: StrategyConfig, *, rank: int, alpha: float) -> float:
         """The LoRA alpha this strategy runs with, given ``lora.rank`` and ``lora.alpha``."""
         return alpha
+
+    @classmethod
+    def model_rank(cls, config: StrategyConfig, *, rank: int) -> int:
+        """The adapter rank the model is built with (FLoRA: the largest client rank)."""
+        return rank
 
     @property
     def gradient_init(self) -> bool:
@@ -120,6 +151,18 @@ class Strategy(ABC):
         return False
 
     # -- client side ---------------------------------------------------------
+    def client_rank(self, partition_id: int, *, rank: int) -> int:
+        """The rank client ``partition_id`` trains (at most the model's ``rank``). Default: all the same."""
+        return rank
+
+    def start(self, received: Tensors, *, like: Tensors, generator: torch.Generator) -> Tensors:
+        """What a client loads at the start of a round, given what it received. Default: that.
+
+        ``like`` holds the model's adapter tensors (for shapes); ``generator`` is seeded
+        by (run, round, client).
+        """
+        return received
+
     def trainable(self, key: AdapterKey) -> bool:
         """Whether clients train (and so send) this LoRA tensor. Default: A and B."""
         return True
@@ -148,6 +191,13 @@ class Strategy(ABC):
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
         """The next state from the clients' payloads and their normalised weights p."""
+
+    def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+        """Factors (A_f, B_f per module) whose s * B_f A_f joins the base weights after this round.
+
+        Called after ``aggregate`` with its result as ``state``; only if ``folds``.
+        """
+        return {}
 
     def broadcast(self, state: Tensors) -> Tensors:
         """What every sampled client receives and loads at the start of a round."""

@@ -47,8 +47,13 @@ def test_clients_per_round_is_a_count_or_a_fraction(cpr: float, clients: int, ex
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedsvd', 'ffa_lora']"),
+        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedex', 'fedsvd', "),
         (["model=bert-huge"], "unknown model 'bert-huge'"),
+        (["strategy=flora", "strategy.client_ranks=[2,x]"], "strategy.client_ranks must be ranks such as [2,4,8]"),
+        (["strategy=flora", "strategy.client_ranks=[0,4]"], "strategy.client_ranks must be >= 1"),
+        (["strategy=flora", "strategy.rank_rule=zipf"], "strategy.rank_rule must be one of ['cycle', 'random']"),
+        (["strategy=lora_fair", "strategy.objective=l1"], "strategy.objective must be one of ['cosine', 'l2']"),
+        (["strategy=lora_fair", "strategy.lam=-1"], "strategy.lam must be >= 0"),
         (["data=imagenet"], "unknown data 'imagenet'"),
         (["partition=zipf"], "unknown partition 'zipf'"),
         (["clients=0"], "clients must be >= 1"),

@@ -1,0 +1,49 @@
+"""FedEx-LoRA (Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient
+Fine-Tuning of Foundation Models", ACL 2025): FedAvg on A and B, with the averaging
+error folded into the base weights.
+
+The server averages A and B as FedAvg does (B_bar = sum p_k B_k, A_bar = sum p_k A_k)
+and every client adds the residual
+
+    s (sum_k p_k B_k A_k - B_bar A_bar)
+
+to its base weights, so W0 + residual + s B_bar A_bar = W0 + s sum_k p_k B_k A_k:
+the global model is the exact mean of the clients' models. The residual is sent in
+factored form, B_res = [B_1 | ... | B_K | B_bar] and A_res = [p_1 A_1; ...; p_K A_K;
+-A_bar], of rank (K + 1) r, which is smaller than the dense d_out x d_in matrix
+whenever (K + 1) r (d_out + d_in) < d_out d_in (about 4x smaller for MiniLM's
+384 x 384 with K = 5, r = 8). A node that skipped rounds receives the residuals of
+the rounds it missed, or their dense sum when that is smaller (``fedlora/folding.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.lora import Role, Tensors
+from strategies.base import Strategy, average_payloads, stack
+
+
+class FedEx(Strategy):
+    """FedAvg's factors, plus the exact residual in the base weights."""
+
+    name = "fedex"
+    folds = True
+
+    def aggregate(
+        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+    ) -> Tensors:
+        """B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k (and dense modules alike)."""
+        return average_payloads(state, payloads, p)
+
+    def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+        """The residual sum_k p_k B_k A_k - B_bar A_bar as factors [B_k.. | B_bar], [p_k A_k..; -A_bar]."""
+        stacked = stack(payloads, p)
+        for key in list(stacked):
+            if key.role is Role.A:
+                stacked[key] = torch.cat([stacked[key], -state[key]])
+            else:
+                stacked[key] = torch.cat([stacked[key], state[key]], dim=1)
+        return stacked

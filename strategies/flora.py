@@ -1,0 +1,125 @@
+"""FLoRA (Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
+Low-Rank Adaptations", NeurIPS 2024; authors' code ATP-1010/FederatedLLM).
+
+Every round each sampled client attaches a fresh LoRA (A drawn at random, B = 0) of
+its own rank r_k on top of the current merged base weights, trains A and B, and
+sends both. The server stacks the K replies,
+
+    B = [B_1 | ... | B_K]  (d_out, sum r_k),    A = [p_1 A_1; ...; p_K A_K]  (sum r_k, d_in),
+
+so that s B A = sum_k p_k s B_k A_k exactly (only A carries p_k), and everyone
+folds it into the base weights: W0 <- W0 + s B A. The stacked rank is the sum of
+the ranks of the clients that replied this round. There is no global adapter to
+average: a trained head (``train.head=train``) is averaged as in FedAvg.
+
+Heterogeneous ranks (``client_ranks``): the model is built with the largest rank
+and a client of rank r_k < r_max zeroes A's rows and B's columns beyond r_k (they
+then get zero gradients) and sends only its first r_k. The scale s = alpha / r
+(``lora.alpha / lora.rank``) is the same for every client and the server, as the
+authors intend (alpha_k = 2 r_k, s = 2); scaling each client by alpha / r_k
+instead is the inconsistency their users reported.
+
+Where this differs from the authors' code: they hard-code the stacked rank as
+rank * num_clients, which breaks under partial participation (here it is the sum
+over the replies); their FedAvg path averages client 0's weights only (a misspelled
+variable), which is not repeated in ``fedavg.py``; and they simulate every client
+on one shared model, so clients that skip rounds never arise. Here such a client
+catches up by receiving the stacked factors of the rounds it missed, or the
+accumulated delta when that is smaller (``fedlora/folding.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.lora import LORA_ROLES, Role, Tensors
+from strategies.base import Strategy, StrategyConfig, average_payloads, by_role, kaiming_a, stack
+
+RANK_RULES = ("cycle", "random")
+
+
+@dataclass(frozen=True)
+class FLoRAConfig(StrategyConfig):
+    """``client_ranks``: empty (every client trains ``lora.rank``) or ranks such as ``[2,4,8,16]``;
+    ``rank_rule``: ``cycle`` gives partition i rank ``client_ranks[i % len]``, ``random`` a draw
+    seeded by (``rank_seed``, i)."""
+
+    client_ranks: str = ""
+    rank_rule: str = "cycle"
+    rank_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank_rule not in RANK_RULES:
+            raise ValueError(f"strategy.rank_rule must be one of {list(RANK_RULES)}, got {self.rank_rule!r}")
+        object.__setattr__(self, "client_ranks", ",".join(map(str, self.ranks())))  # [2, 4] -> "2,4"
+
+    def ranks(self) -> tuple[int, ...]:
+        """The rank list (empty when homogeneous)."""
+        text = str(self.client_ranks).strip().strip("[]()").replace(" ", "")
+        try:
+            ranks = tuple(int(part) for part in text.split(",") if part)
+        except ValueError:
+            raise ValueError(
+                f"strategy.client_ranks must be ranks such as [2,4,8], got {self.client_ranks!r}"
+            ) from None
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"strategy.client_ranks must be >= 1, got {list(ranks)}")
+        return ranks
+
+
+class FLoRA(Strategy):
+    """Stack the clients' adapters, fold them into the base weights, start afresh."""
+
+    name = "flora"
+    config_class = FLoRAConfig
+    folds = True
+
+    @classmethod
+    def model_rank(cls, config: FLoRAConfig, *, rank: int) -> int:
+        return max(config.ranks(), default=rank)
+
+    @classmethod
+    def lora_alpha(cls, config: FLoRAConfig, *, rank: int, alpha: float) -> float:
+        """s = alpha / rank on every client, whatever the model's (largest) rank."""
+        return alpha / rank * cls.model_rank(config, rank=rank)
+
+    def client_rank(self, partition_id: int, *, rank: int) -> int:
+        ranks = self.config.ranks()
+        if not ranks:
+            return rank
+        if self.config.rank_rule == "random":
+            return random.Random(f"flora-rank:{self.config.rank_seed}:{partition_id}").choice(ranks)
+        return ranks[partition_id % len(ranks)]
+
+    def initial_state(self, adapters: Tensors, *, generator: torch.Generator) -> Tensors:
+        """B = 0: the global model is the merged base weights (plus a head), no adapter on top."""
+        return {k: torch.zeros_like(v) if k.role is Role.B else v for k, v in adapters.items()}
+
+    def start(self, received: Tensors, *, like: Tensors, generator: torch.Generator) -> Tensors:
+        """A fresh adapter every round: A drawn from the client's generator, B = 0."""
+        fresh = {}
+        for key in sorted(like):
+            if key.role is Role.A:
+                fresh[key] = kaiming_a(like[key], generator=generator)
+            elif key.role is Role.B:
+                fresh[key] = torch.zeros_like(like[key])
+        return fresh | received
+
+    def broadcast(self, state: Tensors) -> Tensors:
+        """Only non-LoRA tensors (a trained head): clients draw their adapters themselves."""
+        return {k: v for k, v in state.items() if k.role not in LORA_ROLES}
+
+    def aggregate(
+        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+    ) -> Tensors:
+        """The head averaged; the adapter stays at B = 0 (its update is folded, see ``fold``)."""
+        return average_payloads(state, [by_role(payload, Role.DENSE) for payload in payloads], p)
+
+    def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
+        """The stacked factors: s B A = sum_k p_k s B_k A_k."""
+        return stack(payloads, p)

@@ -61,19 +61,23 @@ def load_checkpoint(path: Path) -> tuple[Tensors, int]:
 
 
 class MetricsLog:
-    """metrics.csv: one row per round (round 0 is the model before training)."""
+    """metrics.csv: one row per round (round 0 is the model before training).
 
-    def __init__(self, path: Path) -> None:
+    ``extra``: the strategy's own diagnostic columns (LoRA-FAIR's residuals), after the common ones.
+    """
+
+    def __init__(self, path: Path, *, extra: tuple[str, ...] = ()) -> None:
         self.path = path
+        self.columns = (*METRIC_COLUMNS, *extra)
         with path.open("w", newline="") as f:
-            csv.writer(f).writerow(METRIC_COLUMNS)
+            csv.writer(f).writerow(self.columns)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        unknown = set(row) - set(METRIC_COLUMNS)
+        unknown = set(row) - set(self.columns)
         if unknown:
             raise KeyError(f"not metric columns: {sorted(unknown)}")
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([_cell(row.get(c)) for c in METRIC_COLUMNS])
+            csv.writer(f).writerow([_cell(row.get(c)) for c in self.columns])
 
 
 def _cell(value: Any) -> Any:

@@ -148,9 +148,11 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     trainable = sum(worker.params[k].numel() for k in worker.trainable_keys)
     adapter_ids = {id(p) for p in worker.params.values()}
     total = sum(p.numel() for p in worker.model.parameters() if id(p) not in adapter_ids)  # the base model
+    ranks = sorted({worker.client_rank(pid) for pid in range(cfg.clients)})
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]} by client"
     console.print(
         f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} "
-        f"({trainable:,} of {total:,} parameters trainable; LoRA r={cfg.lora.rank}, s={cfg.scaling:g}) "
+        f"({trainable:,} of {total:,} parameters trainable; LoRA r={rank}, s={cfg.scaling:g}) "
         f"data={cfg.data.name} "
         f"({len(splits.train)} train / {len(splits.test)} test, {splits.num_labels} labels) "
         f"clients={cfg.clients} per round={cfg.sampled_per_round} rounds={cfg.rounds} -> {out}"

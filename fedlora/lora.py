@@ -183,3 +183,48 @@ def plain_lora(model: nn.Module, *, adapter: str = "default") -> Iterator[None]:
 def base_weights(model: nn.Module) -> dict[AdapterKey, nn.Parameter]:
     """The base weight W0 (d_out, d_in) of every adapted module, keyed with ``Role.BASE``."""
     return {AdapterKey(name, Role.BASE): layer.get_base_layer().weight for name, layer in lora_layers(model)}
+
+
+# -- heterogeneous ranks (FLoRA) ------------------------------------------------------
+def truncate_rank(tensors: Tensors, rank: int) -> Tensors:
+    """A rank-``rank`` client's share of a wider adapter: A's first rows, B's first columns."""
+    out = {}
+    for key, value in tensors.items():
+        if key.role is Role.A:
+            value = value[:rank]
+        elif key.role is Role.B:
+            value = value[:, :rank]
+        out[key] = value.contiguous()
+    return out
+
+
+@torch.no_grad()
+def mask_rank(params: Mapping[AdapterKey, nn.Parameter], rank: int) -> None:
+    """Zero A's rows and B's columns beyond ``rank``: the adapter is then exactly rank ``rank``.
+
+    Their gradients are then zero too (each is multiplied by the other's zeros), so
+    plain optimisers keep them at zero; DP noise does not, hence the re-masking after
+    every step.
+    """
+    for key, param in params.items():
+        if key.role is Role.A:
+            param[rank:].zero_()
+        elif key.role is Role.B:
+            param[:, rank:].zero_()
+
+
+# -- folding low-rank updates into base weights (FLoRA, FedEx) ---------------------------
+def fold(delta: Tensors, factors: Tensors, *, scaling: float) -> Tensors:
+    """``delta`` plus s * B A for every (A, B) pair in ``factors``, keyed by the module's ``Role.BASE``.
+
+    The product is taken in float64 and rounded once. The server and every node run
+    this same function on the same factors in the same order, so they hold
+    bit-identical deltas.
+    """
+    out = dict(delta)
+    for key in sorted(k for k in factors if k.role is Role.A):
+        a, b = factors[key], factors[AdapterKey(key.module, Role.B, key.param)]
+        product = (scaling * (b.double() @ a.double())).to(a.dtype)
+        base = AdapterKey(key.module, Role.BASE)
+        out[base] = out[base] + product if base in out else product
+    return out

@@ -31,8 +31,12 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     steps: int,
     device: torch.device,
+    after_step: Callable[[], None] | None = None,
 ) -> LocalResult:
-    """``steps`` optimizer steps on ``batches``; returns the mean training loss."""
+    """``steps`` optimizer steps on ``batches``; returns the mean training loss.
+
+    ``after_step`` runs after every optimizer step (e.g. to re-apply a rank mask).
+    """
     model.train()
     total = 0.0
     for _ in range(steps):
@@ -41,5 +45,7 @@ def train_steps(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         total += loss.item()
     return LocalResult(steps=steps, mean_loss=total / steps)

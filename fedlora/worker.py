@@ -82,7 +82,7 @@ class Worker:
     @cached_property
     def model(self) -> torch.nn.Module:
         """The peft model, holding the strategy's initial state (the same in every process)."""
-        lora_cfg = dataclasses.replace(self.cfg.lora, alpha=self.cfg.lora_alpha)
+        lora_cfg = dataclasses.replace(self.cfg.lora, rank=self.cfg.model_rank, alpha=self.cfg.lora_alpha)
         model = build_peft_model(self.cfg.model, lora_cfg, num_labels=self.splits.num_labels, seed=self.cfg.seed)
         if self.strategy.uses_r:
             lora.insert_r(model)
@@ -92,6 +92,8 @@ class Worker:
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0, -1))
         self._initial = self.strategy.initial_state(lora.read(params), generator=generator)
         lora.write(params, self._initial)
+        if self.strategy.folds:  # W0, kept to set W = W0 + D for any node's D
+            self._w0 = {k: w.detach().clone() for k, w in lora.base_weights(model).items()}
         return model
 
     @cached_property
@@ -133,6 +135,20 @@ class Worker:
         """Load the tensors the server sent into this process's model."""
         lora.write(self.params, received)
 
+    @torch.no_grad()
+    def set_base(self, delta: Tensors) -> None:
+        """W = W0 + D for every adapted module (D keyed by ``Role.BASE``; missing: W0). Folding strategies only.
+
+        Always from W0, never W += D: processes serve many nodes (simulation), each with its own D.
+        """
+        if not self.strategy.folds:
+            if delta:
+                raise ValueError(f"{self.strategy.name} does not change base weights")
+            return
+        for key, weight in lora.base_weights(self.model).items():
+            w0 = self._w0[key]
+            weight.copy_(w0 + delta[key].to(w0.device) if key in delta else w0)
+
     def shuffled(self, data, *, seed: int) -> DataLoader:
         """Training batches in a seeded order; also seeds dropout, which draws from torch's global generator."""
         torch.manual_seed(seed)
@@ -150,14 +166,22 @@ class Worker:
             return train.local_steps
         return train.local_epochs * math.ceil(num_examples / train.batch_size)
 
+    def client_rank(self, partition_id: int) -> int:
+        return self.strategy.client_rank(partition_id, rank=self.cfg.model_rank)
+
     def train_round(
-        self, partition_id: int, received: Tensors, *, server_round: int
+        self, partition_id: int, received: Tensors, *, server_round: int, base: Tensors | None = None
     ) -> tuple[Tensors, int, LocalResult]:
-        """Load ``received``, train on the partition, return (payload, num_examples, result)."""
+        """Load ``received`` (and base delta ``base``), train on the partition; (payload, num_examples, result)."""
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
         data = self.client_data(partition_id)
-        self.load(received)
+        self.set_base(base or {})
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, server_round, partition_id, -4))
+        self.load(self.strategy.start(received, like=self.initial_state(), generator=generator))
+        rank = self.client_rank(partition_id)
+        if rank < self.cfg.model_rank:
+            lora.mask_rank(self.params, rank)
         lora.set_trainable(self.params, self.trainable_keys)
         batches = self.shuffled(data, seed=derive_seed(self.cfg.seed, server_round, partition_id))
         optimizer = torch.optim.AdamW(
@@ -172,8 +196,11 @@ class Worker:
             optimizer=optimizer,
             steps=self.local_steps(len(data)),
             device=self.device,
+            after_step=(lambda: lora.mask_rank(self.params, rank)) if rank < self.cfg.model_rank else None,
         )
         trained = lora.read({k: self.params[k] for k in self.trainable_keys})  # copy only what was trained
+        if rank < self.cfg.model_rank:
+            trained = lora.truncate_rank(trained, rank)
         return self.strategy.payload(trained), len(data), result
 
     def base_gradients(self, data, *, num_examples: int, seed: int) -> tuple[Tensors, int]:
@@ -224,7 +251,8 @@ class Worker:
         rows = load_calibration(self.cfg.data, self.cfg.strategy.init_source, label_names=self.splits.label_names)
         return TASK.tokenize(rows, self.tokenizer, max_len=self.cfg.train.max_seq_len)
 
-    def evaluate(self, received: Tensors) -> dict[str, float]:
-        """Central evaluation on the test split with the global adapter loaded."""
+    def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
+        """Central evaluation on the test split with the global adapter (and base delta) loaded."""
+        self.set_base(base or {})
         self.load(received)
         return TASK.evaluate(self.model, self.test_batches, self.device)

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.config import RunConfig
 from fedlora.flower import records
+from fedlora.folding import catch_up
 from fedlora.lora import Tensors
 from fedlora.worker import get_worker
 
@@ -48,7 +49,8 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
             )
         received = records.from_record(msg.content[records.ARRAYS])
         received |= fixed_tensors(msg, context)
-        payload, num_examples, result = worker.train_round(pid, received, server_round=server_round)
+        base = base_delta(msg, context, scaling=worker.strategy.scaling)
+        payload, num_examples, result = worker.train_round(pid, received, server_round=server_round, base=base)
         metrics = MetricRecord(
             {
                 records.PARTITION_ID: pid,
@@ -82,3 +84,22 @@ def fixed_tensors(msg: Message, context: Context) -> Tensors:
     if held is None or held[records.FIXED_DIGEST] != want:
         raise RuntimeError("this node does not hold the run's fixed tensors; the server will resend them")
     return records.from_record(context.state[records.FIXED])
+
+
+def base_delta(msg: Message, context: Context, *, scaling: float) -> Tensors | None:
+    """This node's base-weight delta D after the message's fold update (None: the strategy does not fold).
+
+    D and its version live in ``context.state``; a node whose version does not fit
+    the update (a restart) fails its round and is sent the server's D next time.
+    """
+    update = records.get_fold_update(msg.content)
+    if update is None:
+        return None
+    held = context.state.config_records.get(records.BASE_VERSION)
+    version = int(held[records.BASE_VERSION]) if held is not None else 0
+    delta = records.from_record(context.state[records.BASE_DELTA]) if version and held is not None else {}
+    delta = catch_up(delta, version, update, scaling=scaling)
+    if update.end != version or update.dense is not None:
+        context.state[records.BASE_DELTA] = records.to_record(delta)
+        context.state[records.BASE_VERSION] = ConfigRecord({records.BASE_VERSION: update.end})
+    return delta

@@ -6,8 +6,9 @@ import hashlib
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedlora.folding import FoldUpdate
 from fedlora.lora import AdapterKey, Tensors
 
 ARRAYS = "arrays"
@@ -24,6 +25,13 @@ FIXED_DIGEST = "fixed-digest"
 PHASE = "phase"
 PHASE_INIT = "gradient-init"  # round 0 of a gradient-initialised strategy (LoRA-SB)
 INIT_EXAMPLES = "init-examples"
+# Base weights that change (FLoRA, FedEx): a catch-up of folded factors, or the server's D
+FOLD_START = "fold-start"
+FOLD_END = "fold-end"
+FOLD_DENSE = "fold-dense"
+FOLD_ENTRY = "fold-{}"  # the factors folded in round (version) i + 1
+BASE_DELTA = "base-delta"  # a node's D and its version, in its context.state
+BASE_VERSION = "base-version"
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
@@ -51,3 +59,24 @@ def digest(tensors: Tensors) -> str:
         h.update(f"{key}:{tuple(v.shape)}:{v.dtype}".encode())
         h.update(v.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def put_fold_update(content: RecordDict, config: ConfigRecord, update: FoldUpdate, arrays: list[ArrayRecord]) -> None:
+    """Put ``update`` in a message: versions in ``config``, ``arrays`` (entries or D as records) in ``content``."""
+    config[FOLD_START], config[FOLD_END] = update.start, update.end
+    if update.dense is not None:
+        (content[FOLD_DENSE],) = arrays
+    else:
+        for i, record in enumerate(arrays, start=update.start):
+            content[FOLD_ENTRY.format(i)] = record
+
+
+def get_fold_update(content: RecordDict) -> FoldUpdate | None:
+    """The update a message carries (None: the run's strategy does not fold)."""
+    config = content[CONFIG]
+    if FOLD_END not in config:
+        return None
+    start, end = int(config[FOLD_START]), int(config[FOLD_END])
+    if FOLD_DENSE in content:
+        return FoldUpdate(start, end, dense=from_record(content[FOLD_DENSE]))
+    return FoldUpdate(start, end, entries=[from_record(content[FOLD_ENTRY.format(i)]) for i in range(start, end)])

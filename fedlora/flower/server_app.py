@@ -17,13 +17,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import lora
-from fedlora.checkpoint import METRICS, MetricsLog, save_checkpoint, write_json
+from fedlora.checkpoint import METRICS, MetricsLog, save_checkpoint
 from fedlora.config import RunConfig
+from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.flower.strategy import FedLoraStrategy
-from fedlora.lora import Tensors
-from fedlora.worker import Worker, get_worker
+from fedlora.worker import get_worker
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +56,17 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
     fl = FedLoraStrategy(worker, worker.initial_state(), nodes_by_partition=nodes)
     if worker.strategy.gradient_init:
         fl.initialise(grid, timeout=ROUND_TIMEOUT_S)
-    metrics = MetricsLog(out / METRICS)
+    metrics = MetricsLog(out / METRICS, extra=worker.strategy.metric_columns)
 
     def evaluate(server_round: int, arrays: Any) -> MetricRecord | None:
         stats = fl.stats.get(server_round)
         every = cfg.train.eval_every
         due = every > 0 and (server_round % every == 0 or server_round == cfg.rounds)
         started = time.perf_counter()
-        result = worker.evaluate(fl.state) if due else {}  # the full state: broadcasts may omit fixed tensors
+        base = fl.fold_log.delta if fl.fold_log is not None else None
+        result = worker.evaluate(fl.state, base=base) if due else {}  # the full state: broadcasts may omit some
         if server_round > 0:
-            save_checkpoint(out, fl.state, server_round=server_round)
+            save_checkpoint(out, fl.state | (base or {}), server_round=server_round)  # base: D, if any
         row = {
             "round": server_round,
             "test_accuracy": result.get("accuracy"),
@@ -82,6 +82,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
                 "bytes_up": stats.bytes_up,
                 "numbers_down": stats.numbers_down,
                 "bytes_down": stats.bytes_down,
+                **stats.report,
             }
         metrics.append(row)
         if on_round is not None:
@@ -90,7 +91,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
 
     initial = records.to_record(worker.sent_down(fl.state))
     fl.start(grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=ROUND_TIMEOUT_S, evaluate_fn=evaluate)
-    export_adapter(worker, fl.state, out / ADAPTER_DIR)
+    export_adapter(worker, fl.state, out / ADAPTER_DIR, fold_log=fl.fold_log)
     return out
 
 
@@ -118,13 +119,3 @@ def discover_partitions(grid: Grid, *, expected: int) -> dict[int, int]:
     if not found:
         raise RuntimeError("no node answered the partition query")
     return found
-
-
-def export_adapter(worker: Worker, state: Tensors, folder: Path) -> Path:
-    """The final global adapter in peft's format: ``PeftModel.from_pretrained(base, folder)``."""
-    worker.load(state)  # the worker's model is the global model afterwards, for every strategy
-    with lora.plain_lora(worker.model):  # Fed-SB's R is folded into B: a standard peft LoRA
-        lora.write(lora.adapter_parameters(worker.model), worker.strategy.export(state))
-        worker.model.save_pretrained(str(folder))
-    write_json(folder / "labels.json", list(worker.splits.label_names))
-    return folder

@@ -10,7 +10,10 @@ them in its ``context.state``, and one that lost them (a restart) fails its roun
 which makes the server send them again the next time it is sampled.
 
 A strategy with a gradient initialisation (Fed-SB's LoRA-SB) gets a round 0
-before round 1 (:meth:`FedLoraStrategy.initialise`).
+before round 1 (:meth:`FedLoraStrategy.initialise`). A strategy that folds updates
+into the base weights (FLoRA, FedEx) has its folds logged here (``fold_log``); each
+sampled node gets what brings its base weights to the current version, counted in
+the round's download (:mod:`fedlora.folding`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.flower import records
+from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
 from fedlora.worker import Worker, derive_seed
 
@@ -45,6 +49,13 @@ class RoundStats:
     numbers_down: int = 0
     bytes_down: int = 0
     train_loss: float | None = None
+    report: dict[str, float] = field(default_factory=dict)  # the strategy's own diagnostics
+
+
+def sample_partitions(partitions: list[int], k: int, *, seed: int, server_round: int) -> list[int]:
+    """``k`` of ``partitions`` (all, if fewer), drawn by a generator seeded by (seed, round); sorted."""
+    rng = random.Random(f"fedlora-sample:{seed}:{server_round}")
+    return sorted(rng.sample(sorted(partitions), min(k, len(partitions))))
 
 
 class FedLoraStrategy(FedAvg):
@@ -65,12 +76,18 @@ class FedLoraStrategy(FedAvg):
         self.holding: set[int] = set()  # nodes that hold the current fixed tensors
         self._fixed_digest = ""
         self._carried_fixed: set[int] = set()  # nodes whose message this round carried them
+        self.fold_log = FoldLog(scaling=worker.strategy.scaling) if worker.strategy.folds else None
+        self.versions: dict[int, int | None] = {}  # node -> the base version it holds (None: unknown)
+        self._sent_versions: dict[int, int] = {}
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train this round: seeded by (seed, round), sorted."""
-        rng = random.Random(f"fedlora-sample:{self.worker.cfg.seed}:{server_round}")
-        k = min(self.worker.cfg.sampled_per_round, len(self.nodes_by_partition))
-        return sorted(rng.sample(list(self.nodes_by_partition), k))
+        return sample_partitions(
+            list(self.nodes_by_partition),
+            self.worker.cfg.sampled_per_round,
+            seed=self.worker.cfg.seed,
+            server_round=server_round,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -88,10 +105,19 @@ class FedLoraStrategy(FedAvg):
         config[records.FIXED_DIGEST] = digest
         self._carried_fixed = set()
         messages = []
+        fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
+        self._sent_versions = {}
         for pid in chosen:
             node = self.nodes_by_partition[pid]
-            content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
+            node_config = ConfigRecord(dict(config)) if self.fold_log is not None else config
+            content = RecordDict({records.ARRAYS: arrays, records.CONFIG: node_config})
             sent = [arrays_size]
+            if self.fold_log is not None:
+                update = self.fold_log.update_for(self.versions.get(node, 0))
+                fold_arrays = self._fold_records(update, fold_records)
+                records.put_fold_update(content, node_config, update, fold_arrays)
+                self._sent_versions[node] = update.end
+                sent += [records.size(r) for r in fold_arrays]
             if fixed_record is not None and node not in self.holding:
                 content[records.FIXED] = fixed_record
                 self._carried_fixed.add(node)
@@ -102,6 +128,19 @@ class FedLoraStrategy(FedAvg):
         log.debug("round %d: training partitions %s", server_round, chosen)
         return messages
 
+    def _fold_records(self, update: FoldUpdate, cache: dict[object, ArrayRecord]) -> list[ArrayRecord]:
+        """The records carrying ``update``: D, or one per entry (each converted once per round)."""
+        if update.dense is not None:
+            if "dense" not in cache:
+                cache["dense"] = records.to_record(update.dense)
+            return [cache["dense"]]
+        out = []
+        for i, entry in enumerate(update.entries, start=update.start):
+            if i not in cache:
+                cache[i] = records.to_record(entry)
+            out.append(cache[i])
+        return out
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -111,7 +150,10 @@ class FedLoraStrategy(FedAvg):
             if m.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
                 self.holding.discard(m.metadata.src_node_id)  # it may have lost its fixed tensors
-        self.holding |= self._carried_fixed & {m.metadata.src_node_id for m in valid}
+        replied = {m.metadata.src_node_id for m in valid}
+        self.holding |= self._carried_fixed & replied
+        for node, version in self._sent_versions.items():  # a failed or silent node's base version is unknown
+            self.versions[node] = version if node in replied else None
         valid.sort(key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID]))
         stats = self.stats[server_round]
         stats.replies_received = len(valid)
@@ -133,6 +175,9 @@ class FedLoraStrategy(FedAvg):
         strategy = self.worker.strategy
         p = strategy.weights(num_examples)
         self.state = strategy.aggregate(self.state, payloads, p, server_round=server_round)
+        stats.report = dict(strategy.report)
+        if self.fold_log is not None:
+            self.fold_log.append(strategy.fold(self.state, payloads, p))
         stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
         out = records.to_record(self.worker.sent_down(self.state))
         return out, MetricRecord({"train-loss": stats.train_loss, "replies": len(valid)})

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
+from fedlora.flower.strategy import sample_partitions
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,8 @@ def test_bad_input_from_the_command_line_exits_2_with_one_line() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedsvd', 'ffa_lora']"
+        "error: unknown strategy 'fedsdv'; choose from "
+        "['fed_sb', 'fedavg', 'fedex', 'fedsvd', 'ffa_lora', 'flora', 'lora_fair']"
     ]
     assert "Traceback" not in done.stdout + done.stderr
 
@@ -144,3 +146,47 @@ def test_each_exact_strategy_runs_and_sends_what_its_formula_says(strategy: str,
         # Round 2 sends A and B only to nodes that did not get them in round 1.
         assert int(table[2]["numbers_down"]) < int(table[1]["numbers_down"])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def sampled(server_round: int) -> list[int]:
+    return sample_partitions(list(range(6)), 3, seed=0, server_round=server_round)
+
+
+def test_flora_stacks_heterogeneous_ranks_and_catches_nodes_up(tmp_path: Path) -> None:
+    """Ranks 1, 2, 3 cycled over partitions; every node receives the stacked factors of the rounds it
+    has not folded yet (here always fewer numbers than the dense delta)."""
+    ranks = [1, 2, 3]
+    run = [*TINY_RUN, "rounds=3", "strategy=flora", "strategy.client_ranks=[1,2,3]", "lora.rank=2"]
+    assert main(["simulate", *run, f"output_dir={tmp_path}"]) == 0
+    table = rows(tmp_path)
+    last_seen = {pid: 0 for pid in range(6)}  # the base version each partition holds
+    for rnd in (1, 2, 3):
+        row, pids = table[rnd], sampled(rnd)
+        stacked = [sum(ranks[pid % 3] for pid in sampled(j)) for j in range(1, rnd)]  # rank of each round's fold
+        assert int(row["numbers_up"]) == sum(MODULES * ranks[pid % 3] * 2 * D + HEAD for pid in pids)
+        catch_up = sum(MODULES * sum(stacked[last_seen[pid] :]) * 2 * D for pid in pids)
+        assert all(MODULES * sum(stacked[last_seen[pid] :]) * 2 * D < MODULES * D * D for pid in pids)
+        assert int(row["numbers_down"]) == 3 * HEAD + catch_up
+        for pid in pids:
+            last_seen[pid] = rnd - 1
+    assert float(table[3]["test_loss"]) > 0
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "flora"])
+def test_folding_strategies_send_the_dense_delta_when_it_is_smaller(strategy: str, tmp_path: Path) -> None:
+    """At r = 8 a round's factors (rank 24 for FLoRA, 32 for FedEx) outweigh the 32 x 32 delta."""
+    assert main(["simulate", *TINY_RUN, f"strategy={strategy}", f"output_dir={tmp_path}"]) == 0
+    table = rows(tmp_path)
+    lora_down = MODULES * 2 * D * RANK if strategy == "fedex" else 0  # FLoRA's clients start fresh adapters
+    assert int(table[1]["numbers_down"]) == 3 * (HEAD + lora_down)
+    assert int(table[2]["numbers_down"]) == 3 * (HEAD + lora_down + MODULES * D * D)
+    assert (tmp_path / "adapter" / "model.safetensors").is_file()  # merged: smaller than the stacked LoRA
+
+
+def test_lora_fair_logs_its_correction_next_to_fedavg(tmp_path: Path) -> None:
+    assert main(["simulate", *TINY_RUN, "strategy=lora_fair", "train.lr=0.01", f"output_dir={tmp_path}"]) == 0
+    for row in rows(tmp_path)[1:]:
+        per_client = MODULES * 2 * D * RANK + HEAD  # as FedAvg: the correction costs no traffic
+        assert int(row["numbers_up"]) == int(row["numbers_down"]) == 3 * per_client
+        assert 0 < float(row["residual_fedavg"]) < 1
+        assert float(row["cosine"]) >= float(row["cosine_fedavg"])

@@ -9,8 +9,8 @@ from peft import PeftModel
 from fedlora import lora
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import ConfigError
+from fedlora.export import export_adapter
 from fedlora.flower import records
-from fedlora.flower.server_app import export_adapter
 from fedlora.lora import LORA_ROLES, AdapterKey, Role
 from fedlora.model import resolve_path
 from fedlora.task import TASK

@@ -22,6 +22,9 @@ from typing import Any, Dict, List, Optional
 from strategies import StrategyConfig, get_strategy_class
 
 HEAD_MODES = ("train", "freeze")
+PRIVACY = ("none", "dp")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
 PARTITIONS = ("iid", "dirichlet", "pathological")
 Flat = Dict[str, typing.Union[bool, int, float, str]]
 
@@ -156,6 +159,50 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Sample-level DP-SGD on every client (Opacus): ``name=dp`` turns it on.
+
+    Give ``epsilon`` (the noise multiplier is then calibrated per client for all the
+    rounds it is scheduled to take part in) or ``noise_multiplier`` (epsilon is then
+    only reported), or both (the run is refused if that noise cannot keep the budget).
+    ``delta`` null: min(1 / (10 n_k), 1e-5) for a client with n_k examples.
+    """
+
+    name: str = "none"
+    epsilon: Optional[float] = None
+    delta: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    poisson: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.name in PRIVACY, f"unknown privacy {self.name!r}; choose from {list(PRIVACY)}")
+        _require(self.epsilon is None or self.epsilon > 0, f"privacy.epsilon must be > 0, got {self.epsilon}")
+        _require(self.delta is None or 0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier >= 0,
+            f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}",
+        )
+        _require(self.max_grad_norm > 0, f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        _require(self.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {list(ACCOUNTANTS)}")
+        _require(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}",
+        )
+        if self.enabled:
+            _require(
+                self.epsilon is not None or self.noise_multiplier is not None,
+                "privacy=dp needs privacy.epsilon (a budget) or privacy.noise_multiplier",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.name == "dp"
+
+
+@dataclass
 class SimulationConfig:
     """Ray resources per virtual client; ``ray_address`` joins a running cluster (e.g. auto)."""
 
@@ -187,6 +234,7 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:

@@ -53,8 +53,15 @@ class SequenceClassification:
         """Pads each batch to its longest sequence (not to max_len: short texts stay cheap)."""
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+    def criterion(self) -> nn.Module:
+        """The loss on (logits, labels), mean over the batch (Opacus's ghost clipping wraps it)."""
+        return nn.CrossEntropyLoss()
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], criterion: nn.Module | None = None
+    ) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return (criterion or self.criterion())(model(**inputs).logits, batch["labels"])
 
     @torch.no_grad()
     def evaluate(

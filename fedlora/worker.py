@@ -14,7 +14,8 @@ import hashlib
 import json
 import logging
 import math
-from functools import cached_property
+from collections.abc import Iterable, Iterator
+from functools import cached_property, partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,6 +25,8 @@ from fedlora.config import RunConfig
 from fedlora.data import Splits, load_calibration, load_splits, partition
 from fedlora.lora import LORA_ROLES, AdapterKey, Tensors
 from fedlora.model import build_peft_model, device_for_worker, resolve_path
+from fedlora.privacy import ClientPlan, Step, clip_and_noise, dp_sgd, make_plan
+from fedlora.schedule import rounds_taken, scheduled
 from fedlora.task import TASK
 from fedlora.train import LocalResult, cycle, train_steps
 from strategies import Strategy, get_strategy_class
@@ -41,6 +44,20 @@ def get_worker(cfg: RunConfig, *, num_partitions: int | None = None) -> Worker:
         _WORKERS.clear()  # one run per process at a time: do not keep an old model alive
         _WORKERS[key] = Worker(cfg, num_partitions=num_partitions)
     return _WORKERS[key]
+
+
+def take(batches: Iterable[dict[str, torch.Tensor]], num_examples: int, *, size: int | None = None):
+    """The first ``num_examples`` rows of ``batches``, cut into batches of ``size`` rows (None: as they come)."""
+    left = num_examples
+    for batch in batches:
+        n = len(batch["labels"])
+        step = size or n
+        for i in range(0, n, step):
+            if left <= 0:
+                return
+            part = min(step, n - i, left)
+            yield {k: v[i : i + part] for k, v in batch.items()}
+            left -= part
 
 
 def derive_seed(*parts: int) -> int:
@@ -169,10 +186,41 @@ class Worker:
     def client_rank(self, partition_id: int) -> int:
         return self.strategy.client_rank(partition_id, rank=self.cfg.model_rank)
 
+    @cached_property
+    def _plans(self) -> dict[int, ClientPlan]:
+        return {}
+
+    def privacy_plan(self, partition_id: int) -> ClientPlan:
+        """This client's DP-SGD plan (noise calibrated once per process; only with ``privacy=dp``)."""
+        if partition_id not in self._plans:
+            n = len(self.partitions[partition_id])
+            cfg = self.cfg
+            init = self.strategy.gradient_init and cfg.strategy.init_source == "clients"
+            self._plans[partition_id] = make_plan(
+                cfg.privacy,
+                num_examples=n,
+                batch_size=cfg.train.batch_size,
+                steps=self.local_steps(n),
+                rounds=rounds_taken(cfg, partition_id),
+                init_release=init and partition_id in scheduled(cfg, 0),
+            )
+        return self._plans[partition_id]
+
     def train_round(
-        self, partition_id: int, received: Tensors, *, server_round: int, base: Tensors | None = None
+        self,
+        partition_id: int,
+        received: Tensors,
+        *,
+        server_round: int,
+        base: Tensors | None = None,
+        history: list[Step] | None = None,
     ) -> tuple[Tensors, int, LocalResult]:
-        """Load ``received`` (and base delta ``base``), train on the partition; (payload, num_examples, result)."""
+        """Load ``received`` (and base delta ``base``), train on the partition; (payload, num_examples, result).
+
+        With ``privacy=dp`` the round is DP-SGD and ``history`` (the client's accountant
+        history, kept by the caller between rounds) is extended by this round's steps;
+        the caller checks the budget first (:meth:`ClientPlan.affords`).
+        """
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
         data = self.client_data(partition_id)
@@ -189,54 +237,101 @@ class Worker:
             lr=self.cfg.train.lr,
             weight_decay=self.cfg.train.weight_decay,
         )
-        result = train_steps(
-            self.model,
-            cycle(batches),
-            loss_fn=TASK.loss,
-            optimizer=optimizer,
+        train = partial(
+            train_steps,
             steps=self.local_steps(len(data)),
             device=self.device,
             after_step=(lambda: lora.mask_rank(self.params, rank)) if rank < self.cfg.model_rank else None,
         )
+        if self.cfg.privacy.enabled:
+            if history is None:
+                raise ValueError("privacy=dp needs the client's accountant history")
+            plan = self.privacy_plan(partition_id)
+            with dp_sgd(
+                self.model,
+                optimizer,
+                batches,
+                cfg=self.cfg.privacy,
+                noise_multiplier=plan.noise_multiplier,
+                criterion=TASK.criterion(),
+            ) as (model, dp_optimizer, loader, criterion):
+                result = train(
+                    model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer
+                )
+            history.append(plan.round_step)
+        else:
+            result = train(self.model, cycle(batches), loss_fn=TASK.loss, optimizer=optimizer)
         trained = lora.read({k: self.params[k] for k in self.trainable_keys})  # copy only what was trained
         if rank < self.cfg.model_rank:
             trained = lora.truncate_rank(trained, rank)
         return self.strategy.payload(trained), len(data), result
 
-    def base_gradients(self, data, *, num_examples: int, seed: int) -> tuple[Tensors, int]:
+    def base_gradients(
+        self, data, *, num_examples: int, seed: int, noise: tuple[float, torch.Generator] | None = None
+    ) -> tuple[Tensors, int]:
         """Summed per-example gradients of the adapted modules' base weights W0 (``Role.BASE``).
 
         Over the first ``num_examples`` rows of ``data`` in a seeded order, with the
-        adapter switched off (LoRA-SB's initialisation). Returns (gradients, rows used).
+        adapter switched off (LoRA-SB's initialisation). With ``noise`` = (sigma,
+        generator), each example's gradient is clipped to ``privacy.max_grad_norm`` and
+        the sum gets Gaussian noise (:func:`fedlora.privacy.clip_and_noise`).
+        Returns (gradients, rows used).
         """
         weights = lora.base_weights(self.model)
-        batches = self.shuffled(data, seed=seed)
+        rows = take(self.shuffled(data, seed=seed), num_examples, size=1 if noise else None)
         self.model.train()
         for w in weights.values():
             w.requires_grad_(True)
             w.grad = None
-        seen = 0
+
+        def backward(batch: dict[str, torch.Tensor]) -> int:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            n = len(batch["labels"])
+            (TASK.loss(self.model, batch) * n).backward()  # mean loss -> sum over examples
+            return n
+
+        def per_example() -> Iterator[Tensors]:
+            for row in rows:
+                backward(row)
+                yield {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}
+                for w in weights.values():
+                    w.grad = None
+
         try:
             with self.model.disable_adapter():
-                for batch in batches:
-                    take = min(len(batch["labels"]), num_examples - seen)
-                    if take <= 0:
-                        break
-                    batch = {k: v[:take].to(self.device) for k, v in batch.items()}
-                    (TASK.loss(self.model, batch) * take).backward()  # mean loss -> sum over examples
-                    seen += take
-            return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
+                if noise is not None:
+                    sigma, generator = noise
+                    max_norm = self.cfg.privacy.max_grad_norm
+                    return clip_and_noise(
+                        per_example(), max_grad_norm=max_norm, noise_multiplier=sigma, generator=generator
+                    )
+                seen = sum(backward(batch) for batch in rows)
+                return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
         finally:
             for w in weights.values():
                 w.requires_grad_(False)
                 w.grad = None
 
-    def init_round(self, partition_id: int, *, num_examples: int, server_round: int = 0) -> tuple[Tensors, int]:
-        """A client's share of a gradient initialisation: summed base-weight gradients on its partition."""
+    def init_round(
+        self, partition_id: int, *, num_examples: int, server_round: int = 0, history: list[Step] | None = None
+    ) -> tuple[Tensors, int]:
+        """A client's share of a gradient initialisation: summed base-weight gradients on its partition.
+
+        With ``privacy=dp`` they are clipped per example and noised, and ``history`` gets the release.
+        """
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
         seed = derive_seed(self.cfg.seed, server_round, partition_id)
-        return self.base_gradients(self.client_data(partition_id), num_examples=num_examples, seed=seed)
+        data = self.client_data(partition_id)
+        if not self.cfg.privacy.enabled:
+            return self.base_gradients(data, num_examples=num_examples, seed=seed)
+        if history is None:
+            raise ValueError("privacy=dp needs the client's accountant history")
+        plan = self.privacy_plan(partition_id)
+        generator = torch.Generator().manual_seed(derive_seed(seed, -5))
+        out = self.base_gradients(data, num_examples=num_examples, seed=seed, noise=(plan.noise_multiplier, generator))
+        history.append(plan.init_step)
+        return out
 
     def initialise(self, state: Tensors, gradients: Tensors) -> Tensors:
         """The strategy's gradient initialisation, seeded by the run; the result is loaded here too."""

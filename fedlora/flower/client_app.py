@@ -18,6 +18,7 @@ from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.folding import catch_up
 from fedlora.lora import Tensors
+from fedlora.privacy import Step
 from fedlora.worker import get_worker
 
 
@@ -41,24 +42,33 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
         pid = int(context.node_config[records.PARTITION_ID])
         config = msg.content[records.CONFIG]
         server_round = int(config[records.SERVER_ROUND])
-        if config.get(records.PHASE) == records.PHASE_INIT:
-            gradients, used = worker.init_round(pid, num_examples=int(config[records.INIT_EXAMPLES]))
-            metrics = MetricRecord({records.PARTITION_ID: pid, records.NUM_EXAMPLES: used})
-            return Message(
-                RecordDict({records.ARRAYS: records.to_record(gradients), records.METRICS: metrics}), reply_to=msg
+        init = config.get(records.PHASE) == records.PHASE_INIT
+        ledger = Ledger(context) if cfg.privacy.enabled else None
+        metrics = MetricRecord({records.PARTITION_ID: pid})
+        if ledger is not None:
+            plan = worker.privacy_plan(pid)
+            if not plan.affords(ledger.history, plan.init_step if init else plan.round_step):
+                metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
+                metrics[records.EPSILON] = plan.spent(ledger.history)
+                return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
+        history = ledger.history if ledger is not None else None
+        if init:
+            payload, num_examples = worker.init_round(
+                pid, num_examples=int(config[records.INIT_EXAMPLES]), history=history
             )
-        received = records.from_record(msg.content[records.ARRAYS])
-        received |= fixed_tensors(msg, context)
-        base = base_delta(msg, context, scaling=worker.strategy.scaling)
-        payload, num_examples, result = worker.train_round(pid, received, server_round=server_round, base=base)
-        metrics = MetricRecord(
-            {
-                records.PARTITION_ID: pid,
-                records.NUM_EXAMPLES: num_examples,
-                records.TRAIN_LOSS: result.mean_loss,
-                records.LOCAL_STEPS: result.steps,
-            }
-        )
+        else:
+            received = records.from_record(msg.content[records.ARRAYS])
+            received |= fixed_tensors(msg, context)
+            base = base_delta(msg, context, scaling=worker.strategy.scaling)
+            payload, num_examples, result = worker.train_round(
+                pid, received, server_round=server_round, base=base, history=history
+            )
+            metrics[records.TRAIN_LOSS] = result.mean_loss
+            metrics[records.LOCAL_STEPS] = result.steps
+        metrics[records.NUM_EXAMPLES] = num_examples
+        if ledger is not None:
+            ledger.save()
+            metrics[records.EPSILON] = worker.privacy_plan(pid).spent(ledger.history)
         content = RecordDict({records.ARRAYS: records.to_record(payload), records.METRICS: metrics})
         return Message(content, reply_to=msg)
 
@@ -66,6 +76,23 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 app = make_client_app()
+
+
+class Ledger:
+    """This client's privacy accountant history, kept in its node state between rounds (and processes)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        held = context.state.config_records.get(records.PRIVACY)
+        self.history: list[Step] = (
+            list(zip(held["noise"], held["rate"], held["steps"], strict=True)) if held is not None else []
+        )
+
+    def save(self) -> None:
+        noise, rate, steps = zip(*self.history, strict=True) if self.history else ((), (), ())
+        self.context.state[records.PRIVACY] = ConfigRecord(
+            {"noise": [float(x) for x in noise], "rate": [float(x) for x in rate], "steps": [int(x) for x in steps]}
+        )
 
 
 def fixed_tensors(msg: Message, context: Context) -> Tensors:

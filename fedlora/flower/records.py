@@ -32,6 +32,10 @@ FOLD_DENSE = "fold-dense"
 FOLD_ENTRY = "fold-{}"  # the factors folded in round (version) i + 1
 BASE_DELTA = "base-delta"  # a node's D and its version, in its context.state
 BASE_VERSION = "base-version"
+# DP-SGD: a client's accountant history in its node state; what it reports each round
+PRIVACY = "privacy"
+EPSILON = "epsilon"
+REFUSED = "refused"  # 1: the client's budget is exhausted, it did not train
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:

@@ -56,7 +56,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
     fl = FedLoraStrategy(worker, worker.initial_state(), nodes_by_partition=nodes)
     if worker.strategy.gradient_init:
         fl.initialise(grid, timeout=ROUND_TIMEOUT_S)
-    metrics = MetricsLog(out / METRICS, extra=worker.strategy.metric_columns)
+    privacy_columns = ("refused", "epsilon_max", "epsilon_mean") if cfg.privacy.enabled else ()
+    metrics = MetricsLog(out / METRICS, extra=(*privacy_columns, *worker.strategy.metric_columns))
 
     def evaluate(server_round: int, arrays: Any) -> MetricRecord | None:
         stats = fl.stats.get(server_round)
@@ -83,6 +84,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
                 "numbers_down": stats.numbers_down,
                 "bytes_down": stats.bytes_down,
                 **stats.report,
+                **(stats.privacy() if cfg.privacy.enabled else {}),
             }
         metrics.append(row)
         if on_round is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.flower import records
 from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
+from fedlora.schedule import sample_partitions
 from fedlora.worker import Worker, derive_seed
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,27 @@ class RoundStats:
     bytes_down: int = 0
     train_loss: float | None = None
     report: dict[str, float] = field(default_factory=dict)  # the strategy's own diagnostics
+    refused: int = 0  # clients whose privacy budget is exhausted
+    epsilons: list[float] = field(default_factory=list)  # epsilon spent so far by each replying client
 
+    def privacy(self) -> dict[str, float | int | None]:
+        """The metrics.csv columns of a DP run."""
+        eps = self.epsilons
+        return {
+            "refused": self.refused,
+            "epsilon_max": max(eps) if eps else None,
+            "epsilon_mean": sum(eps) / len(eps) if eps else None,
+        }
 
-def sample_partitions(partitions: list[int], k: int, *, seed: int, server_round: int) -> list[int]:
-    """``k`` of ``partitions`` (all, if fewer), drawn by a generator seeded by (seed, round); sorted."""
-    rng = random.Random(f"fedlora-sample:{seed}:{server_round}")
-    return sorted(rng.sample(sorted(partitions), min(k, len(partitions))))
+    def count(self, replies: list[Message]) -> list[Message]:
+        """Note each reply's epsilon and refusal; the replies that carry an update."""
+        for m in replies:
+            metrics = m.content[records.METRICS]
+            if records.EPSILON in metrics:
+                self.epsilons.append(float(metrics[records.EPSILON]))
+        kept = [m for m in replies if not int(m.content[records.METRICS].get(records.REFUSED, 0))]
+        self.refused += len(replies) - len(kept)
+        return kept
 
 
 class FedLoraStrategy(FedAvg):
@@ -157,6 +172,9 @@ class FedLoraStrategy(FedAvg):
         valid.sort(key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID]))
         stats = self.stats[server_round]
         stats.replies_received = len(valid)
+        valid = stats.count(valid)
+        if stats.refused:
+            log.warning("round %d: %d client(s) refused: privacy budget exhausted", server_round, stats.refused)
         if not valid:
             log.warning("round %d: no client replied; the global adapter is unchanged", server_round)
             return None, None
@@ -213,9 +231,10 @@ class FedLoraStrategy(FedAvg):
         ]
         stats.replies_expected = len(messages)
         replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
+        stats.replies_received = len(replies)
+        replies = stats.count(replies)
         if not replies:
             raise RuntimeError("no client answered the gradient initialisation (round 0)")
-        stats.replies_received = len(replies)
         total: Tensors = {}
         for m in sorted(replies, key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID])):
             arrays = m.content[records.ARRAYS]

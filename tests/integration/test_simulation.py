@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
-from fedlora.flower.strategy import sample_partitions
+from fedlora.schedule import sample_partitions
 
 pytestmark = pytest.mark.slow
 
@@ -190,3 +190,28 @@ def test_lora_fair_logs_its_correction_next_to_fedavg(tmp_path: Path) -> None:
         assert int(row["numbers_up"]) == int(row["numbers_down"]) == 3 * per_client
         assert 0 < float(row["residual_fedavg"]) < 1
         assert float(row["cosine"]) >= float(row["cosine_fedavg"])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "fedsvd", "fed_sb", "flora", "lora_fair", "fedex"])
+def test_every_strategy_runs_with_dp_sgd_within_its_budget(strategy: str, tmp_path: Path) -> None:
+    run = [*TINY_RUN, f"strategy={strategy}", "privacy=dp", "privacy.epsilon=2"]
+    assert main(["simulate", *run, f"output_dir={tmp_path}"]) == 0
+    table = rows(tmp_path)
+    for row in table[1:]:
+        assert row["refused"] == "0" and row["replies_received"] == "3"
+        assert 0 < float(row["epsilon_max"]) <= 2.0
+    if strategy == "fed_sb":  # the LoRA-SB gradient is a release too: charged before round 1
+        assert 0 < float(table[0]["epsilon_max"]) <= 2.0
+
+
+def test_clients_out_of_budget_refuse_and_are_counted(tmp_path: Path) -> None:
+    """80 examples each, sigma 1 at q = 0.1, 2 steps: one round costs epsilon 2.50, two 2.77 > 2.6. All train
+    in round 1, then refuse rounds 2 and 3; no reported epsilon exceeds the target."""
+    run = [*TINY_RUN, "clients=4", "clients_per_round=4", "rounds=3", "data.synthetic_train=320"]
+    run += ["privacy=dp", "privacy.noise_multiplier=1.0", "privacy.epsilon=2.6"]
+    assert main(["simulate", *run, f"output_dir={tmp_path}"]) == 0
+    table = rows(tmp_path)
+    assert [r["refused"] for r in table[1:]] == ["0", "4", "4"]
+    assert all(float(r["epsilon_max"]) <= 2.6 for r in table[1:])
+    assert float(table[1]["epsilon_max"]) == pytest.approx(2.504, abs=0.01)
+    assert table[2]["numbers_up"] == "0" and table[2]["test_accuracy"] == table[1]["test_accuracy"]

@@ -1,0 +1,161 @@
+"""DP-SGD on a client: noise and clipping applied, no silent corruption, calibration, delta, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedlora import lora
+from fedlora.config import ConfigError, PrivacyConfig
+from fedlora.privacy import ClientPlan, calibrate, client_delta, clip_and_noise, compress, dp_sgd, epsilon, make_plan
+from fedlora.task import TASK
+from fedlora.worker import Worker
+
+
+def round_from_start(worker: Worker, history: list | None = None) -> dict:
+    start = worker.sent_down(worker.initial_state())
+    payload, _, _ = worker.train_round(3, start, server_round=1, history=history)
+    return payload
+
+
+def test_without_noise_or_reachable_clipping_dp_sgd_equals_plain_training(make_config) -> None:
+    """Guards against Opacus corrupting LoRA updates silently (Opacus issue 820): same batches, same update.
+
+    16 examples per client in batches of 8: Opacus's expected batch size (n / number of
+    batches) is then the real one, so its mean equals the plain loss's mean.
+    """
+    plain = round_from_start(Worker(make_config("train.lr=0.01", "data.synthetic_train=160"), num_partitions=10))
+    dp = make_config(
+        "data.synthetic_train=160",
+        "train.lr=0.01",
+        "privacy=dp",
+        "privacy.noise_multiplier=0",
+        "privacy.max_grad_norm=1e6",
+        "privacy.poisson=false",
+    )
+    private = round_from_start(Worker(dp, num_partitions=10), history=[])
+    assert private.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(private[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_dp_sgd_adds_noise_and_charges_the_ledger(make_config, mode: str) -> None:
+    plain = round_from_start(Worker(make_config("train.lr=0.01"), num_partitions=10))
+    dp = make_config(
+        "train.lr=0.01",
+        "privacy=dp",
+        "privacy.noise_multiplier=1.0",
+        f"privacy.grad_sample_mode={mode}",
+        "privacy.poisson=false",
+    )
+    worker = Worker(dp, num_partitions=10)
+    history: list = []
+    private = round_from_start(worker, history)
+    assert any(not torch.allclose(private[k], plain[k], atol=1e-4) for k in plain)
+    assert history == [worker.privacy_plan(3).round_step]
+    assert all(not hasattr(p, "grad_sample") for p in worker.model.parameters())  # Opacus is gone afterwards
+
+
+def test_per_sample_gradients_are_clipped(make_config) -> None:
+    """One plain-SGD step (lr 1) without noise moves the trainable tensors by the mean clipped
+    gradient: its norm is at most C, though the raw gradients are far larger."""
+    worker = Worker(make_config(), num_partitions=10)
+    model, c = worker.model, 1e-3
+    lora.set_trainable(worker.params, worker.trainable_keys)
+    trainable = [worker.params[k] for k in sorted(worker.trainable_keys)]
+    before = [p.detach().clone() for p in trainable]
+    batches = worker.shuffled(worker.client_data(0), seed=1)
+    cfg = PrivacyConfig(name="dp", noise_multiplier=0.0, max_grad_norm=c, poisson=False)
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    with dp_sgd(model, optimizer, batches, cfg=cfg, noise_multiplier=0.0, criterion=TASK.criterion()) as (
+        private,
+        dp_optimizer,
+        loader,
+        criterion,
+    ):
+        batch = next(iter(loader))
+        TASK.loss(private, batch, criterion).backward()
+        dp_optimizer.step()
+    moved = torch.sqrt(sum((p.detach() - b).square().sum() for p, b in zip(trainable, before, strict=True)))
+    assert 0 < float(moved) <= c * (1 + 1e-4)
+    model.zero_grad()
+    TASK.loss(model, next(iter(batches))).backward()
+    assert float(torch.sqrt(sum(p.grad.square().sum() for p in trainable))) > 100 * c
+
+
+def test_clip_and_noise_clips_each_example_then_adds_noise() -> None:
+    grads = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.3, 0.4])}]  # norms 5 and 0.5
+    total, n = clip_and_noise(iter(grads), max_grad_norm=1.0, noise_multiplier=0.0, generator=torch.Generator())
+    torch.testing.assert_close(total["w"], torch.tensor([0.6 + 0.3, 0.8 + 0.4]))
+    assert n == 2
+    noisy, _ = clip_and_noise(
+        iter(grads), max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.allclose(noisy["w"], total["w"])
+
+
+@pytest.mark.parametrize(
+    ("target", "rate", "steps", "rounds", "init"),
+    [(1.0, 0.01, 50, 10, False), (4.0, 0.1, 10, 3, False), (2.0, 1 / 7, 10, 2, True), (8.0, 0.05, 20, 1, False)],
+)
+def test_calibrated_noise_meets_the_target_by_opacus_own_accountant(target, rate, steps, rounds, init) -> None:
+    plan = ClientPlan(0.0, rate, steps, rounds, delta=1e-5, budget=target, init_release=init)
+    sigma = calibrate(plan, target)
+    acct = RDPAccountant()  # Opacus's default orders, including fractional ones
+    acct.history = compress(plan.planned(sigma))
+    spent = acct.get_epsilon(delta=1e-5)
+    assert 0.9 * target <= spent <= target
+    assert epsilon(plan.planned(sigma), 1e-5) <= target  # the (integer-order) bound the budget uses
+
+
+def test_prv_calibration_meets_the_target() -> None:
+    plan = ClientPlan(0.0, 0.1, 10, 3, delta=1e-5, budget=4.0, init_release=False, accountant="prv")
+    sigma = calibrate(plan, 4.0)
+    acct = PRVAccountant()
+    acct.history = compress(plan.planned(sigma))
+    assert 0.9 * 4.0 <= acct.get_epsilon(delta=1e-5) <= 4.0 + 0.05  # PRV's own eps_error is 0.01
+
+
+def test_delta_defaults_well_below_one_over_n_and_refuses_more() -> None:
+    cfg = PrivacyConfig(name="dp", epsilon=1.0)
+    assert client_delta(cfg, 1000) == 1e-5 and client_delta(cfg, 50) == 1e-5
+    assert client_delta(cfg, 10**6) == pytest.approx(1e-7)
+    with pytest.raises(ConfigError, match="not below 1/n = 1/50"):
+        client_delta(PrivacyConfig(name="dp", epsilon=1.0, delta=0.02), 50)
+
+
+def test_a_noise_multiplier_too_small_for_one_round_is_refused() -> None:
+    cfg = PrivacyConfig(name="dp", epsilon=0.5, noise_multiplier=0.3)
+    with pytest.raises(ConfigError, match=r"cannot keep a client with 100 examples within privacy\.epsilon=0\.5"):
+        make_plan(cfg, num_examples=100, batch_size=16, steps=10, rounds=3, init_release=False)
+
+
+def test_a_client_refuses_the_round_that_would_exceed_its_budget() -> None:
+    plan = make_plan(
+        PrivacyConfig(name="dp", epsilon=3.0), num_examples=200, batch_size=16, steps=10, rounds=2, init_release=False
+    )
+    history: list = []
+    for _ in range(plan.rounds):
+        assert plan.affords(history, plan.round_step)
+        history.append(plan.round_step)
+    assert plan.spent(history) <= 3.0
+    assert not plan.affords(history, plan.round_step)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy=dp"], "privacy=dp needs privacy.epsilon (a budget) or privacy.noise_multiplier"),
+        (["privacy=dp", "privacy.epsilon=0"], "privacy.epsilon must be > 0"),
+        (["privacy=dp", "privacy.epsilon=1", "privacy.delta=1.5"], "privacy.delta must be in (0, 1)"),
+        (["privacy=dp", "privacy.epsilon=1", "privacy.max_grad_norm=0"], "privacy.max_grad_norm must be > 0"),
+        (["privacy=dp", "privacy.epsilon=1", "privacy.grad_sample_mode=ew"], "privacy.grad_sample_mode must be one of"),
+        (["privacy=dp", "privacy.epsilon=1", "privacy.accountant=gdp"], "privacy.accountant must be one of"),
+    ],
+)
+def test_bad_privacy_input_is_one_clear_config_error(make_config, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(*overrides)
+    assert message in str(info.value)

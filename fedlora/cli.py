@@ -23,7 +23,7 @@ from rich.table import Table
 
 from fedlora.config import ConfigError, RunConfig, register_schema
 
-GROUPS = ("strategy", "model", "data", "partition", "lora", "train", "simulation")
+GROUPS = ("strategy", "model", "data", "partition", "lora", "train", "privacy", "simulation")
 EXIT_USAGE = 2
 
 console = Console(stderr=False)
@@ -112,7 +112,39 @@ def build_parser(*, describe: bool = False) -> argparse.ArgumentParser:
     simulate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. clients=100")
     simulate.add_argument("--dry-run", action="store_true", help="validate, show the partitions, and stop")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of simulations (strategies x epsilon x seeds) and write its report",
+        description="Run a sweep (conf/sweep/<name>.yaml); a finished cell is not run again. "
+        "Arguments after the options are Hydra overrides for every cell.",
+    )
+    sweep.add_argument("name", choices=["privacy"], help="the sweep (its grid: conf/sweep/<name>.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for every cell")
+    sweep.add_argument("--out", type=Path, default=None, help="the sweep folder (default: sweeps/<name>)")
+    sweep.add_argument("--strategies", nargs="+", default=None, help="replace the grid's strategies")
+    sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
+    report = sub.add_parser("report", help="write report.html and report.md for a sweep folder")
+    report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
+    for p in (sweep, report):
+        p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from fedlora.sweep import defaults, grid, parse_epsilon, run_sweep
+
+    grid_defaults = defaults(args.name)
+    cells = grid(
+        args.strategies or list(grid_defaults["strategies"]),
+        [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
+        args.seeds or [int(s) for s in grid_defaults["seeds"]],
+    )
+    compose(list(args.overrides))  # bad overrides fail here, not in every cell
+    out = (args.out or Path("sweeps") / args.name).resolve()
+    page = run_sweep(cells, list(args.overrides), out)
+    console.print(f"report: {page}")
+    return 0
 
 
 # -- simulate ----------------------------------------------------------------------------
@@ -137,6 +169,8 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     worker.model  # noqa: B018 - builds and caches the model, validating path and target modules
     if worker.strategy.gradient_init and cfg.strategy.init_source != "clients":
         worker.calibration  # noqa: B018 - loads the calibration file now, not after the nodes started
+    if cfg.privacy.enabled:
+        show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
     resolved = OmegaConf.to_yaml(composed)
     if dry_run:
         console.print(resolved)
@@ -206,6 +240,10 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         parts.append(f"train {row['train_loss']:.4f}")
     if row.get("replies_expected"):
         parts.append(f"{row['replies_received']}/{row['replies_expected']} replies")
+        if row.get("refused"):
+            parts.append(f"{row['refused']} refused (budget)")
+        if row.get("epsilon_max") is not None:
+            parts.append(f"eps max {row['epsilon_max']:.3g}")
         parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
     parts.append(f"{row['wall_s']:.1f} s")
     return " | ".join(parts)
@@ -240,6 +278,27 @@ def summary_table(rows: list[dict[str, str]]) -> Table:
 
 def _fmt(value: str, spec: str) -> str:
     return format(float(value), spec) if value not in ("", None) else ""
+
+
+def show_privacy(worker: Any) -> None:
+    """Every client's DP-SGD plan, summarised: noise, delta, scheduled rounds, planned spend."""
+    from fedlora.privacy import epsilon
+
+    cfg = worker.cfg
+    plans = [worker.privacy_plan(pid) for pid in range(cfg.clients)]
+    active = [p for p in plans if p.rounds or p.init_release]
+    if not active:
+        return
+    sigmas = [p.noise_multiplier for p in active]
+    planned = [epsilon(p.planned(), p.delta, p.accountant) for p in active]
+    budget = f"epsilon <= {cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None else "no budget"
+    console.print(
+        f"privacy=dp ({budget}, {cfg.privacy.accountant}, {cfg.privacy.grad_sample_mode}): noise multiplier "
+        f"{min(sigmas):.3g}..{max(sigmas):.3g}, clip {cfg.privacy.max_grad_norm:g}, delta "
+        f"{min(p.delta for p in active):.2g}..{max(p.delta for p in active):.2g}, "
+        f"{min(p.rounds for p in active)}..{max(p.rounds for p in active)} rounds per client, "
+        f"planned epsilon {min(planned):.3g}..{max(planned):.3g}"
+    )
 
 
 def show_partitions(worker: Any, out: Path | None) -> None:
@@ -322,11 +381,25 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wants_help = bool(argv) and argv[0] == "simulate" and ("-h" in argv or "--help" in argv)
-    args = build_parser(describe=wants_help).parse_args(argv)
+    parser = build_parser(describe=wants_help)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "sweep" or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # a sweep's overrides may come after its options
+        args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(args.verbose)
     started = time.perf_counter()
     try:
+        if args.command == "sweep":
+            return run_sweep_command(args)
+        if args.command == "report":
+            from fedlora.report import write_report
+
+            if not (args.folder / "cells").is_dir():
+                raise ConfigError(f"{args.folder} is not a sweep folder (no cells/ in it)")
+            console.print(f"report: {write_report(args.folder)}")
+            return 0
         cfg, composed = compose(args.overrides)
         code = simulate(cfg, composed, dry_run=args.dry_run, verbose=args.verbose)
     except ConfigError as err:

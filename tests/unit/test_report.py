@@ -1,0 +1,75 @@
+"""Sweep report from cell folders: the table's numbers, the files, resumability, bad folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlora.checkpoint import METRIC_COLUMNS
+from fedlora.cli import main
+from fedlora.report import PLOTS, write_report
+from fedlora.sweep import CELL, Cell, grid, run_sweep
+
+COLUMNS = (*METRIC_COLUMNS, "refused", "epsilon_max", "epsilon_mean")
+
+
+def fake_cell(root: Path, strategy: str, epsilon: float, seed: int, accuracy: list[float], eps: float | None) -> None:
+    cell = Cell(strategy, epsilon, seed)
+    folder = root / "cells" / cell.name
+    folder.mkdir(parents=True)
+    with (folder / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r, acc in enumerate(accuracy):
+            row = {"round": r, "test_accuracy": acc, "bytes_up": 2000 if r else "", "refused": 0}
+            if r and eps is not None:
+                row["epsilon_max"] = eps * r / (len(accuracy) - 1)
+            writer.writerow(row)
+    (folder / CELL).write_text(
+        json.dumps({"strategy": strategy, "epsilon": "inf" if math.isinf(epsilon) else epsilon, "seed": seed})
+    )
+
+
+def test_the_report_tables_mean_and_std_over_seeds_and_writes_its_files(tmp_path: Path) -> None:
+    fake_cell(tmp_path, "fedavg", 1.0, 0, [0.25, 0.5, 0.6], eps=0.98)
+    fake_cell(tmp_path, "fedavg", 1.0, 1, [0.25, 0.5, 0.8], eps=0.97)
+    fake_cell(tmp_path, "fedavg", math.inf, 0, [0.25, 0.7, 0.9], eps=None)
+    page = write_report(tmp_path)
+    assert page == tmp_path / "report.html"
+    for name in ("report.md", *PLOTS):
+        assert (tmp_path / name).stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| fedavg | 1 | 2 | 0.700 ± 0.141 | 0.700 | 0.980 | 0 | 2.00 KB |" in md
+    assert "| fedavg | inf (no DP) | 1 | 0.900 ± 0.000 | 0.900 | - | 0 | 2.00 KB |" in md
+    html = page.read_text()
+    assert all(f'src="{name}"' in html for name in PLOTS)  # relative: the folder can be zipped
+
+
+def test_a_finished_sweep_runs_nothing_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cells = grid(["fedavg"], [4.0, math.inf], [0])
+    for cell in cells:
+        fake_cell(tmp_path, cell.strategy, cell.epsilon, cell.seed, [0.25, 0.5], eps=3.9)
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr("subprocess.run", no_runs)
+    assert run_sweep(cells, ["model=tiny"], tmp_path).is_file()
+
+
+def test_cells_name_their_privacy() -> None:
+    assert Cell("fed_sb", math.inf, 2).overrides() == ["strategy=fed_sb", "seed=2", "privacy=none"]
+    assert Cell("fedavg", 4.0, 0).overrides()[-2:] == ["privacy=dp", "privacy.epsilon=4"]
+    assert Cell("fedavg", 0.5, 1).name == "fedavg/eps-0.5/seed-1"
+
+
+def test_report_and_sweep_refuse_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert main(["sweep", "privacy", "--strategies", "fedsdv", "--out", str(tmp_path)]) == 2
+    assert main(["sweep", "privacy", "--epsilons", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a sweep folder" in err and "unknown strategy 'fedsdv'" in err and "epsilons must be > 0" in err

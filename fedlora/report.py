@@ -115,6 +115,7 @@ def plot(cells: list[CellResult], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     strategies = sorted({c.strategy for c in cells})
     epsilons = sorted({c.epsilon for c in cells})
@@ -142,6 +143,7 @@ def plot(cells: list[CellResult], folder: Path) -> None:
         for c in sorted((c for c in cells if c.strategy == s), key=lambda c: (c.epsilon, c.seed)):
             ax.plot(c.rounds, c.accuracy, marker=".", label=f"eps {eps_label(c.epsilon)}, seed {c.seed}")
         ax.set(title=s, xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy")
@@ -161,7 +163,6 @@ def plot(cells: list[CellResult], folder: Path) -> None:
             label=f"{c.strategy}, eps {eps_label(c.epsilon)}, seed {c.seed}",
         )
     ax.set(xlabel="cumulative upload, all clients (MB)", ylabel="test accuracy", title="Accuracy vs upload")
-    ax.set_xscale("symlog", linthresh=0.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

@@ -75,6 +75,7 @@ class Worker:
         self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.scaling)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
+        self._plans: dict[int, ClientPlan] = {}  # DP-SGD plans by partition, calibrated on first use
         log.debug(
             "worker for strategy=%s on %s, %d torch threads", cfg.strategy.name, self.device, torch.get_num_threads()
         )
@@ -185,10 +186,6 @@ class Worker:
 
     def client_rank(self, partition_id: int) -> int:
         return self.strategy.client_rank(partition_id, rank=self.cfg.model_rank)
-
-    @cached_property
-    def _plans(self) -> dict[int, ClientPlan]:
-        return {}
 
     def privacy_plan(self, partition_id: int) -> ClientPlan:
         """This client's DP-SGD plan (noise calibrated once per process; only with ``privacy=dp``)."""

@@ -20,16 +20,9 @@ import time
 from pathlib import Path
 
 from fedlora.checkpoint import METRICS, read_metrics
+from fedlora.report import human_bytes as human
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
-
-
-def human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
 
 
 def run(strategy: str, overrides: list[str], out: Path) -> float:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlora.config import ConfigError, RunConfig, register_schema
+from fedlora.report import human_bytes
 
 GROUPS = ("strategy", "model", "data", "partition", "lora", "train", "privacy", "simulation")
 EXIT_USAGE = 2
@@ -247,14 +248,6 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
     parts.append(f"{row['wall_s']:.1f} s")
     return " | ".join(parts)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 def summary_table(rows: list[dict[str, str]]) -> Table:

@@ -66,12 +66,13 @@ def eps_label(epsilon: float) -> str:
     return "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def human(nbytes: float) -> str:
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units: 304.40 KB, 1.52 MB."""
     for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
 
 
 def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
@@ -104,7 +105,7 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
                 f"{statistics.mean(max(c.accuracy) for c in group):.3f}",
                 f"{max(spent):.3f}" if spent else "-",
                 str(sum(c.refused for c in group)),
-                human(statistics.mean(uploads)) if uploads else "-",
+                human_bytes(statistics.mean(uploads)) if uploads else "-",
             ]
         )
     return header, body

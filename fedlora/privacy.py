@@ -23,6 +23,7 @@ amplification is claimed).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -159,7 +160,7 @@ def make_plan(
         accountant=cfg.accountant,
     )
     if cfg.noise_multiplier is None:
-        return ClientPlan(**{**plan.__dict__, "noise_multiplier": calibrate(plan, cfg.epsilon)})
+        return dataclasses.replace(plan, noise_multiplier=calibrate(plan, cfg.epsilon))
     if cfg.epsilon is not None:
         first = [plan.init_step] if init_release else []
         if plan.spent([*first, plan.round_step]) > cfg.epsilon:

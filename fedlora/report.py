@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.checkpoint import METRICS, read_metrics
+from fedlora.sweep import CELL
 
-CELL = "cell.json"
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
 
 

@@ -23,6 +23,7 @@ METRIC_COLUMNS = (
     "train_loss",
     "replies_expected",
     "replies_received",
+    "replies_rejected",
     "numbers_up",
     "bytes_up",
     "numbers_down",
@@ -43,21 +44,29 @@ def _atomic(path: Path, write: Any) -> None:
         raise
 
 
-def save_checkpoint(folder: Path, state: Tensors, *, server_round: int) -> Path:
-    """The strategy state after ``server_round``, as safetensors with the round in its metadata."""
+def save_checkpoint(folder: Path, state: Tensors, *, server_round: int, meta: Mapping[str, Any] | None = None) -> Path:
+    """The server's tensors after ``server_round``, as safetensors; ``meta`` (JSON) in its metadata."""
     path = folder / CHECKPOINT
     tensors = {str(k): v.contiguous() for k, v in state.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"round": str(server_round)}))
+    metadata = {"round": str(server_round), "meta": json.dumps(dict(meta or {}), sort_keys=True)}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
 def load_checkpoint(path: Path) -> tuple[Tensors, int]:
-    """(state, round) from :func:`save_checkpoint`."""
+    """(tensors, round) from :func:`save_checkpoint`."""
+    tensors, server_round, _ = load_checkpoint_meta(path)
+    return tensors, server_round
+
+
+def load_checkpoint_meta(path: Path) -> tuple[Tensors, int, dict[str, Any]]:
+    """(tensors, round, meta) from :func:`save_checkpoint`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        server_round = int(f.metadata()["round"])
-    return {AdapterKey.parse(k): v for k, v in load_file(str(path)).items()}, server_round
+        metadata = f.metadata()
+    meta = json.loads(metadata.get("meta", "{}"))
+    return {AdapterKey.parse(k): v for k, v in load_file(str(path)).items()}, int(metadata["round"]), meta
 
 
 class MetricsLog:
@@ -66,11 +75,17 @@ class MetricsLog:
     ``extra``: the strategy's own diagnostic columns (LoRA-FAIR's residuals), after the common ones.
     """
 
-    def __init__(self, path: Path, *, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path, *, extra: tuple[str, ...] = (), resume_after: int | None = None) -> None:
+        """A new log, or (``resume_after``) the existing one cut after that round (a resumed run)."""
         self.path = path
         self.columns = (*METRIC_COLUMNS, *extra)
+        kept = []
+        if resume_after is not None and path.exists():
+            kept = [r for r in read_metrics(path) if int(r["round"]) <= resume_after]
         with path.open("w", newline="") as f:
-            csv.writer(f).writerow(self.columns)
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            writer.writerows([[r.get(c, "") for c in self.columns] for r in kept])
 
     def append(self, row: Mapping[str, Any]) -> None:
         unknown = set(row) - set(self.columns)

@@ -203,6 +203,35 @@ class PrivacyConfig:
 
 
 @dataclass
+class ServerConfig:
+    """The ServerApp's tolerance of faults, the same in simulation and deployment.
+
+    A round aggregates the replies that arrive within ``round_timeout`` seconds and
+    pass validation, if there are at least ``min_replies`` of them; otherwise the
+    global adapter is left unchanged for that round. A reply is rejected when its
+    tensors do not have the keys and shapes the strategy expects from that client,
+    hold NaN or Inf, or (with ``max_update_norm``) when the L2 norm of what it
+    changes, over all its tensors, exceeds that bound. ``resume``: continue from
+    ``output_dir``'s checkpoint when there is one.
+    """
+
+    min_replies: int = 1
+    round_timeout: float = 3600.0
+    node_timeout: float = 600.0
+    max_update_norm: Optional[float] = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
+        _require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
+        _require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
+        _require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            f"server.max_update_norm must be > 0 or null, got {self.max_update_norm}",
+        )
+
+
+@dataclass
 class SimulationConfig:
     """Ray resources per virtual client; ``ray_address`` joins a running cluster (e.g. auto)."""
 
@@ -235,6 +264,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
@@ -251,6 +281,11 @@ class RunConfig:
         _require(
             cpr <= self.clients,
             f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
+        )
+        _require(
+            self.server.min_replies <= self.sampled_per_round,
+            f"server.min_replies ({self.server.min_replies}) must not exceed the clients sampled per round "
+            f"({self.sampled_per_round})",
         )
 
     @property

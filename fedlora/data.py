@@ -37,8 +37,12 @@ class Splits:
         return len(self.label_names)
 
 
-def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
-    """Load ``cfg``'s data set as normalised train/test splits (subsampled if asked)."""
+def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | None = None) -> Splits:
+    """Load ``cfg``'s data set as normalised train/test splits (subsampled if asked).
+
+    ``label_names``: the run's labels (a node's own file may hold a subset); labels are
+    then mapped to them by name, so that label i means the same on every node.
+    """
     if cfg.name == "synthetic" and cfg.path is None and cfg.hub_name is None:
         raw = synthetic_topics(cfg.synthetic_train, cfg.synthetic_test, seed=seed)
     elif cfg.path is not None:
@@ -47,6 +51,11 @@ def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
         raw = load_dataset(cfg.hub_name)  # needs the network; fails clearly when offline
         raw = DatasetDict({"train": raw[cfg.train_split], "test": raw[cfg.test_split]})
     splits = _normalise(raw, cfg)
+    if label_names is not None and splits.label_names != tuple(label_names):
+        splits = Splits(
+            *(_relabel(ds, splits.label_names, label_names, what="data.path") for ds in (splits.train, splits.test)),
+            tuple(label_names),
+        )
     train, test = splits.train, splits.test
     if cfg.max_train_examples is not None and len(train) > cfg.max_train_examples:
         train = train.shuffle(seed=seed).select(range(cfg.max_train_examples))
@@ -86,12 +95,17 @@ def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]
     raw = _load_files(dataclasses.replace(cfg, path=path), seed=0)
     splits = _normalise(raw, cfg)
     rows = concatenate_datasets([splits.train, splits.test])
+    return _relabel(rows, splits.label_names, label_names, what="calibration")
+
+
+def _relabel(ds: Dataset, names: tuple[str, ...], label_names: tuple[str, ...], *, what: str) -> Dataset:
+    """``ds``'s labels (indices into ``names``) as indices into ``label_names``, matched by name."""
     index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted(set(splits.label_names) - set(index))
+    unknown = sorted(set(names) - set(index))
     if unknown:
-        raise ConfigError(f"calibration labels {unknown[:5]} are not labels of the data set {list(label_names)}")
-    to_run = [index[name] for name in splits.label_names]
-    return _map_labels(rows, lambda label: to_run[label])
+        raise ConfigError(f"{what} labels {unknown[:5]} are not labels of the run's data set {list(label_names)}")
+    to_run = [index[name] for name in names]
+    return _map_labels(ds, lambda label: to_run[label])
 
 
 def _map_labels(ds: Dataset, fn) -> Dataset:

@@ -60,6 +60,10 @@ class FoldLog:
         self.entries: list[Tensors] = []
         self.first = 0  # the version entries[0] starts from
 
+    def restore(self, delta: Tensors, version: int) -> None:
+        """Continue from a checkpoint's D at ``version`` (no catch-up entries: nodes get D)."""
+        self.delta, self.entries, self.first = dict(delta), [], version
+
     @property
     def version(self) -> int:
         return self.first + len(self.entries)

@@ -36,13 +36,20 @@ log = logging.getLogger(__name__)
 _WORKERS: dict[str, Worker] = {}
 
 
-def get_worker(cfg: RunConfig, *, num_partitions: int | None = None) -> Worker:
-    """The cached worker for ``cfg`` in this process (built on first use)."""
+def get_worker(
+    cfg: RunConfig, *, num_partitions: int | None = None, label_names: tuple[str, ...] | None = None
+) -> Worker:
+    """The cached worker for ``cfg`` in this process (built on first use).
+
+    ``num_partitions``: how many parts ``cfg.data`` is split into (default ``cfg.clients``);
+    ``label_names``: the run's labels, when this process's data may hold only some of them.
+    """
     num_partitions = num_partitions or cfg.clients
-    key = hashlib.sha256(json.dumps(cfg.to_flat() | {"_parts": num_partitions}, sort_keys=True).encode()).hexdigest()
+    extra = {"_parts": num_partitions, "_labels": list(label_names or ())}
+    key = hashlib.sha256(json.dumps(cfg.to_flat() | extra, sort_keys=True).encode()).hexdigest()
     if key not in _WORKERS:
         _WORKERS.clear()  # one run per process at a time: do not keep an old model alive
-        _WORKERS[key] = Worker(cfg, num_partitions=num_partitions)
+        _WORKERS[key] = Worker(cfg, num_partitions=num_partitions, label_names=label_names)
     return _WORKERS[key]
 
 
@@ -69,9 +76,10 @@ def derive_seed(*parts: int) -> int:
 class Worker:
     """Model, data and strategy of one run, as seen from one process."""
 
-    def __init__(self, cfg: RunConfig, *, num_partitions: int) -> None:
+    def __init__(self, cfg: RunConfig, *, num_partitions: int, label_names: tuple[str, ...] | None = None) -> None:
         self.cfg = cfg
         self.num_partitions = num_partitions
+        self.label_names = label_names
         self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.scaling)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
@@ -83,7 +91,7 @@ class Worker:
     # -- heavy things, built lazily and once ---------------------------------------
     @cached_property
     def splits(self) -> Splits:
-        return load_splits(self.cfg.data, seed=self.cfg.seed)
+        return load_splits(self.cfg.data, seed=self.cfg.seed, label_names=self.label_names)
 
     @cached_property
     def partitions(self) -> list[list[int]]:
@@ -129,10 +137,19 @@ class Worker:
         data = TASK.tokenize(self.splits.test, self.tokenizer, max_len=self.cfg.train.max_seq_len)
         return DataLoader(data, batch_size=self.cfg.train.eval_batch_size, collate_fn=TASK.collate(self.tokenizer))
 
+    def rows(self, partition_id: int) -> list[int]:
+        """Client ``partition_id``'s rows of the training split: its partition, or all of them when the
+        data is not split (``num_partitions`` 1: a node's own file)."""
+        if self.num_partitions == 1:
+            return self.partitions[0]
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
+        return self.partitions[partition_id]
+
     def client_data(self, partition_id: int):
         """The tokenised partition, cached: tokenised on first use by this process."""
         if partition_id not in self._tokenised:
-            rows = self.splits.train.select(self.partitions[partition_id])
+            rows = self.splits.train.select(self.rows(partition_id))
             self._tokenised[partition_id] = TASK.tokenize(rows, self.tokenizer, max_len=self.cfg.train.max_seq_len)
         return self._tokenised[partition_id]
 
@@ -190,7 +207,7 @@ class Worker:
     def privacy_plan(self, partition_id: int) -> ClientPlan:
         """This client's DP-SGD plan (noise calibrated once per process; only with ``privacy=dp``)."""
         if partition_id not in self._plans:
-            n = len(self.partitions[partition_id])
+            n = len(self.rows(partition_id))
             cfg = self.cfg
             init = self.strategy.gradient_init and cfg.strategy.init_source == "clients"
             self._plans[partition_id] = make_plan(
@@ -218,12 +235,10 @@ class Worker:
         history, kept by the caller between rounds) is extended by this round's steps;
         the caller checks the budget first (:meth:`ClientPlan.affords`).
         """
-        if not 0 <= partition_id < self.num_partitions:
-            raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
+        self.rows(partition_id)  # checks the id
         data = self.client_data(partition_id)
         self.set_base(base or {})
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, server_round, partition_id, -4))
-        self.load(self.strategy.start(received, like=self.initial_state(), generator=generator))
+        self.load(self._start(partition_id, received, server_round=server_round))
         rank = self.client_rank(partition_id)
         if rank < self.cfg.model_rank:
             lora.mask_rank(self.params, rank)
@@ -262,6 +277,28 @@ class Worker:
         if rank < self.cfg.model_rank:
             trained = lora.truncate_rank(trained, rank)
         return self.strategy.payload(trained), len(data), result
+
+    def _start(self, partition_id: int, received: Tensors, *, server_round: int) -> Tensors:
+        """What the client loads before training: the strategy's start from ``received`` (seeded per round, client)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, server_round, partition_id, -4))
+        return self.strategy.start(received, like=self.initial_state(), generator=generator)
+
+    def expected_reply(self, partition_id: int, state: Tensors, *, server_round: int) -> Tensors:
+        """The payload the client would send had it not trained, from the server's full ``state``.
+
+        Its keys and shapes are what the client's reply must have (by strategy, rank and
+        trainable set), and its values are where the client's change is measured from.
+        """
+        begin = self.initial_state() | self._start(partition_id, state, server_round=server_round)
+        rank = self.client_rank(partition_id)
+        trained = {k: begin[k] for k in self.trainable_keys}
+        if rank < self.cfg.model_rank:
+            trained = lora.truncate_rank(trained, rank)
+        return self.strategy.payload(trained)
+
+    def base_shapes(self) -> Tensors:
+        """Zeros shaped as the adapted modules' base weights (``Role.BASE``): a gradient reply's form."""
+        return {k: torch.zeros(w.shape, dtype=w.dtype) for k, w in lora.base_weights(self.model).items()}
 
     def base_gradients(
         self, data, *, num_examples: int, seed: int, noise: tuple[float, torch.Generator] | None = None
@@ -316,8 +353,7 @@ class Worker:
 
         With ``privacy=dp`` they are clipped per example and noised, and ``history`` gets the release.
         """
-        if not 0 <= partition_id < self.num_partitions:
-            raise ValueError(f"partition-id {partition_id} outside 0..{self.num_partitions - 1}")
+        self.rows(partition_id)  # checks the id
         seed = derive_seed(self.cfg.seed, server_round, partition_id)
         data = self.client_data(partition_id)
         if not self.cfg.privacy.enabled:

@@ -8,91 +8,116 @@ rounds (tensors fixed for the run, sent once) lives in its ``context.state``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.appconfig import from_run_config
 from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.folding import catch_up
 from fedlora.lora import Tensors
 from fedlora.privacy import Step
-from fedlora.worker import get_worker
+from fedlora.worker import Worker, get_worker
 
 
 def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for the run ``flat`` (or the context's run config when None)."""
     app = ClientApp()
 
-    def run_config(context: Context) -> RunConfig:
-        return RunConfig.from_flat(flat if flat is not None else context.run_config)
-
     @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config[records.PARTITION_ID])
-        return Message(RecordDict({records.METRICS: MetricRecord({records.PARTITION_ID: pid})}), reply_to=msg)
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context)
 
     @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = run_config(context)
-        num_partitions = int(context.node_config.get(records.NUM_PARTITIONS, cfg.clients))
-        worker = get_worker(cfg, num_partitions=num_partitions)
-        pid = int(context.node_config[records.PARTITION_ID])
-        config = msg.content[records.CONFIG]
-        server_round = int(config[records.SERVER_ROUND])
-        init = config.get(records.PHASE) == records.PHASE_INIT
-        ledger = Ledger(context) if cfg.privacy.enabled else None
-        metrics = MetricRecord({records.PARTITION_ID: pid})
-        if ledger is not None:
-            plan = worker.privacy_plan(pid)
-            if not plan.affords(ledger.history, plan.init_step if init else plan.round_step):
-                metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
-                metrics[records.EPSILON] = plan.spent(ledger.history)
-                return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
-        history = ledger.history if ledger is not None else None
-        if init:
-            payload, num_examples = worker.init_round(
-                pid, num_examples=int(config[records.INIT_EXAMPLES]), history=history
-            )
-        else:
-            received = records.from_record(msg.content[records.ARRAYS])
-            received |= fixed_tensors(msg, context)
-            base = base_delta(msg, context, scaling=worker.strategy.scaling)
-            payload, num_examples, result = worker.train_round(
-                pid, received, server_round=server_round, base=base, history=history
-            )
-            metrics[records.TRAIN_LOSS] = result.mean_loss
-            metrics[records.LOCAL_STEPS] = result.steps
-        metrics[records.NUM_EXAMPLES] = num_examples
-        if ledger is not None:
-            ledger.save()
-            metrics[records.EPSILON] = worker.privacy_plan(pid).spent(ledger.history)
-        content = RecordDict({records.ARRAYS: records.to_record(payload), records.METRICS: metrics})
-        return Message(content, reply_to=msg)
+    def _train(msg: Message, context: Context) -> Message:
+        cfg = RunConfig.from_flat(flat) if flat is not None else from_run_config(context.run_config)
+        return train(msg, context, cfg)
 
     return app
+
+
+def query(msg: Message, context: Context) -> Message:
+    """The node's partition id, so that the server can sample clients by partition."""
+    pid = int(context.node_config[records.PARTITION_ID])
+    return Message(RecordDict({records.METRICS: MetricRecord({records.PARTITION_ID: pid})}), reply_to=msg)
+
+
+def node_worker(msg: Message, context: Context, cfg: RunConfig) -> Worker:
+    """This node's worker: the run's data, or the node's own (node config ``data-path``), split into
+    ``num-partitions`` parts (default: the run's clients; 1: the whole file is this node's)."""
+    node = context.node_config
+    path = node.get(records.DATA_PATH)
+    if path:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path)))
+    num_partitions = int(node.get(records.NUM_PARTITIONS, cfg.clients))
+    labels = msg.content[records.CONFIG].get(records.LABELS)
+    return get_worker(cfg, num_partitions=num_partitions, label_names=tuple(labels) if labels else None)
+
+
+def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """One round (or Fed-SB's round 0) of this client: train on its data, reply with the payload."""
+    worker = node_worker(msg, context, cfg)
+    pid = int(context.node_config[records.PARTITION_ID])
+    config = msg.content[records.CONFIG]
+    server_round = int(config[records.SERVER_ROUND])
+    init = config.get(records.PHASE) == records.PHASE_INIT
+    ledger = Ledger(context, msg) if cfg.privacy.enabled else None
+    metrics = MetricRecord({records.PARTITION_ID: pid})
+    content = RecordDict({records.METRICS: metrics})
+    if ledger is not None:
+        plan = worker.privacy_plan(pid)
+        content[records.PRIVACY] = records.ledger_record(ledger.history)
+        if not plan.affords(ledger.history, plan.init_step if init else plan.round_step):
+            metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
+            metrics[records.EPSILON] = plan.spent(ledger.history)
+            return Message(content, reply_to=msg)
+    history = ledger.history if ledger is not None else None
+    if init:
+        share = int(config[records.INIT_EXAMPLES])
+        payload, num_examples = worker.init_round(pid, num_examples=share, history=history)
+    else:
+        received = records.from_record(msg.content[records.ARRAYS])
+        received |= fixed_tensors(msg, context)
+        base = base_delta(msg, context, scaling=worker.strategy.scaling)
+        payload, num_examples, result = worker.train_round(
+            pid, received, server_round=server_round, base=base, history=history
+        )
+        metrics[records.TRAIN_LOSS] = result.mean_loss
+        metrics[records.LOCAL_STEPS] = result.steps
+    metrics[records.NUM_EXAMPLES] = num_examples
+    if ledger is not None:
+        ledger.save()
+        content[records.PRIVACY] = records.ledger_record(ledger.history)
+        metrics[records.EPSILON] = worker.privacy_plan(pid).spent(ledger.history)
+    content[records.ARRAYS] = records.to_record(payload)
+    return Message(content, reply_to=msg)
 
 
 app = make_client_app()
 
 
 class Ledger:
-    """This client's privacy accountant history, kept in its node state between rounds (and processes)."""
+    """This client's privacy accountant history, kept in its node state between rounds (and processes).
 
-    def __init__(self, context: Context) -> None:
+    The server returns the history each reply stated; a node that lost its state (a
+    restarted run) takes that copy, and never a shorter one than its own.
+    """
+
+    def __init__(self, context: Context, msg: Message) -> None:
         self.context = context
         held = context.state.config_records.get(records.PRIVACY)
-        self.history: list[Step] = (
-            list(zip(held["noise"], held["rate"], held["steps"], strict=True)) if held is not None else []
-        )
+        self.history: list[Step] = records.ledger_history(held) if held is not None else []
+        if records.PRIVACY in msg.content:
+            told = records.ledger_history(msg.content[records.PRIVACY])
+            if len(told) > len(self.history):
+                self.history = told
 
     def save(self) -> None:
-        noise, rate, steps = zip(*self.history, strict=True) if self.history else ((), (), ())
-        self.context.state[records.PRIVACY] = ConfigRecord(
-            {"noise": [float(x) for x in noise], "rate": [float(x) for x in rate], "steps": [int(x) for x in steps]}
-        )
+        self.context.state[records.PRIVACY] = records.ledger_record(self.history)
 
 
 def fixed_tensors(msg: Message, context: Context) -> Tensors:

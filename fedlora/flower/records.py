@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.folding import FoldUpdate
 from fedlora.lora import AdapterKey, Tensors
+from fedlora.privacy import Step
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -36,6 +37,8 @@ BASE_VERSION = "base-version"
 PRIVACY = "privacy"
 EPSILON = "epsilon"
 REFUSED = "refused"  # 1: the client's budget is exhausted, it did not train
+LABELS = "label-names"  # the run's labels, so that a node's own data file maps to them by name
+DATA_PATH = "data-path"  # node config: this node's data file or folder (default: the run's data)
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
@@ -84,3 +87,16 @@ def get_fold_update(content: RecordDict) -> FoldUpdate | None:
     if FOLD_DENSE in content:
         return FoldUpdate(start, end, dense=from_record(content[FOLD_DENSE]))
     return FoldUpdate(start, end, entries=[from_record(content[FOLD_ENTRY.format(i)]) for i in range(start, end)])
+
+
+def ledger_record(history: list[Step]) -> ConfigRecord:
+    """A DP accountant history (noise, sample rate, steps per release) as a ConfigRecord."""
+    noise, rate, steps = zip(*history, strict=True) if history else ((), (), ())
+    return ConfigRecord(
+        {"noise": [float(x) for x in noise], "rate": [float(x) for x in rate], "steps": [int(x) for x in steps]}
+    )
+
+
+def ledger_history(record: ConfigRecord) -> list[Step]:
+    """Inverse of :func:`ledger_record`."""
+    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))

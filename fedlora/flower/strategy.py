@@ -1,13 +1,23 @@
-"""The one Flower strategy: Flower's FedAvg round loop around a fedlora Strategy.
+"""The one Flower strategy: Flower's FedAvg message plumbing around a fedlora Strategy.
 
-It keeps Flower's message plumbing and round loop, and changes four things:
+It keeps Flower's ``configure_train``/``aggregate_train`` interface, runs its own
+round loop (:meth:`FedLoraStrategy.run`, which can start from a resumed round),
+and changes five things:
 clients are sampled by partition id with a generator seeded by (seed, round), so
 a run is reproducible although node ids are random; replies are sorted by
 partition id before aggregation, so results do not depend on arrival order;
 aggregation is delegated to the pure-tensor strategy in ``strategies/``; and
 tensors fixed for the run (``strategy.fixed``) go to each node once: a node keeps
 them in its ``context.state``, and one that lost them (a restart) fails its round,
-which makes the server send them again the next time it is sampled.
+which makes the server send them again the next time it is sampled; and every
+reply is checked (:mod:`fedlora.validation`) before it may enter the aggregate:
+failed, late, malformed, non-finite or too large replies are logged with their
+client and left out, and a round with fewer than ``server.min_replies`` good
+replies leaves the global adapter unchanged.
+
+With DP-SGD each client's accountant history comes back with its reply; the
+server keeps the latest (``ledgers``, checkpointed) and sends it with the client's
+next round, so a node whose state was lost (a restarted run) continues its budget.
 
 A strategy with a gradient initialisation (Fed-SB's LoRA-SB) gets a round 0
 before round 1 (:meth:`FedLoraStrategy.initialise`). A strategy that folds updates
@@ -21,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -31,7 +41,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.flower import records
 from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
+from fedlora.privacy import Step
 from fedlora.schedule import sample_partitions
+from fedlora.validation import reject_reason
 from fedlora.worker import Worker, derive_seed
 
 log = logging.getLogger(__name__)
@@ -43,7 +55,8 @@ class RoundStats:
 
     started: float = field(default_factory=time.perf_counter)
     replies_expected: int = 0
-    replies_received: int = 0
+    replies_received: int = 0  # arrived in time, without error
+    replies_rejected: int = 0  # arrived but failed validation
     numbers_up: int = 0
     bytes_up: int = 0
     numbers_down: int = 0
@@ -64,11 +77,15 @@ class RoundStats:
 
     def count(self, replies: list[Message]) -> list[Message]:
         """Note each reply's epsilon and refusal; the replies that carry an update."""
+
+        def refused(m: Message) -> bool:
+            return records.METRICS in m.content and bool(int(m.content[records.METRICS].get(records.REFUSED, 0)))
+
         for m in replies:
-            metrics = m.content[records.METRICS]
+            metrics = m.content.metric_records.get(records.METRICS, {})
             if records.EPSILON in metrics:
                 self.epsilons.append(float(metrics[records.EPSILON]))
-        kept = [m for m in replies if not int(m.content[records.METRICS].get(records.REFUSED, 0))]
+        kept = [m for m in replies if not refused(m)]
         self.refused += len(replies) - len(kept)
         return kept
 
@@ -94,6 +111,18 @@ class FedLoraStrategy(FedAvg):
         self.fold_log = FoldLog(scaling=worker.strategy.scaling) if worker.strategy.folds else None
         self.versions: dict[int, int | None] = {}  # node -> the base version it holds (None: unknown)
         self._sent_versions: dict[int, int] = {}
+        self.ledgers: dict[int, list[Step]] = {}  # partition -> its latest DP accountant history
+        self._sent_to: dict[int, int] = {}  # node -> the partition it was asked to train this round
+
+    def run(self, grid: Grid, *, first_round: int, evaluate_fn: Callable[[int], None]) -> None:
+        """Rounds ``first_round`` .. ``cfg.rounds``; ``evaluate_fn(round)`` after each."""
+        cfg = self.worker.cfg
+        for server_round in range(first_round, cfg.rounds + 1):
+            arrays = records.to_record(self.worker.sent_down(self.state))
+            messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=cfg.server.round_timeout) if messages else []
+            self.aggregate_train(server_round, replies)
+            evaluate_fn(server_round)
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train this round: seeded by (seed, round), sorted."""
@@ -108,6 +137,12 @@ class FedLoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         chosen = self.sample(server_round)
+        stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
+        online = set(grid.get_node_ids())
+        offline = [pid for pid in chosen if self.nodes_by_partition[pid] not in online]
+        if offline:
+            log.warning("round %d: partition(s) %s sampled but their nodes are offline", server_round, offline)
+            chosen = [pid for pid in chosen if pid not in offline]
         fixed = self.worker.strategy.fixed(self.state)
         digest = records.digest(fixed) if fixed else ""
         if digest != self._fixed_digest:
@@ -115,17 +150,21 @@ class FedLoraStrategy(FedAvg):
         fixed_record = records.to_record(fixed) if fixed else None
         arrays_size = records.size(arrays)
         fixed_size = records.size(fixed_record) if fixed_record is not None else (0, 0)
-        stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
         config[records.SERVER_ROUND] = server_round
         config[records.FIXED_DIGEST] = digest
+        config[records.LABELS] = list(self.worker.splits.label_names)
         self._carried_fixed = set()
         messages = []
         fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
         self._sent_versions = {}
+        self._sent_to = {}
         for pid in chosen:
             node = self.nodes_by_partition[pid]
+            self._sent_to[node] = pid
             node_config = ConfigRecord(dict(config)) if self.fold_log is not None else config
             content = RecordDict({records.ARRAYS: arrays, records.CONFIG: node_config})
+            if pid in self.ledgers:
+                content[records.PRIVACY] = records.ledger_record(self.ledgers[pid])
             sent = [arrays_size]
             if self.fold_log is not None:
                 update = self.fold_log.update_for(self.versions.get(node, 0))
@@ -160,35 +199,71 @@ class FedLoraStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
+        stats = self.stats[server_round]
+        arrived = []
         for m in replies:
+            node = m.metadata.src_node_id
             if m.has_error():
-                log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
-                self.holding.discard(m.metadata.src_node_id)  # it may have lost its fixed tensors
-        replied = {m.metadata.src_node_id for m in valid}
+                log.warning(
+                    "round %d: partition %s (node %d) failed: %s",
+                    server_round,
+                    self._sent_to.get(node, "?"),
+                    node,
+                    m.error.reason,
+                )
+                self.holding.discard(node)  # it may have lost its fixed tensors
+            else:
+                arrived.append(m)
+        silent = sorted(self._sent_to[n] for n in self._sent_to.keys() - {m.metadata.src_node_id for m in replies})
+        if silent:
+            log.warning(
+                "round %d: partition(s) %s did not reply within server.round_timeout=%g s",
+                server_round,
+                silent,
+                self.worker.cfg.server.round_timeout,
+            )
+        replied = {m.metadata.src_node_id for m in arrived}
         self.holding |= self._carried_fixed & replied
         for node, version in self._sent_versions.items():  # a failed or silent node's base version is unknown
             self.versions[node] = version if node in replied else None
-        valid.sort(key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID]))
-        stats = self.stats[server_round]
-        stats.replies_received = len(valid)
-        valid = stats.count(valid)
+        stats.replies_received = len(arrived)
+        self._note_ledgers(arrived)
+        arrived = stats.count(arrived)
         if stats.refused:
             log.warning("round %d: %d client(s) refused: privacy budget exhausted", server_round, stats.refused)
-        if not valid:
-            log.warning("round %d: no client replied; the global adapter is unchanged", server_round)
-            return None, None
 
-        payloads, num_examples, losses = [], [], []
-        for m in valid:
+        valid, payloads, num_examples, losses = [], [], [], []
+        for m in sorted(arrived, key=lambda m: self._sent_to.get(m.metadata.src_node_id, -1)):
             arrays = m.content[records.ARRAYS]
             numbers, nbytes = records.size(arrays)
             stats.numbers_up += numbers
             stats.bytes_up += nbytes
-            payloads.append(records.from_record(arrays))
-            metrics = m.content[records.METRICS]
-            num_examples.append(int(metrics[records.NUM_EXAMPLES]))
-            losses.append(float(metrics[records.TRAIN_LOSS]))
+            checked = self._check_reply(m, server_round)
+            if isinstance(checked, str):
+                pid = self._sent_to.get(m.metadata.src_node_id, "?")
+                log.warning(
+                    "round %d: rejected the reply of partition %s (node %d): %s",
+                    server_round,
+                    pid,
+                    m.metadata.src_node_id,
+                    checked,
+                )
+                stats.replies_rejected += 1
+                continue
+            payload, n, loss = checked
+            valid.append(m)
+            payloads.append(payload)
+            num_examples.append(n)
+            losses.append(loss)
+        needed = self.worker.cfg.server.min_replies
+        if len(valid) < needed:
+            log.warning(
+                "round %d: %d valid replies, fewer than server.min_replies=%d; the global adapter is unchanged",
+                server_round,
+                len(valid),
+                needed,
+            )
+            return None, None
 
         strategy = self.worker.strategy
         p = strategy.weights(num_examples)
@@ -199,6 +274,39 @@ class FedLoraStrategy(FedAvg):
         stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
         out = records.to_record(self.worker.sent_down(self.state))
         return out, MetricRecord({"train-loss": stats.train_loss, "replies": len(valid)})
+
+    def _check_reply(self, m: Message, server_round: int) -> tuple[Tensors, int, float] | str:
+        """(payload, examples, train loss) of a reply that may be aggregated, or why it may not."""
+        node = m.metadata.src_node_id
+        pid = self._sent_to.get(node)
+        if pid is None:
+            return "a reply from a node that was not asked this round"
+        try:
+            metrics = m.content[records.METRICS]
+            claimed = int(metrics[records.PARTITION_ID])
+            num_examples = int(metrics[records.NUM_EXAMPLES])
+            loss = float(metrics[records.TRAIN_LOSS])
+            payload = records.from_record(m.content[records.ARRAYS])
+        except (KeyError, ValueError, TypeError) as err:
+            return f"malformed reply ({type(err).__name__}: {err})"
+        if claimed != pid:
+            return f"it claims partition {claimed}"
+        if num_examples < 1:
+            return f"num-examples is {num_examples}"
+        if not math.isfinite(loss):
+            return f"train loss is {loss}"
+        expected = self.worker.expected_reply(pid, self.state, server_round=server_round)
+        reason = reject_reason(payload, expected, max_norm=self.worker.cfg.server.max_update_norm)
+        return reason if reason is not None else (payload, num_examples, loss)
+
+    def _note_ledgers(self, replies: list[Message]) -> None:
+        """Keep each client's DP accountant history as its reply states it (never a shorter one)."""
+        for m in replies:
+            pid = self._sent_to.get(m.metadata.src_node_id)
+            if pid is not None and records.PRIVACY in m.content:
+                history = records.ledger_history(m.content[records.PRIVACY])
+                if len(history) >= len(self.ledgers.get(pid, [])):
+                    self.ledgers[pid] = history
 
     def initialise(self, grid: Grid, *, timeout: float) -> None:
         """Round 0 of a gradient-initialised strategy (LoRA-SB): the state from summed base-weight gradients.
@@ -221,27 +329,39 @@ class FedLoraStrategy(FedAvg):
         config = ConfigRecord(
             {records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share}
         )
-        messages = [
-            Message(
-                RecordDict({records.CONFIG: config}),
-                dst_node_id=self.nodes_by_partition[pid],
-                message_type=MessageType.TRAIN,
-            )
-            for pid in chosen
-        ]
+        config[records.LABELS] = list(worker.splits.label_names)
+        self._sent_to = {self.nodes_by_partition[pid]: pid for pid in chosen}
+        messages = []
+        for pid in chosen:
+            content = RecordDict({records.CONFIG: config})
+            if pid in self.ledgers:
+                content[records.PRIVACY] = records.ledger_record(self.ledgers[pid])
+            messages.append(Message(content, dst_node_id=self.nodes_by_partition[pid], message_type=MessageType.TRAIN))
         stats.replies_expected = len(messages)
         replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
         stats.replies_received = len(replies)
+        self._note_ledgers(replies)
         replies = stats.count(replies)
-        if not replies:
-            raise RuntimeError("no client answered the gradient initialisation (round 0)")
+        expected = worker.base_shapes()
         total: Tensors = {}
-        for m in sorted(replies, key=lambda m: int(m.content[records.METRICS][records.PARTITION_ID])):
-            arrays = m.content[records.ARRAYS]
-            numbers, nbytes = records.size(arrays)
+        for m in sorted(replies, key=lambda m: self._sent_to[m.metadata.src_node_id]):
+            pid = self._sent_to[m.metadata.src_node_id]
+            try:
+                gradients = records.from_record(m.content[records.ARRAYS])
+            except (KeyError, ValueError) as err:
+                gradients, reason = {}, f"malformed reply ({type(err).__name__}: {err})"
+            else:
+                reason = reject_reason(gradients, expected)  # no norm bound: gradients are sums, not changes
+            if reason is not None:
+                log.warning("round 0: rejected the gradient of partition %d: %s", pid, reason)
+                stats.replies_rejected += 1
+                continue
+            numbers, nbytes = records.size(m.content[records.ARRAYS])
             stats.numbers_up += numbers
             stats.bytes_up += nbytes
-            for key, grad in records.from_record(arrays).items():
+            for key, grad in gradients.items():
                 total[key] = total[key] + grad.double() if key in total else grad.double()
+        if not total:
+            raise RuntimeError("no client gave a valid gradient for the initialisation (round 0)")
         log.info("gradient initialisation from %d clients: %d numbers uploaded", len(replies), stats.numbers_up)
         self.state = worker.initialise(self.state, {k: v.float() for k, v in total.items()})

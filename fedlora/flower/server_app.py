@@ -7,9 +7,10 @@ closure, since ``run_simulation`` takes none); a deployment loads the module-lev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 ADAPTER_DIR = "adapter"
+SERVER_LOG = "server.log"
 
 
 def make_server_app(flat: Mapping[str, Any] | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
@@ -58,6 +60,27 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
     """
     out = Path(cfg.output_dir or "outputs/serverapp").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with run_log(out / SERVER_LOG):
+        return _run_server(grid, cfg, out, on_round=on_round)
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """fedlora's log records (failed, late and rejected replies, resumes) also go to ``path``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fedlora")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None) -> Path:
     worker = get_worker(cfg)
     nodes = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
     fl = FedLoraStrategy(worker, worker.initial_state(), nodes_by_partition=nodes)

@@ -112,7 +112,7 @@ class FedLoraStrategy(FedAvg):
         self.versions: dict[int, int | None] = {}  # node -> the base version it holds (None: unknown)
         self._sent_versions: dict[int, int] = {}
         self.ledgers: dict[int, list[Step]] = {}  # partition -> its latest DP accountant history
-        self._sent_to: dict[int, int] = {}  # node -> the partition it was asked to train this round
+        self._sent: list[tuple[Message, int]] = []  # this round's messages and the partition each asks to train
 
     def run(self, grid: Grid, *, first_round: int, evaluate_fn: Callable[[int], None]) -> None:
         """Rounds ``first_round`` .. ``cfg.rounds``; ``evaluate_fn(round)`` after each."""
@@ -157,10 +157,9 @@ class FedLoraStrategy(FedAvg):
         messages = []
         fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
         self._sent_versions = {}
-        self._sent_to = {}
+        self._sent = []
         for pid in chosen:
             node = self.nodes_by_partition[pid]
-            self._sent_to[node] = pid
             node_config = ConfigRecord(dict(config)) if self.fold_log is not None else config
             content = RecordDict({records.ARRAYS: arrays, records.CONFIG: node_config})
             if pid in self.ledgers:
@@ -179,6 +178,7 @@ class FedLoraStrategy(FedAvg):
             stats.numbers_down += sum(numbers for numbers, _ in sent)
             stats.bytes_down += sum(nbytes for _, nbytes in sent)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+            self._sent.append((messages[-1], pid))
         log.debug("round %d: training partitions %s", server_round, chosen)
         return messages
 
@@ -202,19 +202,13 @@ class FedLoraStrategy(FedAvg):
         stats = self.stats[server_round]
         arrived = []
         for m in replies:
-            node = m.metadata.src_node_id
             if m.has_error():
-                log.warning(
-                    "round %d: partition %s (node %d) failed: %s",
-                    server_round,
-                    self._sent_to.get(node, "?"),
-                    node,
-                    m.error.reason,
-                )
-                self.holding.discard(node)  # it may have lost its fixed tensors
+                pid = self._partition_of(m)
+                log.warning("round %d: partition %s failed: %s", server_round, pid, m.error.reason)
+                self.holding.discard(self.nodes_by_partition.get(pid))  # it may have lost its fixed tensors
             else:
                 arrived.append(m)
-        silent = sorted(self._sent_to[n] for n in self._sent_to.keys() - {m.metadata.src_node_id for m in replies})
+        silent = sorted({pid for _, pid in self._sent} - {self._partition_of(m) for m in replies})
         if silent:
             log.warning(
                 "round %d: partition(s) %s did not reply within server.round_timeout=%g s",
@@ -233,14 +227,14 @@ class FedLoraStrategy(FedAvg):
             log.warning("round %d: %d client(s) refused: privacy budget exhausted", server_round, stats.refused)
 
         valid, payloads, num_examples, losses = [], [], [], []
-        for m in sorted(arrived, key=lambda m: self._sent_to.get(m.metadata.src_node_id, -1)):
+        for m in sorted(arrived, key=lambda m: self._partition_of(m) or 0):
             arrays = m.content[records.ARRAYS]
             numbers, nbytes = records.size(arrays)
             stats.numbers_up += numbers
             stats.bytes_up += nbytes
             checked = self._check_reply(m, server_round)
             if isinstance(checked, str):
-                pid = self._sent_to.get(m.metadata.src_node_id, "?")
+                pid = self._partition_of(m)
                 log.warning(
                     "round %d: rejected the reply of partition %s (node %d): %s",
                     server_round,
@@ -277,10 +271,9 @@ class FedLoraStrategy(FedAvg):
 
     def _check_reply(self, m: Message, server_round: int) -> tuple[Tensors, int, float] | str:
         """(payload, examples, train loss) of a reply that may be aggregated, or why it may not."""
-        node = m.metadata.src_node_id
-        pid = self._sent_to.get(node)
-        if pid is None:
-            return "a reply from a node that was not asked this round"
+        pid = self._partition_of(m)
+        if pid is None or m.metadata.src_node_id != self.nodes_by_partition[pid]:
+            return "a reply to no message of this round, or from another node"
         try:
             metrics = m.content[records.METRICS]
             claimed = int(metrics[records.PARTITION_ID])
@@ -299,10 +292,18 @@ class FedLoraStrategy(FedAvg):
         reason = reject_reason(payload, expected, max_norm=self.worker.cfg.server.max_update_norm)
         return reason if reason is not None else (payload, num_examples, loss)
 
+    def _partition_of(self, reply: Message) -> int | None:
+        """The partition this round's message ``reply`` answers asked to train (None: not one of ours).
+
+        By message id, not by sender: an error reply comes from the SuperLink.
+        """
+        asked = {m.metadata.message_id: pid for m, pid in self._sent}  # ids are set when the grid sends
+        return asked.get(reply.metadata.reply_to_message_id)
+
     def _note_ledgers(self, replies: list[Message]) -> None:
         """Keep each client's DP accountant history as its reply states it (never a shorter one)."""
         for m in replies:
-            pid = self._sent_to.get(m.metadata.src_node_id)
+            pid = self._partition_of(m)
             if pid is not None and records.PRIVACY in m.content:
                 history = records.ledger_history(m.content[records.PRIVACY])
                 if len(history) >= len(self.ledgers.get(pid, [])):
@@ -330,13 +331,14 @@ class FedLoraStrategy(FedAvg):
             {records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share}
         )
         config[records.LABELS] = list(worker.splits.label_names)
-        self._sent_to = {self.nodes_by_partition[pid]: pid for pid in chosen}
+        self._sent = []
         messages = []
         for pid in chosen:
             content = RecordDict({records.CONFIG: config})
             if pid in self.ledgers:
                 content[records.PRIVACY] = records.ledger_record(self.ledgers[pid])
             messages.append(Message(content, dst_node_id=self.nodes_by_partition[pid], message_type=MessageType.TRAIN))
+            self._sent.append((messages[-1], pid))
         stats.replies_expected = len(messages)
         replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
         stats.replies_received = len(replies)
@@ -344,8 +346,10 @@ class FedLoraStrategy(FedAvg):
         replies = stats.count(replies)
         expected = worker.base_shapes()
         total: Tensors = {}
-        for m in sorted(replies, key=lambda m: self._sent_to[m.metadata.src_node_id]):
-            pid = self._sent_to[m.metadata.src_node_id]
+        for m in sorted(replies, key=lambda m: self._partition_of(m) or 0):
+            pid = self._partition_of(m)
+            if pid is None:
+                continue
             try:
                 gradients = records.from_record(m.content[records.ARRAYS])
             except (KeyError, ValueError) as err:

@@ -1,0 +1,193 @@
+"""Deployment on loopback: real flower-superlink and flower-supernode processes, TLS and node auth on.
+
+Each test builds its own federation (certificates, SuperLink, registered SuperNodes)
+on free ports, submits runs with ``flwr run`` and stops every process by id.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import signal
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.cli import main
+from tests.deployment.federation import ROOT, Federation, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+TINY = ["model=tiny", "data.synthetic_train=600", "data.synthetic_test=200", "train.local_steps=4"]
+RUN_S = 420  # bound on one run of a few rounds with the tiny model on two cores
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path)
+    yield fed
+    fed.close()
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def finished(out: Path, rounds: int) -> bool:
+    return (out / "adapter" / "adapter_model.safetensors").exists() and len(rows(out)) == rounds + 1
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def simulate(overrides: list[str], out: Path) -> Path:
+    assert main(["simulate", *overrides, f"output_dir={out}"]) == 0
+    return out
+
+
+def assert_same_run(deployed: Path, simulated: Path, *, tol: float = 1e-5, resent_in: int | None = None) -> None:
+    """Metrics and final adapter agree (to float rounding: the processes differ in thread counts).
+
+    ``resent_in``: a round whose download also carried the run's fixed tensors again
+    (the first after a resume: the nodes of the new run do not hold them yet).
+    """
+    got, want = rows(deployed), rows(simulated)
+    assert [r["round"] for r in got] == [r["round"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for column in ("test_accuracy", "test_loss", "train_loss", "epsilon_max"):
+            if w.get(column):
+                assert math.isclose(float(g[column]), float(w[column]), rel_tol=tol, abs_tol=tol), (column, g, w)
+        for column in ("replies_expected", "replies_received", "numbers_up", "numbers_down", "bytes_up"):
+            if not (column == "numbers_down" and g["round"] == str(resent_in)):
+                assert g[column] == w[column], (column, g, w)
+    a, b = adapter(deployed), adapter(simulated)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol)
+
+
+def start_nodes(fed: Federation, n: int) -> None:
+    fed.start_superlink()
+    for pid in range(n):
+        fed.start_supernode(pid, n)
+
+
+# -- 1. the same outputs as a simulation ------------------------------------------------
+def test_tls_auth_deployment_matches_simulation(federation, tmp_path) -> None:
+    run = [*TINY, "clients=3", "clients_per_round=3", "rounds=2"]
+    start_nodes(federation, 3)
+    out = federation.submit([*run, f"output_dir={tmp_path / 'deployed'}"])
+    wait_for(lambda: finished(out, 2), timeout=RUN_S, what="the deployed run", federation=federation)
+    assert_same_run(out, simulate(run, tmp_path / "simulated"))
+
+
+# -- 2. who may connect ---------------------------------------------------------------------
+def test_unregistered_node_and_node_without_ca_are_refused(federation, tmp_path) -> None:
+    federation.start_superlink()
+    stranger = federation.start_supernode(0, 2, key=federation.node_key("stranger", register=False), max_retries=2)
+    no_ca = federation.start_supernode(1, 2, ca=False, max_retries=2)  # its key is registered
+    member = federation.start_supernode(2, 3)
+    wait_for(lambda: "SuperNode ID" in member.text(), timeout=60, what="the registered node", federation=federation)
+    for refused in (stranger, no_ca):
+        wait_for(lambda p=refused: p.popen.poll() is not None, timeout=120, what=f"{refused.name} to give up")
+        assert refused.popen.returncode != 0
+        assert "SuperNode ID" not in refused.text()
+    # The stranger reached the SuperLink over TLS and was refused there; the other never got past TLS.
+    assert "Failed to activate SuperNode" in stranger.text(), stranger.text()
+    assert "No SuperNode found with the given public key" in federation.processes[0].text()
+    assert "CERTIFICATE_VERIFY_FAILED" in no_ca.text(), no_ca.text()
+
+
+# -- 3. a node dies in the middle of a round -------------------------------------------------
+def test_killed_supernode_round_completes_without_it(federation, tmp_path) -> None:
+    start_nodes(federation, 3)
+    victim = federation.processes[-1]
+    out = federation.submit(
+        [*TINY, "clients=3", "clients_per_round=3", "rounds=2", "server.round_timeout=45", "server.min_replies=2",
+         f"output_dir={tmp_path / 'out'}"]
+    )  # fmt: skip
+    wait_for(lambda: "Receiving: train message" in victim.text(), timeout=RUN_S, what="round 1 to reach the victim")
+    victim.stop(signal.SIGKILL)
+    wait_for(lambda: finished(out, 2), timeout=RUN_S, what="the run without the victim", federation=federation)
+    metrics = rows(out)
+    for r in metrics[1:]:
+        assert (r["replies_expected"], r["replies_received"]) == ("3", "2"), r
+        assert r["test_accuracy"]
+    server_log = (out / "server.log").read_text()
+    assert "round 1: partition(s) [2] did not reply" in server_log or "round 1: partition 2" in server_log, server_log
+
+
+# -- 4. the ServerApp dies and a new one resumes ------------------------------------------------
+def serverapp_processes(fed: Federation) -> list[psutil.Process]:
+    link = psutil.Process(fed.processes[0].popen.pid)
+    return [p for p in link.children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())]
+
+
+def test_restarted_serverapp_resumes_from_checkpoint(federation, tmp_path) -> None:
+    run = [*TINY, "strategy=fed_sb", "privacy=dp", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0",
+           "strategy.init_samples=32", "clients=3", "clients_per_round=3", "rounds=3"]  # fmt: skip
+    start_nodes(federation, 3)
+    out = tmp_path / "deployed"
+    federation.submit([*run, f"output_dir={out}"], name="first")
+    wait_for(lambda: (out / "metrics.csv").exists() and len(rows(out)) >= 2, timeout=RUN_S, what="round 1")
+    (process,) = wait_for(lambda: serverapp_processes(federation), timeout=30, what="the ServerApp process")
+    process.kill()  # mid-run: round 2 is under way
+    wait_for(lambda: not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, timeout=30, what="kill")
+    killed_after = len(rows(out)) - 1
+    assert killed_after < 3
+    federation.submit([*run, f"output_dir={out}", "server.resume=true"], name="resumed")
+    wait_for(lambda: finished(out, 3), timeout=RUN_S, what="the resumed run", federation=federation)
+    assert f"resuming after round {killed_after} of 3" in (out / "server.log").read_text()
+    assert [r["round"] for r in rows(out)] == ["0", "1", "2", "3"]
+    # The resumed run ends where an uninterrupted one does: Fed-SB's fixed B and A came
+    # back from the checkpoint, and so did every client's DP accountant (epsilon goes on).
+    assert_same_run(out, simulate(run, tmp_path / "simulated"), tol=1e-4, resent_in=killed_after + 1)
+    resumed_down, first_down = int(rows(out)[killed_after + 1]["numbers_down"]), int(rows(out)[1]["numbers_down"])
+    assert resumed_down == first_down  # B and A went to every node again, once
+
+
+# -- 5. bad replies are rejected ------------------------------------------------------------------
+def faulty_app(folder: Path) -> Path:
+    """An App whose ClientApp corrupts some replies (tests/deployment/faulty_app.py)."""
+    folder.mkdir()
+    shutil.copy(Path(__file__).with_name("faulty_app.py"), folder / "faulty_app.py")
+    text = (ROOT / "pyproject.toml").read_text()
+    text = text.replace('clientapp = "fedlora.flower.client_app:app"', 'clientapp = "faulty_app:app"')
+    text = text.replace('fab-include = ["fedlora/**", "strategies/**", "conf/**"]', 'fab-include = ["faulty_app.py"]')
+    assert tomllib.loads(text)["tool"]["flwr"]["app"]["components"]["clientapp"] == "faulty_app:app"
+    (folder / "pyproject.toml").write_text(text)
+    return folder
+
+
+def test_bad_replies_are_rejected_and_the_round_completes(federation, tmp_path) -> None:
+    start_nodes(federation, 4)
+    out = federation.submit(
+        [*TINY, "clients=4", "clients_per_round=4", "rounds=2", "server.max_update_norm=5.0",
+         f"output_dir={tmp_path / 'out'}"],
+        app=faulty_app(tmp_path / "app"),
+    )  # fmt: skip
+    wait_for(lambda: finished(out, 2), timeout=RUN_S, what="the run with faulty clients", federation=federation)
+    for r in rows(out)[1:]:
+        assert (r["replies_received"], r["replies_rejected"]) == ("4", "3"), r
+    text = (out / "server.log").read_text()
+    for expected in (
+        "round 1: rejected the reply of partition 1",
+        "holds NaN or Inf",
+        "round 1: rejected the reply of partition 2",
+        "expected (",
+        "round 1: rejected the reply of partition 3",
+        "missing 1 tensor(s)",
+        "round 2: rejected the reply of partition 3",
+        "exceeds server.max_update_norm=5",
+    ):
+        assert expected in text, (expected, text)
+    assert "rejected the reply of partition 0" not in text
+    # Only partition 0's update was aggregated: the global adapter is its reply, not a mix.
+    assert rows(out)[2]["test_loss"]

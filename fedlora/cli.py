@@ -81,9 +81,116 @@ def build_parser(*, describe: bool = False) -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
     report = sub.add_parser("report", help="write report.html and report.md for a sweep folder")
     report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
+    add_deploy_parser(sub)
     for p in (sweep, report):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+# -- deploy ------------------------------------------------------------------------------
+def add_deploy_parser(sub: Any) -> None:
+    deploy = sub.add_parser(
+        "deploy",
+        help="certificates, keys and the Flower commands of a real deployment (TLS and node auth on)",
+        description="Run fedlora on real machines with Flower's SuperLink and SuperNodes. "
+        "Each command prints the Flower command it runs; --print only prints it.",
+    )
+    steps = deploy.add_subparsers(dest="step", metavar="STEP", required=True)
+    certs = steps.add_parser("certs", help="make a CA, the SuperLink's certificate and node key pairs")
+    certs.add_argument("folder", type=Path)
+    certs.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="the SuperLink's names/IPs")
+    certs.add_argument("--nodes", type=int, default=0, help="how many node key pairs (node-<i>, node-<i>.pub)")
+    link = steps.add_parser("superlink", help="start flower-superlink with TLS and --enable-supernode-auth")
+    link.add_argument("--certs", type=Path, required=True, help="the folder of `fedlora deploy certs`")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=8000)
+    link.add_argument("--database", type=Path, default=None, help="keep the SuperLink's state in this file")
+    connection = steps.add_parser("connection", help="save the SuperLink's address and CA for flwr ($FLWR_HOME)")
+    connection.add_argument("--superlink", required=True, help="HOST:PORT")
+    connection.add_argument("--ca", type=Path, required=True, help="the CA certificate (ca.crt)")
+    connection.add_argument("--name", default="fedlora")
+    register = steps.add_parser("register", help="put node public keys on the SuperLink's list")
+    register.add_argument("public_keys", nargs="+", type=Path)
+    register.add_argument("--connection", default="fedlora")
+    node = steps.add_parser("supernode", help="start flower-supernode with its key and node config")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--ca", type=Path, required=True, help="the CA certificate (ca.crt)")
+    node.add_argument("--key", type=Path, required=True, help="this node's private key (node-<i>)")
+    node.add_argument("--partition-id", type=int, required=True, help="this client's id, 0..clients-1")
+    node.add_argument("--num-partitions", type=int, default=None, help="parts of the data (1: all this node's)")
+    node.add_argument("--data-path", default=None, help="this machine's data file or folder")
+    node.add_argument("--port", type=int, default=9094, help="the node's local ClientApp API port")
+    run = steps.add_parser("run", help="submit a run: Hydra overrides -> the App's run config -> flwr run")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.add_argument("--connection", default="fedlora")
+    run.add_argument("--app", type=Path, default=Path("."), help="the App folder (this project)")
+    run.add_argument("--stream", action="store_true", help="follow the run's logs")
+    steps.add_parser("config", help="print [tool.flwr.app.config] (the App's run config defaults)")
+    for p in (certs, link, connection, register, node, run):
+        p.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
+    deploy.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_deploy_command(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    from fedlora import deploy
+    from fedlora.appconfig import run_config_for, toml_section
+
+    def execute(argv: list[str]) -> int:
+        console.print(deploy.show(argv), highlight=False, soft_wrap=True)
+        if args.print_only:
+            return 0
+        env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        return subprocess.run(argv, env=env, check=False).returncode
+
+    step = args.step
+    if step == "config":
+        console.print(toml_section(), end="", highlight=False, markup=False)
+        return 0
+    if step == "certs":
+        if not args.print_only:
+            deploy.make_certificates(args.folder, hosts=args.hosts, nodes=args.nodes)
+        console.print(f"certificates and keys in {args.folder} (existing files kept)")
+        return 0
+    if step == "superlink":
+        for name in (deploy.CA_CERT, deploy.SERVER_CERT, deploy.SERVER_KEY):
+            if not (args.certs / name).is_file():
+                raise ConfigError(f"{args.certs / name} does not exist (make it with: fedlora deploy certs)")
+        return execute(deploy.superlink_command(args.certs, host=args.host, port=args.port, database=args.database))
+    if step == "connection":
+        if not args.ca.is_file():
+            raise ConfigError(f"{args.ca} does not exist")
+        if not args.print_only:
+            console.print(f"wrote {deploy.write_connection(args.superlink, ca=args.ca, name=args.name)}")
+        return 0
+    if step == "register":
+        missing = [str(k) for k in args.public_keys if not k.is_file()]
+        if missing:
+            raise ConfigError(f"no such public key file: {missing[0]}")
+        codes = [execute(deploy.register_command(k, connection=args.connection)) for k in args.public_keys]
+        return max(codes)
+    if step == "supernode":
+        for path in (args.ca, args.key):
+            if not path.is_file():
+                raise ConfigError(f"{path} does not exist")
+        argv = deploy.supernode_command(
+            superlink=args.superlink,
+            ca=args.ca,
+            key=args.key,
+            partition_id=args.partition_id,
+            num_partitions=args.num_partitions,
+            data_path=args.data_path,
+            port=args.port,
+        )
+        return execute(argv)
+    # run: compose and validate here, then hand Flower the keys that differ from the App's defaults
+    cfg, _ = compose(list(args.overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = deploy.write_run_config(run_config_for(cfg), Path(tmp) / "run_config.toml")
+        console.print(path.read_text(), end="", highlight=False, markup=False)
+        return execute(deploy.run_command(path, app=args.app, connection=args.connection, stream=args.stream))
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
@@ -340,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return run_sweep_command(args)
+        if args.command == "deploy":
+            return run_deploy_command(args)
         if args.command == "report":
             from fedlora.report import write_report
 

@@ -169,7 +169,8 @@ if __name__ == "__main__":  # a manual trial: python tests/deployment/federation
         fed.start_superlink()
         for i in range(3):
             fed.start_supernode(i, 3)
-        out = fed.submit(["model=tiny", "clients=3", "clients_per_round=3", "rounds=2", f"output_dir={sys.argv[1]}/out"])
+        run = ["model=tiny", "clients=3", "clients_per_round=3", "rounds=2"]
+        out = fed.submit([*run, f"output_dir={sys.argv[1]}/out"])
         wait_for(lambda: (out / "adapter").exists(), timeout=600, what="run finished", federation=fed)
         print((out / "metrics.csv").read_text())
     finally:

@@ -10,11 +10,11 @@ import csv
 import math
 import shutil
 import signal
-import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
+import tomli as tomllib
 import torch
 from safetensors.torch import load_file
 

@@ -1,0 +1,185 @@
+"""The pieces a deployment is made of, without processes: run config mapping, reply checks,
+certificates and command lines, resumable checkpoints, node-local labels."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import tomli as tomllib
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.common.config import flatten_dict, parse_config_args
+
+from fedlora import deploy
+from fedlora.appconfig import app_defaults, from_run_config, run_config_for, to_overrides, toml_section
+from fedlora.checkpoint import MetricsLog, load_checkpoint_meta, read_metrics, save_checkpoint
+from fedlora.cli import compose, main
+from fedlora.config import ConfigError
+from fedlora.data import load_splits
+from fedlora.lora import AdapterKey, Role
+from fedlora.validation import reject_reason, update_norm
+from fedlora.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- the App's run config ----------------------------------------------------------------
+def test_pyproject_run_config_is_the_app_defaults() -> None:
+    section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flatten_dict(section) == app_defaults()
+    assert flatten_dict(tomllib.loads(toml_section())["tool"]["flwr"]["app"]["config"]) == app_defaults()
+
+
+def test_app_defaults_compose_to_the_hydra_defaults() -> None:
+    hydra, _ = compose([])
+    assert from_run_config(app_defaults()).to_flat() == hydra.to_flat()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=fed_sb", "model=tiny", "rounds=2"],
+        ["strategy=ffa_lora", "strategy.alpha=32", "train.lr=5e-3"],
+        ["strategy=flora", "strategy.client_ranks=[2,4,8]", "lora.target_modules=[query]"],
+        ["privacy=dp", "privacy.epsilon=2", "server.max_update_norm=3.5", "output_dir=/tmp/a b"],
+        ["partition=dirichlet", "partition.alpha=0.1", "clients=100", "clients_per_round=10"],
+    ],
+)
+def test_run_config_round_trips_hydra_overrides(overrides) -> None:
+    cfg, _ = compose(overrides)
+    run_config = run_config_for(cfg)
+    assert set(run_config) <= set(app_defaults())
+    assert from_run_config(app_defaults() | run_config).to_flat() == cfg.to_flat()
+
+
+def test_flwr_cli_overrides_reach_the_config() -> None:
+    """What `flwr run . --run-config '...'` fuses onto the defaults composes as the Hydra overrides would."""
+    flat = parse_config_args(['strategy.name="fedsvd" rounds=5 train.lr=0.005 model.name="tiny"'])
+    cfg = from_run_config(app_defaults() | flat)
+    want, _ = compose(["strategy=fedsvd", "rounds=5", "train.lr=0.005", "model=tiny"])
+    assert cfg.to_flat() == want.to_flat()
+
+
+def test_bad_run_config_fails_clearly() -> None:
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        to_overrides({"not.a.key": 1})
+    with pytest.raises(ConfigError, match=r"strategy\.alpha"):
+        from_run_config(app_defaults() | {"strategy.alpha": 32.0})  # fedavg has no alpha
+    with pytest.raises(ConfigError, match="cannot carry"):
+        run_config_for(compose(["model=tiny", "model.pretrained=true"])[0])
+
+
+# -- reply checks --------------------------------------------------------------------------
+def _adapter() -> dict[AdapterKey, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        AdapterKey("m", Role.A, "weight"): torch.randn(4, 6, generator=g),
+        AdapterKey("m", Role.B, "weight"): torch.randn(5, 4, generator=g),
+    }
+
+
+def test_reject_reason_accepts_a_fitting_reply_and_names_each_fault() -> None:
+    start = _adapter()
+    good = {k: v + 0.01 for k, v in start.items()}
+    assert reject_reason(good, start, max_norm=1.0) is None
+    a, b = sorted(start)
+    assert "missing 1 tensor" in reject_reason({b: good[b]}, start)
+    assert "unexpected" in reject_reason(good | {AdapterKey("x", Role.A, "weight"): good[a]}, start)
+    assert "shape (4, 5), expected (4, 6)" in reject_reason(good | {a: good[a][:, :5]}, start)
+    for bad in (float("nan"), float("inf")):
+        broken = good[a].clone()
+        broken[1, 2] = bad
+        assert "NaN or Inf" in reject_reason(good | {a: broken}, start)
+    assert "dtype" in reject_reason(good | {a: good[a].long()}, start)
+    far = {k: v + 1.0 for k, v in start.items()}
+    norm = update_norm(far, start)
+    assert math.isclose(norm, math.sqrt(4 * 6 + 5 * 4), rel_tol=1e-6)  # float32 steps of 1.0
+    assert "exceeds server.max_update_norm" in reject_reason(far, start, max_norm=norm * 0.99)
+    assert reject_reason(far, start, max_norm=norm * 1.01) is None
+
+
+def test_expected_reply_has_the_shapes_each_client_sends(make_config) -> None:
+    """Truncated for a low-rank FLoRA client, R only for Fed-SB: what train_round really returns."""
+    for overrides, pid in ((["strategy=flora", "strategy.client_ranks=[2,8]"], 0), (["strategy=fed_sb"], 1)):
+        cfg = make_config("clients=2", *overrides)
+        worker = Worker(cfg, num_partitions=2)
+        state = worker.initial_state()
+        expected = worker.expected_reply(pid, state, server_round=1)
+        sent = {k: v for k, v in worker.sent_down(state).items()}
+        payload, _, _ = worker.train_round(pid, sent, server_round=1)
+        assert {k: tuple(v.shape) for k, v in payload.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+        assert reject_reason(payload, expected) is None
+
+
+# -- certificates and commands ----------------------------------------------------------------
+def test_certificates_chain_to_the_ca_and_node_keys_load_as_flower_loads_them(tmp_path) -> None:
+    deploy.make_certificates(tmp_path, hosts=["10.1.2.3", "link.example"], nodes=2)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example"]
+    for i in range(2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert private.curve.name == "secp384r1"
+        assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0
+    before = (tmp_path / "ca.crt").read_bytes()
+    deploy.make_certificates(tmp_path, nodes=3)  # never overwrites; adds node-2
+    assert (tmp_path / "ca.crt").read_bytes() == before and (tmp_path / "node-2.pub").exists()
+
+
+def test_deploy_cli_prints_commands_with_tls_and_auth(tmp_path, capsys) -> None:
+    assert main(["deploy", "certs", str(tmp_path), "--nodes", "1"]) == 0
+    assert main(["deploy", "superlink", "--certs", str(tmp_path), "--print"]) == 0
+    link = capsys.readouterr().out
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation"):  # fmt: skip
+        assert flag in link
+    assert "--insecure" not in link
+    argv = ["deploy", "supernode", "--superlink", "h:8000", "--ca", str(tmp_path / "ca.crt"), "--key",
+            str(tmp_path / "node-0"), "--partition-id", "2", "--num-partitions", "3", "--data-path", "/d/x.csv",
+            "--print"]  # fmt: skip
+    assert main(argv) == 0
+    node = capsys.readouterr().out
+    assert "--root-certificates" in node and "--auth-supernode-private-key" in node
+    assert 'partition-id=2 num-partitions=3 data-path="/d/x.csv"' in node
+    assert main(["deploy", "run", "strategy=fedsvd", "rounds=5", "--print"]) == 0
+    assert '"strategy.name" = "fedsvd"' in capsys.readouterr().out
+    assert main(["deploy", "superlink", "--certs", str(tmp_path / "none"), "--print"]) == 2
+    assert main(["deploy", "run", "strategy=nope", "--print"]) == 2
+
+
+# -- checkpoints and resume ---------------------------------------------------------------------
+def test_checkpoint_meta_and_metrics_resume(tmp_path) -> None:
+    state = _adapter()
+    meta = {"ledgers": {"3": [[1.1, 0.0625, 10]]}, "fold_version": 2}
+    save_checkpoint(tmp_path, state, server_round=4, meta=meta)
+    loaded, server_round, got = load_checkpoint_meta(tmp_path / "checkpoint.safetensors")
+    assert server_round == 4 and got == meta
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]  # no temporary left behind
+    log = MetricsLog(tmp_path / "metrics.csv")
+    for r in range(4):
+        log.append({"round": r, "test_accuracy": 0.5})
+    MetricsLog(tmp_path / "metrics.csv", resume_after=2).append({"round": 3, "test_accuracy": 0.7})
+    assert [(r["round"], r["test_accuracy"]) for r in read_metrics(tmp_path / "metrics.csv")] == [
+        ("0", "0.5"), ("1", "0.5"), ("2", "0.5"), ("3", "0.7")
+    ]  # fmt: skip
+
+
+# -- a node's own data ----------------------------------------------------------------------------
+def test_node_file_with_fewer_labels_maps_them_by_name(make_config, tmp_path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},{'cat' if i % 2 else 'fish'}\n" for i in range(20)))
+    cfg = make_config("data=files", f"data.path={path}")
+    splits = load_splits(cfg.data, seed=0, label_names=("bird", "cat", "dog", "fish"))
+    assert splits.label_names == ("bird", "cat", "dog", "fish")
+    assert set(splits.train["label"]) | set(splits.test["label"]) == {1, 3}
+    with pytest.raises(ConfigError, match="not labels of the run"):
+        load_splits(cfg.data, seed=0, label_names=("bird", "cat"))

@@ -138,11 +138,15 @@ def run_deploy_command(args: argparse.Namespace) -> int:
     from fedlora import deploy
     from fedlora.appconfig import run_config_for, toml_section
 
-    def execute(argv: list[str]) -> int:
+    def execute(argv: list[str], *, replace: bool = False) -> int:
+        """Run ``argv``; ``replace``: become it (a long-running server gets the signals, e.g. in a container)."""
         console.print(deploy.show(argv), highlight=False, soft_wrap=True)
         if args.print_only:
             return 0
         env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        if replace:
+            sys.stdout.flush()
+            os.execvpe(argv[0], argv, env)
         return subprocess.run(argv, env=env, check=False).returncode
 
     step = args.step
@@ -158,7 +162,8 @@ def run_deploy_command(args: argparse.Namespace) -> int:
         for name in (deploy.CA_CERT, deploy.SERVER_CERT, deploy.SERVER_KEY):
             if not (args.certs / name).is_file():
                 raise ConfigError(f"{args.certs / name} does not exist (make it with: fedlora deploy certs)")
-        return execute(deploy.superlink_command(args.certs, host=args.host, port=args.port, database=args.database))
+        argv = deploy.superlink_command(args.certs, host=args.host, port=args.port, database=args.database)
+        return execute(argv, replace=True)
     if step == "connection":
         if not args.ca.is_file():
             raise ConfigError(f"{args.ca} does not exist")
@@ -184,7 +189,7 @@ def run_deploy_command(args: argparse.Namespace) -> int:
             data_path=args.data_path,
             port=args.port,
         )
-        return execute(argv)
+        return execute(argv, replace=True)
     # run: compose and validate here, then hand Flower the keys that differ from the App's defaults
     cfg, _ = compose(list(args.overrides))
     with tempfile.TemporaryDirectory() as tmp:

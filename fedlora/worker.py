@@ -235,7 +235,6 @@ class Worker:
         history, kept by the caller between rounds) is extended by this round's steps;
         the caller checks the budget first (:meth:`ClientPlan.affords`).
         """
-        self.rows(partition_id)  # checks the id
         data = self.client_data(partition_id)
         self.set_base(base or {})
         self.load(self._start(partition_id, received, server_round=server_round))
@@ -353,7 +352,6 @@ class Worker:
 
         With ``privacy=dp`` they are clipped per example and noised, and ``history`` gets the release.
         """
-        self.rows(partition_id)  # checks the id
         seed = derive_seed(self.cfg.seed, server_round, partition_id)
         data = self.client_data(partition_id)
         if not self.cfg.privacy.enabled:

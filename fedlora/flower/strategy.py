@@ -113,6 +113,7 @@ class FedLoraStrategy(FedAvg):
         self._sent_versions: dict[int, int] = {}
         self.ledgers: dict[int, list[Step]] = {}  # partition -> its latest DP accountant history
         self._sent: list[tuple[Message, int]] = []  # this round's messages and the partition each asks to train
+        self._asked: dict[str, int] | None = None  # message id -> partition, for this round's replies
 
     def run(self, grid: Grid, *, first_round: int, evaluate_fn: Callable[[int], None]) -> None:
         """Rounds ``first_round`` .. ``cfg.rounds``; ``evaluate_fn(round)`` after each."""
@@ -157,7 +158,7 @@ class FedLoraStrategy(FedAvg):
         messages = []
         fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
         self._sent_versions = {}
-        self._sent = []
+        self._sent, self._asked = [], None
         for pid in chosen:
             node = self.nodes_by_partition[pid]
             node_config = ConfigRecord(dict(config)) if self.fold_log is not None else config
@@ -297,8 +298,9 @@ class FedLoraStrategy(FedAvg):
 
         By message id, not by sender: an error reply comes from the SuperLink.
         """
-        asked = {m.metadata.message_id: pid for m, pid in self._sent}  # ids are set when the grid sends
-        return asked.get(reply.metadata.reply_to_message_id)
+        if self._asked is None:  # built once per round, after the grid has set the message ids
+            self._asked = {m.metadata.message_id: pid for m, pid in self._sent}
+        return self._asked.get(reply.metadata.reply_to_message_id)
 
     def _note_ledgers(self, replies: list[Message]) -> None:
         """Keep each client's DP accountant history as its reply states it (never a shorter one)."""
@@ -331,7 +333,7 @@ class FedLoraStrategy(FedAvg):
             {records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share}
         )
         config[records.LABELS] = list(worker.splits.label_names)
-        self._sent = []
+        self._sent, self._asked = [], None
         messages = []
         for pid in chosen:
             content = RecordDict({records.CONFIG: config})

@@ -3,8 +3,9 @@
     python experiments/bench_dp.py [--rounds 3] [-- <overrides>]
 
 One client round (10 steps of 16 examples, MiniLM with LoRA r = 8 on query and
-value, head trained) on the same batches in every mode: fixed batches
-(``privacy.poisson=false``) so that the work is the same, fixed noise (sigma 1).
+value, head trained) on the same batches in every mode: the Poisson masks and noise
+are seeded (``privacy.unsafe_seeded_randomness=true``, NOT PRIVATE: a benchmark only)
+so that every mode does the same work, with fixed noise (sigma 1).
 Each mode runs in its own process, builds the worker, runs one warm-up round and
 then ``--rounds`` timed ones. Peak memory is the process's peak resident set during
 the timed rounds minus its resident set before them (CPU: what the round adds).
@@ -41,7 +42,12 @@ def one(mode: str, rounds: int, overrides: list[str]) -> dict:
     dp = (
         []
         if mode == "plain"
-        else ["privacy=dp", "privacy.noise_multiplier=1.0", "privacy.poisson=false", f"privacy.grad_sample_mode={mode}"]
+        else [
+            "privacy=dp",
+            "privacy.noise_multiplier=1.0",
+            "privacy.unsafe_seeded_randomness=true",
+            f"privacy.grad_sample_mode={mode}",
+        ]
     )
     cfg, _ = compose([*DEFAULT, *overrides, *dp])
     worker = Worker(cfg, num_partitions=cfg.clients)

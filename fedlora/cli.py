@@ -341,9 +341,11 @@ def _fmt(value: str, spec: str) -> str:
 
 def show_privacy(worker: Any) -> None:
     """Every client's DP-SGD plan, summarised: noise, delta, scheduled rounds, planned spend."""
-    from fedlora.privacy import epsilon
+    from fedlora.privacy import UNSAFE_WARNING, epsilon
 
     cfg = worker.cfg
+    if cfg.privacy.unsafe_seeded_randomness:
+        err_console.print(f"[bold red]warning:[/] {UNSAFE_WARNING}", highlight=False, soft_wrap=True)
     plans = [worker.privacy_plan(pid) for pid in range(cfg.clients)]
     active = [p for p in plans if p.rounds or p.init_release]
     if not active:
@@ -351,12 +353,14 @@ def show_privacy(worker: Any) -> None:
     sigmas = [p.noise_multiplier for p in active]
     planned = [epsilon(p.planned(), p.delta, p.accountant) for p in active]
     budget = f"epsilon <= {cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None else "no budget"
+    randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
     console.print(
         f"privacy=dp ({budget}, {cfg.privacy.accountant}, {cfg.privacy.grad_sample_mode}): noise multiplier "
         f"{min(sigmas):.3g}..{max(sigmas):.3g}, clip {cfg.privacy.max_grad_norm:g}, delta "
         f"{min(p.delta for p in active):.2g}..{max(p.delta for p in active):.2g}, "
         f"{min(p.rounds for p in active)}..{max(p.rounds for p in active)} rounds per client, "
-        f"planned epsilon {min(planned):.3g}..{max(planned):.3g}"
+        f"planned epsilon {min(planned):.3g}..{max(planned):.3g}; weighting {cfg.strategy.weighting}; "
+        f"noise and sampling: {randomness}"
     )
 
 

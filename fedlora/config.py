@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from strategies import StrategyConfig, get_strategy_class
 
 HEAD_MODES = ("train", "freeze")
+OPTIMIZERS = ("adamw", "sgd")
 PRIVACY = ("none", "dp")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
@@ -136,7 +137,9 @@ class TrainConfig:
     local_steps: Optional[int] = 10
     local_epochs: Optional[int] = None
     batch_size: int = 16
+    optimizer: str = "adamw"  # adamw | sgd, fresh each round
     lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     max_seq_len: int = 64
     head: str = "train"  # train: averaged like the adapters; freeze: seeded init, never sent
@@ -151,7 +154,9 @@ class TrainConfig:
         _require((self.local_steps or 1) >= 1, "train.local_steps must be >= 1")
         _require((self.local_epochs or 1) >= 1, "train.local_epochs must be >= 1")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}")
         _require(self.lr > 0, "train.lr must be > 0")
+        _require(0.0 <= self.momentum < 1.0, "train.momentum must be in [0, 1)")
         _require(self.max_seq_len >= 8, "train.max_seq_len must be >= 8")
         _require(self.head in HEAD_MODES, f"train.head must be one of {list(HEAD_MODES)}")
         _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
@@ -166,6 +171,15 @@ class PrivacyConfig:
     rounds it is scheduled to take part in) or ``noise_multiplier`` (epsilon is then
     only reported), or both (the run is refused if that noise cannot keep the budget).
     ``delta`` null: min(1 / (10 n_k), 1e-5) for a client with n_k examples.
+
+    What the guarantee rests on (the noise, the Poisson batch masks, Fed-SB's init
+    subsample) is drawn from operating-system entropy in the client process, never
+    from the run seed. ``unsafe_seeded_randomness`` derives it from the seed instead,
+    so that tests can compare runs: anyone who knows the config can then remove the
+    noise, so such a run is marked NOT PRIVATE wherever it is reported.
+    ``public_counts``: the clients' example counts are public knowledge, so DP
+    replies may carry them for ``strategy.weighting=examples`` (default: they do not,
+    and clients are weighted uniformly).
     """
 
     name: str = "none"
@@ -176,6 +190,8 @@ class PrivacyConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
     poisson: bool = True
+    public_counts: bool = False
+    unsafe_seeded_randomness: bool = False
 
     def __post_init__(self) -> None:
         _require(self.name in PRIVACY, f"unknown privacy {self.name!r}; choose from {list(PRIVACY)}")
@@ -195,6 +211,11 @@ class PrivacyConfig:
             _require(
                 self.epsilon is not None or self.noise_multiplier is not None,
                 "privacy=dp needs privacy.epsilon (a budget) or privacy.noise_multiplier",
+            )
+            _require(
+                self.poisson,
+                "privacy.poisson=false is refused under privacy=dp: the accountant assumes Poisson-sampled "
+                "batches, so epsilon would not be a guarantee",
             )
 
     @property
@@ -282,10 +303,23 @@ class RunConfig:
             cpr <= self.clients,
             f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
         )
+        self._resolve_weighting()
         _require(
             self.server.min_replies <= self.sampled_per_round,
             f"server.min_replies ({self.server.min_replies}) must not exceed the clients sampled per round "
             f"({self.sampled_per_round})",
+        )
+
+    def _resolve_weighting(self) -> None:
+        """``strategy.weighting`` null: by example counts, or uniform under DP (counts are private data)."""
+        weighting, dp = self.strategy.weighting, self.privacy.enabled
+        if weighting is None:
+            weighting = "uniform" if dp else "examples"
+            self.strategy = dataclasses.replace(self.strategy, weighting=weighting)
+        _require(
+            not (dp and weighting == "examples" and not self.privacy.public_counts),
+            "strategy.weighting=examples under privacy=dp would release each client's exact example count "
+            "unprotected; use strategy.weighting=uniform, or declare the counts public with privacy.public_counts=true",
         )
 
     @property

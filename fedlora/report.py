@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.checkpoint import METRICS, read_metrics
+from fedlora.privacy import NOT_PRIVATE_COLUMN
 from fedlora.sweep import CELL
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
@@ -34,6 +35,7 @@ class CellResult:
     upload: list[float]  # bytes per round
     spent: float | None  # the largest epsilon any client reported
     refused: int
+    private: bool = True  # False: DP randomness was seeded (privacy.unsafe_seeded_randomness)
 
     @property
     def final(self) -> float:
@@ -57,6 +59,7 @@ def load_cells(folder: Path) -> list[CellResult]:
                 upload=[float(r["bytes_up"] or 0) for r in trained],
                 spent=max(spent) if spent else None,
                 refused=sum(int(r.get("refused") or 0) for r in rows),
+                private=not any(r.get(NOT_PRIVATE_COLUMN) for r in rows),
             )
         )
     return cells
@@ -99,7 +102,7 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
         body.append(
             [
                 strategy,
-                eps_label(epsilon),
+                eps_label(epsilon) + ("" if all(c.private for c in group) else " (NOT PRIVATE: seeded noise)"),
                 str(len(group)),
                 f"{statistics.mean(finals):.3f} ± {std:.3f}",
                 f"{statistics.mean(max(c.accuracy) for c in group):.3f}",

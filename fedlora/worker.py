@@ -14,7 +14,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import cached_property, partial
 
 import torch
@@ -25,7 +26,7 @@ from fedlora.config import RunConfig
 from fedlora.data import Splits, load_calibration, load_splits, partition
 from fedlora.lora import LORA_ROLES, AdapterKey, Tensors
 from fedlora.model import build_peft_model, device_for_worker, resolve_path
-from fedlora.privacy import ClientPlan, Step, clip_and_noise, dp_sgd, make_plan
+from fedlora.privacy import ClientPlan, Step, clip_and_noise, dp_generator, dp_sgd, make_plan, poisson_subsample
 from fedlora.schedule import rounds_taken, scheduled
 from fedlora.task import TASK
 from fedlora.train import LocalResult, cycle, train_steps
@@ -195,6 +196,13 @@ class Worker:
             collate_fn=TASK.collate(self.tokenizer),
         )
 
+    def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh local optimizer for one round (``train.optimizer``)."""
+        train = self.cfg.train
+        if train.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
     def local_steps(self, num_examples: int) -> int:
         train = self.cfg.train
         if train.local_steps is not None:
@@ -243,11 +251,7 @@ class Worker:
             lora.mask_rank(self.params, rank)
         lora.set_trainable(self.params, self.trainable_keys)
         batches = self.shuffled(data, seed=derive_seed(self.cfg.seed, server_round, partition_id))
-        optimizer = torch.optim.AdamW(
-            [self.params[k] for k in sorted(self.trainable_keys)],
-            lr=self.cfg.train.lr,
-            weight_decay=self.cfg.train.weight_decay,
-        )
+        optimizer = self.optimizer([self.params[k] for k in sorted(self.trainable_keys)])
         train = partial(
             train_steps,
             steps=self.local_steps(len(data)),
@@ -258,13 +262,16 @@ class Worker:
             if history is None:
                 raise ValueError("privacy=dp needs the client's accountant history")
             plan = self.privacy_plan(partition_id)
+            privacy = self.cfg.privacy
             with dp_sgd(
                 self.model,
                 optimizer,
                 batches,
-                cfg=self.cfg.privacy,
                 noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm,
+                grad_sample_mode=privacy.grad_sample_mode,
                 criterion=TASK.criterion(),
+                generator=dp_generator(privacy, derive_seed(self.cfg.seed, server_round, partition_id, -5)),
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(
                     model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer
@@ -299,19 +306,52 @@ class Worker:
         """Zeros shaped as the adapted modules' base weights (``Role.BASE``): a gradient reply's form."""
         return {k: torch.zeros(w.shape, dtype=w.dtype) for k, w in lora.base_weights(self.model).items()}
 
-    def base_gradients(
-        self, data, *, num_examples: int, seed: int, noise: tuple[float, torch.Generator] | None = None
-    ) -> tuple[Tensors, int]:
-        """Summed per-example gradients of the adapted modules' base weights W0 (``Role.BASE``).
+    def base_gradients(self, data, *, num_examples: int, seed: int) -> tuple[Tensors, int]:
+        """Summed gradients of the adapted modules' base weights W0 (``Role.BASE``), with the adapter off.
 
-        Over the first ``num_examples`` rows of ``data`` in a seeded order, with the
-        adapter switched off (LoRA-SB's initialisation). With ``noise`` = (sigma,
-        generator), each example's gradient is clipped to ``privacy.max_grad_norm`` and
-        the sum gets Gaussian noise (:func:`fedlora.privacy.clip_and_noise`).
-        Returns (gradients, rows used).
+        Over the first ``num_examples`` rows of ``data`` in a seeded order (LoRA-SB's
+        initialisation, no DP). Returns (gradients, rows used).
         """
+        with self._base_gradients() as backward:
+            seen = sum(backward(batch) for batch in take(self.shuffled(data, seed=seed), num_examples))
+            weights = lora.base_weights(self.model)
+            return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
+
+    def private_base_gradients(
+        self, data, *, rate: float, noise_multiplier: float, generator: torch.Generator, seed: int
+    ) -> tuple[Tensors, int]:
+        """The same under DP: a Poisson subsample of ``data`` at ``rate`` drawn from ``generator``,
+        each example's gradient clipped to ``privacy.max_grad_norm``, Gaussian noise from ``generator``.
+        ``seed`` seeds dropout only (torch's global generator), as in training.
+
+        Returns (noised gradient sum, rows in the subsample).
+        """
+        torch.manual_seed(seed)
+        rows = data.select(poisson_subsample(len(data), rate, generator=generator))
         weights = lora.base_weights(self.model)
-        rows = take(self.shuffled(data, seed=seed), num_examples, size=1 if noise else None)
+        zeros = {k: torch.zeros(w.shape, dtype=w.dtype) for k, w in weights.items()}
+        batches = DataLoader(rows, batch_size=1, collate_fn=TASK.collate(self.tokenizer))
+        with self._base_gradients() as backward:
+
+            def per_example() -> Iterator[Tensors]:
+                for row in batches:
+                    backward(row)
+                    yield {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}
+                    for w in weights.values():
+                        w.grad = None
+
+            return clip_and_noise(
+                per_example(),
+                zeros,
+                max_grad_norm=self.cfg.privacy.max_grad_norm,
+                noise_multiplier=noise_multiplier,
+                generator=generator,
+            )
+
+    @contextmanager
+    def _base_gradients(self) -> Iterator[Callable[[dict[str, torch.Tensor]], int]]:
+        """Within the block: adapter off, base weights take gradients; yields backward(batch) -> rows."""
+        weights = lora.base_weights(self.model)
         self.model.train()
         for w in weights.values():
             w.requires_grad_(True)
@@ -323,23 +363,9 @@ class Worker:
             (TASK.loss(self.model, batch) * n).backward()  # mean loss -> sum over examples
             return n
 
-        def per_example() -> Iterator[Tensors]:
-            for row in rows:
-                backward(row)
-                yield {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}
-                for w in weights.values():
-                    w.grad = None
-
         try:
             with self.model.disable_adapter():
-                if noise is not None:
-                    sigma, generator = noise
-                    max_norm = self.cfg.privacy.max_grad_norm
-                    return clip_and_noise(
-                        per_example(), max_grad_norm=max_norm, noise_multiplier=sigma, generator=generator
-                    )
-                seen = sum(backward(batch) for batch in rows)
-                return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
+                yield backward
         finally:
             for w in weights.values():
                 w.requires_grad_(False)
@@ -350,7 +376,8 @@ class Worker:
     ) -> tuple[Tensors, int]:
         """A client's share of a gradient initialisation: summed base-weight gradients on its partition.
 
-        With ``privacy=dp`` they are clipped per example and noised, and ``history`` gets the release.
+        With ``privacy=dp``: over a Poisson subsample of expected size ``num_examples``, clipped
+        per example and noised (private randomness); ``history`` gets the release.
         """
         seed = derive_seed(self.cfg.seed, server_round, partition_id)
         data = self.client_data(partition_id)
@@ -359,15 +386,26 @@ class Worker:
         if history is None:
             raise ValueError("privacy=dp needs the client's accountant history")
         plan = self.privacy_plan(partition_id)
-        generator = torch.Generator().manual_seed(derive_seed(seed, -5))
-        out = self.base_gradients(data, num_examples=num_examples, seed=seed, noise=(plan.noise_multiplier, generator))
+        out = self.private_base_gradients(
+            data,
+            rate=min(1.0, num_examples / len(data)),
+            noise_multiplier=plan.noise_multiplier,
+            generator=dp_generator(self.cfg.privacy, derive_seed(seed, -5)),
+            seed=seed,
+        )
         history.append(plan.init_step)
         return out
+
+    def total_steps(self) -> int:
+        """Optimizer steps a client's model takes over the run: rounds x local steps (of an average client)."""
+        return self.cfg.rounds * self.local_steps(len(self.splits.train) // max(1, self.cfg.clients))
 
     def initialise(self, state: Tensors, gradients: Tensors) -> Tensors:
         """The strategy's gradient initialisation, seeded by the run; the result is loaded here too."""
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0, -2))
-        state = self.strategy.initialise(state, gradients, lr=self.cfg.train.lr, generator=generator)
+        state = self.strategy.initialise(
+            state, gradients, lr=self.cfg.train.lr, total_steps=self.total_steps(), generator=generator
+        )
         self.load(state)
         return state
 

@@ -42,14 +42,15 @@ class StrategyConfig:
     """Settings every strategy shares; subclasses add their own fields.
 
     ``weighting``: ``examples`` gives client k the weight p_k = n_k / sum n;
-    ``uniform`` gives every replying client 1 / K.
+    ``uniform`` gives every replying client 1 / K; None (the configs' default) is
+    resolved by the run: ``examples``, or ``uniform`` under DP, where the counts are private.
     """
 
     name: str
-    weighting: str = "examples"
+    weighting: str | None = None
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
 
 
@@ -177,12 +178,14 @@ class Strategy(ABC):
         return dict(adapters)
 
     def weights(self, num_examples: Sequence[int]) -> torch.Tensor:
-        """p_k for the replying clients, by ``config.weighting``."""
+        """p_k for the replying clients, by ``config.weighting`` (None counts as ``examples``)."""
         if self.config.weighting == "uniform":
             return normalise([1.0] * len(num_examples))
         return normalise(num_examples)
 
-    def initialise(self, state: Tensors, gradients: Tensors, *, lr: float, generator: torch.Generator) -> Tensors:
+    def initialise(
+        self, state: Tensors, gradients: Tensors, *, lr: float, total_steps: int, generator: torch.Generator
+    ) -> Tensors:
         """The round-1 state from summed base-weight gradients (``Role.BASE``); only if ``gradient_init``."""
         raise NotImplementedError(f"{self.name} has no gradient initialisation")
 

@@ -78,7 +78,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     history = ledger.history if ledger is not None else None
     if init:
         share = int(config[records.INIT_EXAMPLES])
-        payload, num_examples = worker.init_round(pid, num_examples=share, history=history)
+        payload, _ = worker.init_round(pid, num_examples=share, history=history)
     else:
         received = records.from_record(msg.content[records.ARRAYS])
         received |= fixed_tensors(msg, context)
@@ -86,9 +86,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         payload, num_examples, result = worker.train_round(
             pid, received, server_round=server_round, base=base, history=history
         )
-        metrics[records.TRAIN_LOSS] = result.mean_loss
-        metrics[records.LOCAL_STEPS] = result.steps
-    metrics[records.NUM_EXAMPLES] = num_examples
+        if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client
+            metrics[records.TRAIN_LOSS] = result.mean_loss
+        if cfg.strategy.weighting == "examples":  # under DP only with privacy.public_counts
+            metrics[records.NUM_EXAMPLES] = num_examples
     if ledger is not None:
         ledger.save()
         content[records.PRIVACY] = records.ledger_record(ledger.history)

@@ -24,6 +24,7 @@ from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.lora import Role
+from fedlora.privacy import NOT_PRIVATE, NOT_PRIVATE_COLUMN, UNSAFE_WARNING
 from fedlora.worker import get_worker
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallbac
     if resumed is None and worker.strategy.gradient_init:
         fl.initialise(grid, timeout=cfg.server.round_timeout)
     privacy_columns = ("refused", "epsilon_max", "epsilon_mean") if cfg.privacy.enabled else ()
+    unsafe = cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness
+    if unsafe:  # every row says it: a reader of metrics.csv alone must not take epsilon for a guarantee
+        privacy_columns += (NOT_PRIVATE_COLUMN,)
+        log.warning(UNSAFE_WARNING)
     metrics = MetricsLog(out / METRICS, extra=(*privacy_columns, *worker.strategy.metric_columns), resume_after=resumed)
 
     def evaluate(server_round: int) -> None:
@@ -117,6 +122,8 @@ def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallbac
                 **stats.report,
                 **(stats.privacy() if cfg.privacy.enabled else {}),
             }
+        if unsafe:
+            row[NOT_PRIVATE_COLUMN] = NOT_PRIVATE
         metrics.append(row)
         if on_round is not None:
             on_round(row)

@@ -266,20 +266,26 @@ class FedLoraStrategy(FedAvg):
         stats.report = dict(strategy.report)
         if self.fold_log is not None:
             self.fold_log.append(strategy.fold(self.state, payloads, p))
-        stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
+        if None not in losses:
+            stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
         out = records.to_record(self.worker.sent_down(self.state))
-        return out, MetricRecord({"train-loss": stats.train_loss, "replies": len(valid)})
+        return out, MetricRecord({"replies": len(valid)})
 
-    def _check_reply(self, m: Message, server_round: int) -> tuple[Tensors, int, float] | str:
-        """(payload, examples, train loss) of a reply that may be aggregated, or why it may not."""
+    def _check_reply(self, m: Message, server_round: int) -> tuple[Tensors, int, float | None] | str:
+        """(payload, examples, train loss) of a reply that may be aggregated, or why it may not.
+
+        Examples: the client's count when weighting by examples, else 1. Train loss: None
+        when the client does not report one (DP clients never do).
+        """
         pid = self._partition_of(m)
         if pid is None or m.metadata.src_node_id != self.nodes_by_partition[pid]:
             return "a reply to no message of this round, or from another node"
+        by_examples = self.worker.cfg.strategy.weighting == "examples"
         try:
             metrics = m.content[records.METRICS]
             claimed = int(metrics[records.PARTITION_ID])
-            num_examples = int(metrics[records.NUM_EXAMPLES])
-            loss = float(metrics[records.TRAIN_LOSS])
+            num_examples = int(metrics[records.NUM_EXAMPLES]) if by_examples else 1
+            loss = float(metrics[records.TRAIN_LOSS]) if records.TRAIN_LOSS in metrics else None
             payload = records.from_record(m.content[records.ARRAYS])
         except (KeyError, ValueError, TypeError) as err:
             return f"malformed reply ({type(err).__name__}: {err})"
@@ -287,7 +293,7 @@ class FedLoraStrategy(FedAvg):
             return f"it claims partition {claimed}"
         if num_examples < 1:
             return f"num-examples is {num_examples}"
-        if not math.isfinite(loss):
+        if loss is not None and not math.isfinite(loss):
             return f"train loss is {loss}"
         expected = self.worker.expected_reply(pid, self.state, server_round=server_round)
         reason = reject_reason(payload, expected, max_norm=self.worker.cfg.server.max_update_norm)

@@ -131,8 +131,10 @@ def serverapp_processes(fed: Federation) -> list[psutil.Process]:
 
 
 def test_restarted_serverapp_resumes_from_checkpoint(federation, tmp_path) -> None:
+    # Seeded DP randomness (NOT PRIVATE), so that the resumed run can be compared with a simulation.
     run = [*TINY, "strategy=fed_sb", "privacy=dp", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0",
-           "strategy.init_samples=32", "clients=3", "clients_per_round=3", "rounds=3"]  # fmt: skip
+           "privacy.unsafe_seeded_randomness=true", "strategy.init_samples=32", "clients=3", "clients_per_round=3",
+           "rounds=3"]  # fmt: skip
     start_nodes(federation, 3)
     out = tmp_path / "deployed"
     federation.submit([*run, f"output_dir={out}"], name="first")

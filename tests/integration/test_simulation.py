@@ -200,6 +200,7 @@ def test_every_strategy_runs_with_dp_sgd_within_its_budget(strategy: str, tmp_pa
     for row in table[1:]:
         assert row["refused"] == "0" and row["replies_received"] == "3"
         assert 0 < float(row["epsilon_max"]) <= 2.0
+        assert row["train_loss"] == ""  # DP clients report no loss on their private batches
     if strategy == "fed_sb":  # the LoRA-SB gradient is a release too: charged before round 1
         assert 0 < float(table[0]["epsilon_max"]) <= 2.0
 
@@ -215,3 +216,23 @@ def test_clients_out_of_budget_refuse_and_are_counted(tmp_path: Path) -> None:
     assert all(float(r["epsilon_max"]) <= 2.6 for r in table[1:])
     assert float(table[1]["epsilon_max"]) == pytest.approx(2.504, abs=0.01)
     assert table[2]["numbers_up"] == "0" and table[2]["test_accuracy"] == table[1]["test_accuracy"]
+
+
+def test_dp_runs_draw_private_noise_and_plain_runs_repeat_exactly(tmp_path: Path) -> None:
+    """Two DP runs with the same seed differ (the noise is not the seed's); two plain runs are bit-identical
+    (``test_same_seed_same_result``); the unsafe switch makes DP runs repeat, and says NOT PRIVATE."""
+
+    def adapter_of(folder: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+    dp = [*TINY_RUN, "privacy=dp", "privacy.noise_multiplier=1.0"]
+    outs = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["privacy.unsafe_seeded_randomness=true"]),
+                        ("d", ["privacy.unsafe_seeded_randomness=true"])):  # fmt: skip
+        outs[name] = tmp_path / name
+        assert main(["simulate", *dp, *extra, f"output_dir={outs[name]}"]) == 0
+    a, b, c, d = (adapter_of(outs[n]) for n in "abcd")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    assert all(r["privacy_warning"].startswith("NOT PRIVATE") for r in rows(outs["c"]))
+    assert "privacy_warning" not in rows(outs["a"])[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -10,6 +12,7 @@ from fedlora import lora
 from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.privacy import ClientPlan, calibrate, client_delta, clip_and_noise, compress, dp_sgd, epsilon, make_plan
 from fedlora.task import TASK
+from fedlora.train import cycle, train_steps
 from fedlora.worker import Worker
 
 
@@ -19,22 +22,42 @@ def round_from_start(worker: Worker, history: list | None = None) -> dict:
     return payload
 
 
+def local_round(worker: Worker, *, dp: bool) -> dict:
+    """Two AdamW steps on client 3's first fixed batches, plain or through Opacus with fixed (non-Poisson)
+    batches, no noise and a clipping bound no gradient reaches."""
+    lora.set_trainable(worker.params, worker.trainable_keys)
+    lora.write(worker.params, worker.initial_state())
+    params = [worker.params[k] for k in sorted(worker.trainable_keys)]
+    optimizer = torch.optim.AdamW(params, lr=0.01)
+    batches = worker.shuffled(worker.client_data(3), seed=7)
+    run = partial(train_steps, steps=2, device=worker.device)
+    if not dp:
+        run(worker.model, cycle(batches), loss_fn=TASK.loss, optimizer=optimizer)
+    else:
+        with dp_sgd(
+            worker.model,
+            optimizer,
+            batches,
+            noise_multiplier=0.0,
+            max_grad_norm=1e6,
+            grad_sample_mode="hooks",
+            criterion=TASK.criterion(),
+            generator=torch.Generator().manual_seed(0),
+            poisson=False,  # the same batches as the plain round
+        ) as (model, dp_optimizer, loader, criterion):
+            run(model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer)
+    return {k: worker.params[k].detach().clone() for k in worker.trainable_keys}
+
+
 def test_without_noise_or_reachable_clipping_dp_sgd_equals_plain_training(make_config) -> None:
     """Guards against Opacus corrupting LoRA updates silently (Opacus issue 820): same batches, same update.
 
     16 examples per client in batches of 8: Opacus's expected batch size (n / number of
     batches) is then the real one, so its mean equals the plain loss's mean.
     """
-    plain = round_from_start(Worker(make_config("train.lr=0.01", "data.synthetic_train=160"), num_partitions=10))
-    dp = make_config(
-        "data.synthetic_train=160",
-        "train.lr=0.01",
-        "privacy=dp",
-        "privacy.noise_multiplier=0",
-        "privacy.max_grad_norm=1e6",
-        "privacy.poisson=false",
-    )
-    private = round_from_start(Worker(dp, num_partitions=10), history=[])
+    cfg = make_config("data.synthetic_train=160")
+    plain = local_round(Worker(cfg, num_partitions=10), dp=False)
+    private = local_round(Worker(cfg, num_partitions=10), dp=True)
     assert private.keys() == plain.keys()
     for key in plain:
         torch.testing.assert_close(private[key], plain[key], rtol=1e-4, atol=1e-5)
@@ -43,13 +66,7 @@ def test_without_noise_or_reachable_clipping_dp_sgd_equals_plain_training(make_c
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
 def test_dp_sgd_adds_noise_and_charges_the_ledger(make_config, mode: str) -> None:
     plain = round_from_start(Worker(make_config("train.lr=0.01"), num_partitions=10))
-    dp = make_config(
-        "train.lr=0.01",
-        "privacy=dp",
-        "privacy.noise_multiplier=1.0",
-        f"privacy.grad_sample_mode={mode}",
-        "privacy.poisson=false",
-    )
+    dp = make_config("train.lr=0.01", "privacy=dp", "privacy.noise_multiplier=1.0", f"privacy.grad_sample_mode={mode}")
     worker = Worker(dp, num_partitions=10)
     history: list = []
     private = round_from_start(worker, history)
@@ -67,14 +84,18 @@ def test_per_sample_gradients_are_clipped(make_config) -> None:
     trainable = [worker.params[k] for k in sorted(worker.trainable_keys)]
     before = [p.detach().clone() for p in trainable]
     batches = worker.shuffled(worker.client_data(0), seed=1)
-    cfg = PrivacyConfig(name="dp", noise_multiplier=0.0, max_grad_norm=c, poisson=False)
     optimizer = torch.optim.SGD(trainable, lr=1.0)
-    with dp_sgd(model, optimizer, batches, cfg=cfg, noise_multiplier=0.0, criterion=TASK.criterion()) as (
-        private,
-        dp_optimizer,
-        loader,
-        criterion,
-    ):
+    with dp_sgd(
+        model,
+        optimizer,
+        batches,
+        noise_multiplier=0.0,
+        max_grad_norm=c,
+        grad_sample_mode="hooks",
+        criterion=TASK.criterion(),
+        generator=torch.Generator().manual_seed(0),
+        poisson=False,
+    ) as (private, dp_optimizer, loader, criterion):
         batch = next(iter(loader))
         TASK.loss(private, batch, criterion).backward()
         dp_optimizer.step()
@@ -87,13 +108,16 @@ def test_per_sample_gradients_are_clipped(make_config) -> None:
 
 def test_clip_and_noise_clips_each_example_then_adds_noise() -> None:
     grads = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.3, 0.4])}]  # norms 5 and 0.5
-    total, n = clip_and_noise(iter(grads), max_grad_norm=1.0, noise_multiplier=0.0, generator=torch.Generator())
+    zeros = {"w": torch.zeros(2)}
+    total, n = clip_and_noise(iter(grads), zeros, max_grad_norm=1.0, noise_multiplier=0.0, generator=torch.Generator())
     torch.testing.assert_close(total["w"], torch.tensor([0.6 + 0.3, 0.8 + 0.4]))
     assert n == 2
     noisy, _ = clip_and_noise(
-        iter(grads), max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0)
+        iter(grads), zeros, max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator().manual_seed(0)
     )
     assert not torch.allclose(noisy["w"], total["w"])
+    empty, n = clip_and_noise(iter([]), zeros, max_grad_norm=1.0, noise_multiplier=1.0, generator=torch.Generator())
+    assert n == 0 and empty["w"].shape == (2,) and empty["w"].abs().sum() > 0  # an empty subsample is noised too
 
 
 @pytest.mark.parametrize(
@@ -153,6 +177,11 @@ def test_a_client_refuses_the_round_that_would_exceed_its_budget() -> None:
         (["privacy=dp", "privacy.epsilon=1", "privacy.max_grad_norm=0"], "privacy.max_grad_norm must be > 0"),
         (["privacy=dp", "privacy.epsilon=1", "privacy.grad_sample_mode=ew"], "privacy.grad_sample_mode must be one of"),
         (["privacy=dp", "privacy.epsilon=1", "privacy.accountant=gdp"], "privacy.accountant must be one of"),
+        (["privacy=dp", "privacy.epsilon=1", "privacy.poisson=false"], "privacy.poisson=false is refused under"),
+        (
+            ["privacy=dp", "privacy.epsilon=1", "strategy.weighting=examples"],
+            "strategy.weighting=examples under privacy=dp would release each client's exact example count",
+        ),
     ],
 )
 def test_bad_privacy_input_is_one_clear_config_error(make_config, overrides: list[str], message: str) -> None:

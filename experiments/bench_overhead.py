@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra fedlora overrides")
     args = parser.parse_args()
 
-    from fedlora.checkpoint import METRICS, read_metrics
-    from fedlora.cli import compose, run_flower_simulation, setup_logging
+    from fedlora.compose import compose
+    from fedlora.console import setup_logging
+    from fedlora.flower.simulation import run_flower_simulation
+    from fedlora.metrics import METRICS, read_metrics
 
     setup_logging(verbose=False)
     logging.getLogger("fedlora").setLevel(logging.WARNING)
@@ -110,7 +112,7 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
     times = []
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        received = worker.sent_down(state)
+        received = worker.protocol.download(state)
         jobs = [(pid, received, server_round) for pid in range(cfg.clients)]
         replies = list(pool.map(_train, jobs)) if pool else [_train(job, worker) for job in jobs]
         p = worker.strategy.weights([n for _, n in replies])
@@ -128,7 +130,7 @@ _PROCESS_WORKER = None
 def _init_process(cfg: RunConfig) -> None:
     import torch
 
-    from fedlora.cli import setup_logging
+    from fedlora.console import setup_logging
     from fedlora.worker import Worker
 
     global _PROCESS_WORKER

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.checkpoint import METRICS, read_metrics
-from fedlora.report import human_bytes as human
+from fedlora.console import human_bytes as human
+from fedlora.metrics import METRICS, read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
 

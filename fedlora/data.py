@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
 
-from fedlora.config import ConfigError, DataConfig, PartitionConfig
+from fedlora.groups import ConfigError, DataConfig, PartitionConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,14 @@ LABELS = "labels.json"
 
 
 def export_adapter(worker: Worker, state: Tensors, folder: Path, *, fold_log: FoldLog | None = None) -> Path:
-    """Write the global model (``state``, and the base delta of ``fold_log``) to ``folder``."""
+    """Write the global model (``state``, and the base delta of ``fold_log``) to ``folder``.
+
+    Nothing folded (no ``fold_log``, or one at version 0): a peft LoRA adapter.
+    """
     worker.set_base(fold_log.delta if fold_log is not None else {})
     worker.load(state)  # the worker's model is the global model afterwards, for every strategy
     adapter = worker.strategy.export(state)
-    if fold_log is None:
+    if fold_log is None or fold_log.version == 0:
         with lora.plain_lora(worker.model):  # Fed-SB's R is folded into B: a standard peft LoRA
             lora.write(lora.adapter_parameters(worker.model), adapter)
             worker.model.save_pretrained(str(folder))

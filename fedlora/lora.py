@@ -186,6 +186,30 @@ def base_weights(model: nn.Module) -> dict[AdapterKey, nn.Parameter]:
 
 
 # -- heterogeneous ranks (FLoRA) ------------------------------------------------------
+@dataclass(frozen=True)
+class RankMask:
+    """A client of rank ``rank`` trains the first ``rank`` of the model's ``model_rank`` LoRA directions.
+
+    The one place heterogeneous ranks are applied: training masks the adapter before
+    and after every step (:meth:`apply`) and sends its share (:meth:`view`); the server
+    expects that share (:meth:`view` of where the client started). A full-rank mask does nothing.
+    """
+
+    rank: int
+    model_rank: int
+
+    @property
+    def partial(self) -> bool:
+        return self.rank < self.model_rank
+
+    def apply(self, params: Mapping[AdapterKey, nn.Parameter]) -> None:
+        if self.partial:
+            mask_rank(params, self.rank)
+
+    def view(self, tensors: Tensors) -> Tensors:
+        return truncate_rank(tensors, self.rank) if self.partial else tensors
+
+
 def truncate_rank(tensors: Tensors, rank: int) -> Tensors:
     """A rank-``rank`` client's share of a wider adapter: A's first rows, B's first columns."""
     out = {}

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from fedlora.config import ConfigError, LoraConfig, ModelConfig
+from fedlora.groups import ConfigError, LoraConfig, ModelConfig
 from fedlora.task import TASK
 
 _PACKAGE = "package:"

@@ -1,25 +1,15 @@
-"""Client-side DP-SGD with Opacus: a plan per client, its accountant's history, the budget.
+"""Client-side DP-SGD's mechanisms: Opacus around a round, clipped and noised sums, private randomness.
 
-Client k holds n_k examples. Each round it trains ``T`` steps of DP-SGD on Poisson
-batches with sample rate q_k = 1 / ceil(n_k / batch_size) (Opacus's rate for a
-loader of that batch size), per-sample gradients of the trainable tensors clipped
-to C = ``max_grad_norm`` in total and Gaussian noise of std sigma C. Its privacy
-loss is that of the subsampled Gaussian mechanism composed over its steps, as
-Opacus's RDP or PRV accountant computes it from the history (sigma, q, steps).
+Each round a client trains DP-SGD (:func:`dp_sgd`): Poisson-sampled batches,
+per-sample gradients of the trainable tensors clipped to C = ``max_grad_norm`` in
+total and Gaussian noise of std sigma C. Its budget is :mod:`fedlora.accounting`'s.
 
-- ``privacy.epsilon`` set: sigma is calibrated per client so that all the rounds the
-  seeded schedule samples it for (``fedlora.schedule``), plus Fed-SB's one-off
-  gradient release if it sends one, spend at most epsilon.
-- A client keeps its history between rounds (in its node state, not in the worker
-  process, which may be rebuilt) and refuses any round that would take it above
-  epsilon; from then on its data is never used again.
-- delta: ``privacy.delta`` or min(1 / (10 n_k), 1e-5); 1 / n_k or more is refused.
-
-Fed-SB's LoRA-SB gradient (round 0) is a release too: the examples are a Poisson
-subsample of the client's data (each record in independently, so adding or
-removing one record changes one term of the sum), each example's gradient of the
-base weights is clipped to C, the sum gets N(0, sigma^2 C^2) noise, and it is
-charged as one step at rate 1 (no subsampling amplification is claimed).
+Fed-SB's LoRA-SB gradient (round 0) is a release too (``fedlora.gradient_init``): the
+examples are a Poisson subsample of the client's data (:func:`poisson_subsample`:
+each record in independently, so adding or removing one record changes one term of
+the sum), each example's gradient of the base weights is clipped to C and the sum
+gets N(0, sigma^2 C^2) noise (:func:`clip_and_noise`); it is charged as one step at
+rate 1 (no subsampling amplification is claimed).
 
 Randomness. Everything the guarantee rests on (the noise, the Poisson batch masks,
 the init subsample) comes from :func:`private_generator`: a torch generator seeded
@@ -34,27 +24,19 @@ and benchmarks that must compare runs; such runs are not private and say so.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
-import math
 import secrets
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedlora.config import ConfigError, PrivacyConfig
+from fedlora.groups import PrivacyConfig
 
 log = logging.getLogger(__name__)
-
-Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one entry of an Opacus accountant's history
-SIGMA_MAX = 1e4
-
 
 UNSAFE_WARNING = (
     "privacy.unsafe_seeded_randomness=true: the DP noise and sampling are derived from the run seed, so anyone "
@@ -84,137 +66,6 @@ def dp_generator(cfg: PrivacyConfig, seed: int) -> torch.Generator:
         return private_generator()
     log.warning(UNSAFE_WARNING)
     return torch.Generator().manual_seed(seed)
-
-
-def client_delta(cfg: PrivacyConfig, num_examples: int) -> float:
-    """The client's delta: ``cfg.delta`` or min(1 / (10 n), 1e-5); refuses delta >= 1 / n."""
-    delta = cfg.delta if cfg.delta is not None else min(1 / (10 * num_examples), 1e-5)
-    if delta >= 1 / num_examples:
-        raise ConfigError(
-            f"privacy.delta={delta:g} is not below 1/n = 1/{num_examples} for a client with {num_examples} "
-            "examples: it would permit releasing a record outright"
-        )
-    return delta
-
-
-def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by ``history`` at ``delta``, by Opacus's accountant (0 for an empty history).
-
-    RDP is evaluated at the orders 1.25, 1.5, 1.75 and 2..63 (Opacus's default has 90
-    fractional orders, about 10x slower to evaluate, and a calibration needs dozens of
-    evaluations per client): a valid bound, at most slightly above Opacus's default.
-    """
-    if not history:
-        return 0.0
-    return _epsilon(tuple(compress(history)), delta, accountant)
-
-
-RDP_ORDERS = (1.25, 1.5, 1.75, *range(2, 64))
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
-    if any(sigma == 0 for sigma, _, _ in history):
-        return math.inf
-    from opacus.accountants import create_accountant
-
-    acct = create_accountant(mechanism=accountant)
-    acct.history = list(history)
-    if accountant == "rdp":
-        with warnings.catch_warnings():  # at large epsilon the best order is the smallest: a looser, valid bound
-            warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
-            return float(acct.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
-    return float(acct.get_epsilon(delta=delta))
-
-
-def compress(history: Sequence[Step]) -> list[Step]:
-    """Consecutive steps of equal (sigma, q) merged into one entry: the same composition, fewer terms."""
-    out: list[Step] = []
-    for sigma, rate, steps in history:
-        if out and out[-1][:2] == (sigma, rate):
-            out[-1] = (sigma, rate, out[-1][2] + int(steps))
-        else:
-            out.append((float(sigma), float(rate), int(steps)))
-    return out
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What one client's DP-SGD does each round, and what its whole run may spend."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int  # DP-SGD steps per round
-    rounds: int  # rounds the schedule samples it for
-    delta: float
-    budget: float | None  # epsilon; None: no budget, spend only reported
-    init_release: bool  # it sends Fed-SB's noised init gradient before round 1
-    accountant: str = "rdp"
-
-    @property
-    def round_step(self) -> Step:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-    @property
-    def init_step(self) -> Step:
-        return (self.noise_multiplier, 1.0, 1)
-
-    def planned(self, noise_multiplier: float | None = None) -> list[Step]:
-        sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-        steps = [(sigma, 1.0, 1)] if self.init_release else []
-        return steps + [(sigma, self.sample_rate, self.steps)] * self.rounds
-
-    def spent(self, history: Sequence[Step]) -> float:
-        return epsilon(history, self.delta, self.accountant)
-
-    def affords(self, history: Sequence[Step], step: Step) -> bool:
-        """Whether ``step`` keeps the client within its budget (always, with no budget)."""
-        return self.budget is None or self.spent([*history, step]) <= self.budget
-
-
-def calibrate(plan: ClientPlan, target: float, *, tolerance: float = 0.01) -> float:
-    """The smallest noise multiplier (to ``tolerance`` relative) whose planned spend is <= ``target``."""
-    if plan.rounds == 0 and not plan.init_release:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while epsilon(plan.planned(hi), plan.delta, plan.accountant) > target:
-        lo, hi = hi, 2 * hi
-        if hi > SIGMA_MAX:
-            raise ConfigError(f"privacy.epsilon={target:g} cannot be met with any noise multiplier below {SIGMA_MAX:g}")
-    while hi - lo > tolerance * hi:
-        mid = (lo + hi) / 2
-        if epsilon(plan.planned(mid), plan.delta, plan.accountant) > target:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def make_plan(
-    cfg: PrivacyConfig, *, num_examples: int, batch_size: int, steps: int, rounds: int, init_release: bool
-) -> ClientPlan:
-    """A client's plan: sigma given, or calibrated to ``cfg.epsilon`` over its scheduled rounds."""
-    plan = ClientPlan(
-        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier is not None else 0.0,
-        sample_rate=1 / math.ceil(num_examples / batch_size),
-        steps=steps,
-        rounds=rounds,
-        delta=client_delta(cfg, num_examples),
-        budget=cfg.epsilon,
-        init_release=init_release,
-        accountant=cfg.accountant,
-    )
-    if cfg.noise_multiplier is None:
-        return dataclasses.replace(plan, noise_multiplier=calibrate(plan, cfg.epsilon))
-    if cfg.epsilon is not None:
-        first = [plan.init_step] if init_release else []
-        if plan.spent([*first, plan.round_step]) > cfg.epsilon:
-            raise ConfigError(
-                f"privacy.noise_multiplier={cfg.noise_multiplier:g} cannot keep a client with {num_examples} "
-                f"examples within privacy.epsilon={cfg.epsilon:g} for even one round "
-                f"(it would spend {plan.spent([*first, plan.round_step]):.3g})"
-            )
-    return plan
 
 
 @contextmanager

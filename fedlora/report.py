@@ -18,7 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.checkpoint import METRICS, read_metrics
+from fedlora.console import human_bytes
+from fedlora.metrics import METRICS, read_metrics
 from fedlora.privacy import NOT_PRIVATE_COLUMN
 from fedlora.sweep import CELL
 
@@ -67,15 +68,6 @@ def load_cells(folder: Path) -> list[CellResult]:
 
 def eps_label(epsilon: float) -> str:
     return "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:g}"
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in decimal units: 304.40 KB, 1.52 MB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError  # pragma: no cover
 
 
 def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:

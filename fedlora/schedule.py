@@ -7,14 +7,13 @@ noise can be calibrated for all of them before the run starts.
 
 from __future__ import annotations
 
-import random
-
 from fedlora.config import RunConfig
+from fedlora.seeds import client_sampling
 
 
 def sample_partitions(partitions: list[int], k: int, *, seed: int, server_round: int) -> list[int]:
     """``k`` of ``partitions`` (all, if fewer), drawn by a generator seeded by (seed, round); sorted."""
-    rng = random.Random(f"fedlora-sample:{seed}:{server_round}")
+    rng = client_sampling(seed, server_round)
     return sorted(rng.sample(sorted(partitions), min(k, len(partitions))))
 
 

@@ -6,8 +6,8 @@ The grid's defaults are in ``conf/sweep/privacy.yaml``; ``--strategies``,
 ``--epsilons`` (``inf``: no DP) and ``--seeds`` replace them. Every cell is a
 ``fedlora simulate`` subprocess (a fresh Ray and model cache each) writing to
 ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; a cell that finished leaves
-``cell.json`` there and is not run again when the sweep is restarted. The report
-(:mod:`fedlora.report`) is written at the end.
+``cell.json`` there and is not run again when the sweep is restarted. The CLI writes
+the report (:mod:`fedlora.report`) at the end.
 """
 
 from __future__ import annotations
@@ -73,11 +73,9 @@ def grid(strategies: list[str], epsilons: list[float], seeds: list[int]) -> list
     return [Cell(s, e, seed) for s in strategies for e in epsilons for seed in seeds]
 
 
-def run_sweep(cells: list[Cell], overrides: list[str], out: Path) -> Path:
-    """Run every unfinished cell, with a progress display; then write the report."""
+def run_cells(cells: list[Cell], overrides: list[str], out: Path) -> None:
+    """Run every unfinished cell, with a progress display (the report is :mod:`fedlora.report`'s)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fedlora.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
@@ -117,4 +115,3 @@ def run_sweep(cells: list[Cell], overrides: list[str], out: Path) -> Path:
                 continue
             (folder / CELL).write_text(json.dumps(asdict(cell) | {"epsilon": format_epsilon(cell.epsilon)}))
             progress.advance(task)
-    return write_report(out)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fedlora.groups import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,17 @@ def train_steps(
             after_step()
         total += loss.item()
     return LocalResult(steps=steps, mean_loss=total / steps)
+
+
+def local_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of a client round: ``local_steps``, or ``local_epochs`` passes over its examples."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps
+    return cfg.local_epochs * math.ceil(num_examples / cfg.batch_size)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """A fresh local optimizer for one round (``train.optimizer``)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -8,16 +8,26 @@ being sent. Each round the server broadcasts ``broadcast(state)``, plus
 ``fixed(state)`` to a node that does not hold it yet (tensors fixed for the run,
 such as Fed-SB's A and B); each sampled client loads them, trains the tensors for
 which ``trainable(key)`` holds and sends ``payload(adapters)``; the server combines
-the payloads into a new state with ``aggregate``. ``export(state)`` gives a
-standard LoRA (A, B per module) that peft can load. Modules trained in full
-(``Role.DENSE``, e.g. a task head) travel with the payload when the run trains
-them and are averaged with the same weights.
+the payloads into a new state with ``aggregate`` (by default the weighted mean of
+what the clients sent). ``export(state)`` gives a standard LoRA (A, B per module)
+that peft can load. Modules trained in full (``Role.DENSE``, e.g. a task head)
+travel with the payload when the run trains them and are averaged with the same weights.
 
-Two strategies (FLoRA, FedEx) also change the base weights: with ``folds`` set,
-``fold(state, payloads, p)`` returns low-rank factors (A_f, B_f per module) whose
-product s * B_f A_f the server and every client add to W0 (the Flower side keeps
-nodes that skipped rounds in step). FLoRA's clients may use different ranks
-(``client_rank``) and start each round from a fresh adapter (``start``).
+A method's extra steps are declared here and carried out elsewhere, once:
+- ``fold(state, payloads, p)``: low-rank factors (A_f, B_f per module) whose product
+  s * B_f A_f the server and every client add to W0 (FLoRA, FedEx; the default folds
+  nothing); ``fedlora.folding`` keeps nodes that skipped rounds in step.
+- ``gradient_init``: a :class:`GradientInit` when the state is initialised from
+  base-weight gradients before round 1 (Fed-SB's LoRA-SB), else None;
+  ``fedlora.gradient_init`` runs it and calls ``initialise``.
+- ``client_rank``: the rank each client trains (FLoRA's heterogeneous ranks;
+  ``fedlora.lora.RankMask`` applies it); ``start``: what a client loads at the start
+  of a round (FLoRA's fresh adapter); ``prepare_model``: changes to the peft model
+  (Fed-SB's R between A and B).
+
+(``DESIGN.md`` sketches ``init(adapters, state)`` and ``apply(model, state)``; here the
+seeded draw is ``initial_state``, a client's per-round draw ``start``, and the one change
+to the model ``prepare_model``, so that loading a state is the same ``lora.write`` for all.)
 
 Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
 A (r, d_in), s = alpha / r; client k holds n_k examples.
@@ -25,12 +35,12 @@ A (r, d_in), s = alpha / r; client k holds n_k examples.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from fedlora.lora import AdapterKey, Role, Tensors
 
@@ -122,13 +132,25 @@ def partner(key: AdapterKey, role: Role) -> AdapterKey:
     return AdapterKey(key.module, role, key.param)
 
 
-class Strategy(ABC):
+@dataclass(frozen=True)
+class GradientInit:
+    """A gradient-based initialisation before round 1: base-weight gradients summed over ``samples``
+    examples, from the clients sampled for round 0 (``source="clients"``) or a public calibration file."""
+
+    source: str
+    samples: int
+
+    @property
+    def from_clients(self) -> bool:
+        return self.source == "clients"
+
+
+class Strategy:
     """One federated LoRA method: what clients train and send, how the server combines it."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
-    uses_r: ClassVar[bool] = False  # an r x r matrix R between A and B (Fed-SB)
-    folds: ClassVar[bool] = False  # folds a low-rank update into the base weights each round (FLoRA, FedEx)
+    adapter_roles: ClassVar[frozenset[Role]] = frozenset({Role.A, Role.B})  # the LoRA tensors of a module
     metric_columns: ClassVar[tuple[str, ...]] = ()  # diagnostics aggregate() leaves in self.report
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
@@ -147,9 +169,12 @@ class Strategy(ABC):
         return rank
 
     @property
-    def gradient_init(self) -> bool:
-        """Whether the state is initialised from base-weight gradients before round 1 (LoRA-SB)."""
-        return False
+    def gradient_init(self) -> GradientInit | None:
+        """How the state is initialised from base-weight gradients before round 1 (LoRA-SB); None: it is not."""
+        return None
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the freshly built peft model in place (Fed-SB: R between A and B). Default: nothing."""
 
     # -- client side ---------------------------------------------------------
     def client_rank(self, partition_id: int, *, rank: int) -> int:
@@ -186,19 +211,23 @@ class Strategy(ABC):
     def initialise(
         self, state: Tensors, gradients: Tensors, *, lr: float, total_steps: int, generator: torch.Generator
     ) -> Tensors:
-        """The round-1 state from summed base-weight gradients (``Role.BASE``); only if ``gradient_init``."""
+        """The round-1 state from summed base-weight gradients (``Role.BASE``); only with a ``gradient_init``."""
         raise NotImplementedError(f"{self.name} has no gradient initialisation")
 
-    @abstractmethod
     def aggregate(
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
-        """The next state from the clients' payloads and their normalised weights p."""
+        """The next state from the clients' payloads and their normalised weights p.
+
+        Default: every tensor the clients sent replaced by sum_k p_k T_k (exact when the
+        other factor is shared: FFA-LoRA's B, Fed-SB's R; FedAvg's inexact mean of A and B).
+        """
+        return average_payloads(state, payloads, p)
 
     def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
         """Factors (A_f, B_f per module) whose s * B_f A_f joins the base weights after this round.
 
-        Called after ``aggregate`` with its result as ``state``; only if ``folds``.
+        Called after ``aggregate`` with its result as ``state``. Default: nothing is folded.
         """
         return {}
 

@@ -49,13 +49,13 @@ authors' code:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from fedlora.lora import Role, Tensors
-from strategies.base import Strategy, StrategyConfig, average_payloads, by_role, partner
+from fedlora.lora import Role, Tensors, insert_r
+from strategies.base import GradientInit, Strategy, StrategyConfig, by_role, partner
 
 INIT_SVDS = ("lowrank", "exact")
 
@@ -124,19 +124,23 @@ def lora_sb_factors(
 
 
 class FedSB(Strategy):
-    """Train and average the r x r matrix R between fixed, LoRA-SB-initialised B and A."""
+    """Train and average the r x r matrix R (R <- sum_k p_k R_k, the default ``aggregate``) between fixed,
+    LoRA-SB-initialised B and A."""
 
     name = "fed_sb"
     config_class = FedSBConfig
-    uses_r = True
+    adapter_roles = frozenset({Role.A, Role.B, Role.R})
 
     @classmethod
     def lora_alpha(cls, config: StrategyConfig, *, rank: int, alpha: float) -> float:
         return float(rank)  # s = 1: R carries the update's scale
 
     @property
-    def gradient_init(self) -> bool:
-        return True
+    def gradient_init(self) -> GradientInit:
+        return GradientInit(source=self.config.init_source, samples=self.config.init_samples)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        insert_r(model)  # an identity R between every LoRA A and B
 
     def trainable(self, key) -> bool:
         return key.role is Role.R
@@ -163,12 +167,6 @@ class FedSB(Strategy):
             )
             new[partner(key, Role.B)], new[partner(key, Role.R)], new[a_key] = b, r0, a
         return new
-
-    def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
-    ) -> Tensors:
-        """R <- sum_k p_k R_k (and dense modules alike); A and B unchanged."""
-        return average_payloads(state, payloads, p)
 
     def broadcast(self, state: Tensors) -> Tensors:
         return {k: v for k, v in state.items() if k.role not in (Role.A, Role.B)}

@@ -7,21 +7,11 @@ which is the error the exact strategies remove.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from fedlora.lora import Tensors
-from strategies.base import Strategy, average_payloads
+from strategies.base import Strategy
 
 
 class FedAvg(Strategy):
-    """Example-weighted mean of every tensor the clients send."""
+    """Example-weighted mean of every tensor the clients send (the interface's default ``aggregate``):
+    B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k, and dense modules alike."""
 
     name = "fedavg"
-
-    def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
-    ) -> Tensors:
-        """B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k (and dense modules alike)."""
-        return average_payloads(state, payloads, p)

@@ -23,20 +23,13 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.lora import Role, Tensors
-from strategies.base import Strategy, average_payloads, stack
+from strategies.base import Strategy, stack
 
 
 class FedEx(Strategy):
-    """FedAvg's factors, plus the exact residual in the base weights."""
+    """FedAvg's factors (the default ``aggregate``), plus the exact residual in the base weights."""
 
     name = "fedex"
-    folds = True
-
-    def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
-    ) -> Tensors:
-        """B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k (and dense modules alike)."""
-        return average_payloads(state, payloads, p)
 
     def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
         """The residual sum_k p_k B_k A_k - B_bar A_bar as factors [B_k.. | B_bar], [p_k A_k..; -A_bar]."""

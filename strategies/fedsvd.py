@@ -54,13 +54,6 @@ def refactorise(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return new_b.to(b.dtype), new_a.to(a.dtype)
 
 
-def refactorise_full(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same from a thin SVD of the full d_out x d_in product (the reference for tests)."""
-    rank = b.shape[1]
-    u, s, vh = torch.linalg.svd(b.to(torch.float64) @ a.to(torch.float64), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).to(b.dtype), vh[:rank].to(a.dtype)
-
-
 class FedSVD(FFALora):
     """FFA-LoRA's B-only training, plus an SVD refactorisation of B_bar A on the server."""
 

@@ -16,13 +16,12 @@ values than vanilla LoRA's. ``alpha`` (default 64, i.e. s = 8 at r = 8, four tim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fedlora.lora import AdapterKey, Role, Tensors
-from strategies.base import Strategy, StrategyConfig, average_payloads, kaiming_a
+from strategies.base import Strategy, StrategyConfig, kaiming_a
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class FFALoraConfig(StrategyConfig):
 
 
 class FFALora(Strategy):
-    """Train and average B only; A frozen at a seeded random draw."""
+    """Train and average B only (B <- sum_k p_k B_k, the default ``aggregate``); A frozen at a seeded draw."""
 
     name = "ffa_lora"
     config_class = FFALoraConfig
@@ -60,12 +59,6 @@ class FFALora(Strategy):
             elif key.role is Role.B:
                 state[key] = torch.zeros_like(adapters[key])
         return state
-
-    def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
-    ) -> Tensors:
-        """B <- sum_k p_k B_k (and dense modules alike); A unchanged."""
-        return average_payloads(state, payloads, p)
 
     def broadcast(self, state: Tensors) -> Tensors:
         """Everything but A, which every process already holds from the seed."""

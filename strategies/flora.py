@@ -77,7 +77,6 @@ class FLoRA(Strategy):
 
     name = "flora"
     config_class = FLoRAConfig
-    folds = True
 
     @classmethod
     def model_rank(cls, config: FLoRAConfig, *, rank: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.cli import compose
+from fedlora.compose import compose
 from fedlora.config import RunConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

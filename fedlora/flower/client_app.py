@@ -2,8 +2,10 @@
 
 All heavy state lives in :mod:`fedlora.worker`'s per-process cache, not in this
 app's closure: Ray ships the ClientApp by value with every message, so the closure
-holds only the flat run config (a few hundred bytes). What a node must keep between
-rounds (tensors fixed for the run, sent once) lives in its ``context.state``.
+holds only the App run config (a few hundred bytes); the config is read as the
+ServerApp reads it (:func:`fedlora.appconfig.from_run_config`, cached per process).
+What a node must keep between rounds (tensors fixed for the run, sent once; its base
+delta; its DP ledger) lives in its ``context.state``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import gradient_init
+from fedlora.accounting import Step
 from fedlora.appconfig import from_run_config
 from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.folding import catch_up
 from fedlora.lora import Tensors
-from fedlora.privacy import Step
 from fedlora.worker import Worker, get_worker
 
 
-def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp for the run ``flat`` (or the context's run config when None)."""
+def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp for the App run config ``run_config`` (None: the context's, as deployed)."""
     app = ClientApp()
 
     @app.query()
@@ -34,8 +37,7 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        cfg = RunConfig.from_flat(flat) if flat is not None else from_run_config(context.run_config)
-        return train(msg, context, cfg)
+        return train(msg, context, from_run_config(run_config if run_config is not None else context.run_config))
 
     return app
 
@@ -78,7 +80,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     history = ledger.history if ledger is not None else None
     if init:
         share = int(config[records.INIT_EXAMPLES])
-        payload, _ = worker.init_round(pid, num_examples=share, history=history)
+        payload, _ = gradient_init.client_share(worker, pid, num_examples=share, history=history)
     else:
         received = records.from_record(msg.content[records.ARRAYS])
         received |= fixed_tensors(msg, context)

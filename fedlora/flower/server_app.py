@@ -1,13 +1,16 @@
 """The ServerApp: one federated run, the same in simulation and deployment.
 
-Simulation builds it with :func:`make_server_app` (the run config travels by
-closure, since ``run_simulation`` takes none); a deployment loads the module-level
-``app``, which reads ``context.run_config`` (``RunConfig.to_flat()`` form).
+Both read the run's config the same way, from the Flower App's run config
+(:func:`fedlora.appconfig.from_run_config`): a deployment from ``context.run_config``,
+a simulation from the closure of :func:`make_server_app` (``run_simulation`` takes
+no run config). The round loop is :class:`fedlora.flower.rounds.FlowerRounds`'; this
+module discovers the nodes, resumes, evaluates, checkpoints and exports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,15 +20,17 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import gradient_init
 from fedlora.appconfig import from_run_config
-from fedlora.checkpoint import CHECKPOINT, METRICS, MetricsLog, load_checkpoint_meta, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT, load_checkpoint_meta, save_checkpoint
 from fedlora.config import RunConfig
 from fedlora.export import export_adapter
 from fedlora.flower import records
-from fedlora.flower.strategy import FedLoraStrategy
+from fedlora.flower.rounds import FlowerRounds
 from fedlora.lora import Role
-from fedlora.privacy import NOT_PRIVATE, NOT_PRIVATE_COLUMN, UNSAFE_WARNING
-from fedlora.worker import get_worker
+from fedlora.metrics import METRICS, MetricsLog, columns, round_row
+from fedlora.privacy import UNSAFE_WARNING
+from fedlora.worker import Worker, get_worker
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +39,15 @@ ADAPTER_DIR = "adapter"
 SERVER_LOG = "server.log"
 
 
-def make_server_app(flat: Mapping[str, Any] | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
-    """A ServerApp for the run ``flat`` (or the context's run config when None)."""
+def make_server_app(run_config: Mapping[str, Any] | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
+    """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if flat is not None:
-            cfg = RunConfig.from_flat(flat)
-        else:  # a deployment: the run config is the App's (pyproject.toml) with the run's overrides
-            cfg = from_run_config(context.run_config)
-            cfg.output_dir = cfg.output_dir or f"outputs/run-{context.run_id}"
+        cfg = from_run_config(run_config if run_config is not None else context.run_config)
+        if not cfg.output_dir:  # a copy: the parsed config is cached per process
+            cfg = dataclasses.replace(cfg, output_dir=f"outputs/run-{context.run_id}")
         run_server(grid, cfg, on_round=on_round)
 
     return app
@@ -82,68 +85,58 @@ def run_log(path: Path) -> Iterator[None]:
 
 
 def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None) -> Path:
-    worker = get_worker(cfg)
-    nodes = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
-    fl = FedLoraStrategy(worker, worker.initial_state(), nodes_by_partition=nodes)
-    resumed = resume(fl, out) if cfg.server.resume else None
-    if resumed is None and worker.strategy.gradient_init:
-        fl.initialise(grid, timeout=cfg.server.round_timeout)
-    privacy_columns = ("refused", "epsilon_max", "epsilon_mean") if cfg.privacy.enabled else ()
-    unsafe = cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness
-    if unsafe:  # every row says it: a reader of metrics.csv alone must not take epsilon for a guarantee
-        privacy_columns += (NOT_PRIVATE_COLUMN,)
+    worker = get_worker(cfg).warm_up()
+    if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
-    metrics = MetricsLog(out / METRICS, extra=(*privacy_columns, *worker.strategy.metric_columns), resume_after=resumed)
+    nodes = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
+    rounds = FlowerRounds(cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names)
+    resumed = resume(rounds, out) if cfg.server.resume else None
+    if resumed is None:
+        initialise(grid, rounds, worker)
+    metrics = MetricsLog(out / METRICS, columns(cfg.privacy, worker.strategy.metric_columns), resume_after=resumed)
 
-    def evaluate(server_round: int) -> None:
-        stats = fl.stats.get(server_round)
+    def after_round(server_round: int) -> None:
+        stats = rounds.stats.get(server_round)
+        started = time.perf_counter()
         every = cfg.train.eval_every
         due = every > 0 and (server_round % every == 0 or server_round == cfg.rounds)
-        started = time.perf_counter()
-        base = fl.fold_log.delta if fl.fold_log is not None else None
-        result = worker.evaluate(fl.state, base=base) if due else {}  # the full state: broadcasts may omit some
-        save_checkpoint(out, fl.state | (base or {}), server_round=server_round, meta=checkpoint_meta(fl))
-        row = {
-            "round": server_round,
-            "test_accuracy": result.get("accuracy"),
-            "test_loss": result.get("loss"),
-            "wall_s": time.perf_counter() - (stats.started if stats else started),
-        }
-        if stats is not None:
-            row |= {
-                "train_loss": stats.train_loss,
-                "replies_expected": stats.replies_expected,
-                "replies_received": stats.replies_received,
-                "replies_rejected": stats.replies_rejected,
-                "numbers_up": stats.numbers_up,
-                "bytes_up": stats.bytes_up,
-                "numbers_down": stats.numbers_down,
-                "bytes_down": stats.bytes_down,
-                **stats.report,
-                **(stats.privacy() if cfg.privacy.enabled else {}),
-            }
-        if unsafe:
-            row[NOT_PRIVATE_COLUMN] = NOT_PRIVATE
+        base = rounds.fold_log.delta
+        evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
+        save_checkpoint(out, rounds.state | base, server_round=server_round, meta=checkpoint_meta(rounds))
+        wall_s = time.perf_counter() - (stats.started if stats else started)
+        row = round_row(server_round, evaluation, stats, privacy=cfg.privacy, wall_s=wall_s)
         metrics.append(row)
         if on_round is not None:
             on_round(row)
 
     if resumed is None:
-        evaluate(0)
+        after_round(0)
     else:
         log.info("resuming after round %d of %d from %s", resumed, cfg.rounds, out / CHECKPOINT)
-    fl.run(grid, first_round=(resumed or 0) + 1, evaluate_fn=evaluate)
-    export_adapter(worker, fl.state, out / ADAPTER_DIR, fold_log=fl.fold_log)
+    rounds.run(grid, first_round=(resumed or 0) + 1, after_round=after_round)
+    export_adapter(worker, rounds.state, out / ADAPTER_DIR, fold_log=rounds.fold_log)
     return out
 
 
+def initialise(grid: Grid, rounds: FlowerRounds, worker: Worker) -> None:
+    """The strategy's gradient initialisation before round 1, if it has one (Fed-SB's LoRA-SB)."""
+    init = worker.strategy.gradient_init
+    if init is None:
+        return
+    if init.from_clients:
+        gradients = rounds.gradient_round(grid, init, expected=gradient_init.expected(worker))
+    else:  # a public calibration file: the server computes it, nothing is sent
+        gradients, _ = gradient_init.from_calibration(worker, init.source, num_examples=init.samples)
+    rounds.state = gradient_init.initialise(worker, rounds.state, gradients)
+
+
 # -- checkpoints: everything a restarted ServerApp needs to go on ------------------------
-def checkpoint_meta(fl: FedLoraStrategy) -> dict[str, Any]:
+def checkpoint_meta(rounds: FlowerRounds) -> dict[str, Any]:
     """What the tensors do not hold: the run it belongs to, D's version, the DP ledgers."""
     return {
-        "config": _resumable(fl.worker.cfg),
-        "fold_version": fl.fold_log.version if fl.fold_log is not None else None,
-        "ledgers": {str(pid): [list(step) for step in history] for pid, history in fl.ledgers.items()},
+        "config": _resumable(rounds.cfg),
+        "fold_version": rounds.fold_log.version,
+        "ledgers": {str(pid): [list(step) for step in history] for pid, history in rounds.ledgers().items()},
     }
 
 
@@ -156,21 +149,25 @@ def _resumable(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def resume(fl: FedLoraStrategy, out: Path) -> int | None:
-    """Load ``out``'s checkpoint into ``fl``; the round it was taken after (None: no checkpoint)."""
+def resume(rounds: FlowerRounds, out: Path) -> int | None:
+    """Load ``out``'s checkpoint into ``rounds``; the round it was taken after (None: no checkpoint)."""
     path = out / CHECKPOINT
     if not path.exists():
         log.info("server.resume: no checkpoint in %s, starting from round 1", out)
         return None
     tensors, server_round, meta = load_checkpoint_meta(path)
-    theirs, ours = meta.get("config", {}), _resumable(fl.worker.cfg)
+    theirs, ours = meta.get("config", {}), _resumable(rounds.cfg)
     differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     if differ:
         raise ValueError(f"the checkpoint in {out} is from a different run: {differ[:5]} differ")
-    fl.state = {k: v for k, v in tensors.items() if k.role is not Role.BASE}
-    if fl.fold_log is not None:
-        fl.fold_log.restore({k: v for k, v in tensors.items() if k.role is Role.BASE}, meta["fold_version"])
-    fl.ledgers = {int(pid): [tuple(step) for step in history] for pid, history in meta["ledgers"].items()}
+    rounds.state = {k: v for k, v in tensors.items() if k.role is not Role.BASE}
+    rounds.fold_log.restore({k: v for k, v in tensors.items() if k.role is Role.BASE}, meta["fold_version"] or 0)
+    for pid, history in meta["ledgers"].items():
+        ledger = [tuple(step) for step in history]
+        if int(pid) in rounds.nodes:
+            rounds.nodes[int(pid)].ledger = ledger
+        else:
+            rounds.absent_ledgers[int(pid)] = ledger
     return server_round
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.cli import compose, main
+from fedlora.cli import main
+from fedlora.compose import compose
 from fedlora.config import ConfigError, RunConfig, build_strategy_config
 
 
@@ -132,3 +133,13 @@ def test_missing_label_column_is_named(tmp_path, capsys: pytest.CaptureFixture[s
     assert code == 2
     err = capsys.readouterr().err
     assert "data.label_column 'label' is not a column" in err and "['text', 'y']" in err
+
+
+def test_simulate_help_lists_the_chosen_strategy_s_keys_and_every_strategy_s_own(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "strategy=fed_sb", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "strategy.init_source=clients" in out and "strategy.init_svd_iters=10" in out
+    for own in ("fed_sb     init_source=clients", "flora      client_ranks=", "fedsvd     alpha=64.0 refactor_every=1"):
+        assert own in out, own

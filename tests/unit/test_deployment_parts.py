@@ -15,11 +15,13 @@ from flwr.common.config import flatten_dict, parse_config_args
 
 from fedlora import deploy
 from fedlora.appconfig import app_defaults, from_run_config, run_config_for, to_overrides, toml_section
-from fedlora.checkpoint import MetricsLog, load_checkpoint_meta, read_metrics, save_checkpoint
-from fedlora.cli import compose, main
+from fedlora.checkpoint import load_checkpoint_meta, save_checkpoint
+from fedlora.cli import main
+from fedlora.compose import compose
 from fedlora.config import ConfigError
 from fedlora.data import load_splits
 from fedlora.lora import AdapterKey, Role
+from fedlora.metrics import MetricsLog, read_metrics
 from fedlora.validation import reject_reason, update_norm
 from fedlora.worker import Worker
 
@@ -107,8 +109,8 @@ def test_expected_reply_has_the_shapes_each_client_sends(make_config) -> None:
         cfg = make_config("clients=2", *overrides)
         worker = Worker(cfg, num_partitions=2)
         state = worker.initial_state()
-        expected = worker.expected_reply(pid, state, server_round=1)
-        sent = {k: v for k, v in worker.sent_down(state).items()}
+        expected = worker.protocol.expected_reply(pid, state, server_round=1)
+        sent = {k: v for k, v in worker.protocol.download(state).items()}
         payload, _, _ = worker.train_round(pid, sent, server_round=1)
         assert {k: tuple(v.shape) for k, v in payload.items()} == {k: tuple(v.shape) for k, v in expected.items()}
         assert reject_reason(payload, expected) is None

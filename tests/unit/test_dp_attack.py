@@ -19,7 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import lora, privacy
 from fedlora.flower import client_app, records
-from fedlora.worker import Worker, derive_seed
+from fedlora.seeds import Stream, seed_of
+from fedlora.worker import Worker
 
 PID = 1
 SIGMA = 2.0
@@ -83,7 +84,7 @@ def init_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, float
 
     # The attacker: the generator an unsafe client would use, advanced past the Poisson mask.
     n = len(worker.partitions[PID])
-    g = torch.Generator().manual_seed(derive_seed(derive_seed(cfg.seed, 0, PID), -5))
+    g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=0, client=PID))
     torch.rand(n, generator=g)
     guess = {k: released[k] - SIGMA * torch.randn(released[k].shape, generator=g) for k in keys}
     return recovery(guess, truth)
@@ -116,7 +117,7 @@ def round_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, floa
 
     monkeypatch.setattr(opacus_optimizer, "_generate_noise", recording)
     worker = Worker(cfg, num_partitions=cfg.clients)
-    start = worker.sent_down(worker.initial_state())
+    start = worker.protocol.download(worker.initial_state())
     config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.splits.label_names)}
     reply = reply_of(cfg, config, records.to_record(start))
     assert_nothing_unprotected(reply)
@@ -130,7 +131,7 @@ def round_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, floa
     expected = int(n * rate)
     observed = {k: -expected * (payload[k] - start[k]) / cfg.train.lr for k in keys}
     # The attacker regenerates the unsafe client's draws: the loader's base seed, the Poisson mask, the noise.
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, PID, -5))
+    g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=1, client=PID))
     torch.empty((), dtype=torch.int64).random_(generator=g)
     torch.rand(n, generator=g)
     guess = {k: observed[k] - torch.normal(0, SIGMA, observed[k].shape, generator=g) for k in keys}

@@ -12,10 +12,17 @@ import torch
 from fedlora.lora import AdapterKey, Role
 from strategies.base import partner
 from strategies.fed_sb import lora_sb_factors
-from strategies.fedsvd import refactorise, refactorise_full
+from strategies.fedsvd import refactorise
 from tests.helpers import MODULES, make, random_adapter
 
 S = 2.0  # the scaling `make` gives every strategy
+
+
+def refactorise_full(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedSVD's refactorisation from a thin SVD of the full d_out x d_in product: the reference."""
+    rank = b.shape[1]
+    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]
 
 
 def full_update(name: str, tensors: dict, module: str) -> torch.Tensor:
@@ -30,7 +37,7 @@ def clients(name: str, k: int = 4, seed: int = 3) -> tuple[object, dict, list[di
     """(strategy, state, payloads, clients' full adapters, p) for k clients with random updates."""
     s = make(name)
     g = torch.Generator().manual_seed(seed)
-    state = s.initial_state(random_adapter(g, with_r=s.uses_r), generator=g)
+    state = s.initial_state(random_adapter(g, with_r=Role.R in s.adapter_roles), generator=g)
     if name == "fed_sb":  # B, A as the LoRA-SB init leaves them; any fixed pair would do
         state = {**state, **random_adapter(g, with_r=True)}
     locals_, payloads = [], []

@@ -128,7 +128,9 @@ def test_merging_and_a_fresh_adapter_give_the_model_with_the_adapter(make_config
 
 def test_a_lower_rank_client_trains_and_sends_only_its_rank(make_config) -> None:
     worker = Worker(make_config("strategy=flora", "strategy.client_ranks=[2,8]", "train.lr=0.05"), num_partitions=4)
-    assert worker.cfg.model_rank == 8 and worker.client_rank(0) == 2 and worker.client_rank(1) == 8
+    assert (
+        worker.cfg.model_rank == 8 and worker.protocol.rank_mask(0).rank == 2 and worker.protocol.rank_mask(1).rank == 8
+    )
     payload, _, _ = worker.train_round(0, {}, server_round=1, base={})
     for key, value in payload.items():
         if key.role is Role.A:

@@ -9,15 +9,16 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora import lora
+from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
 from fedlora.config import ConfigError, PrivacyConfig
-from fedlora.privacy import ClientPlan, calibrate, client_delta, clip_and_noise, compress, dp_sgd, epsilon, make_plan
+from fedlora.privacy import clip_and_noise, dp_sgd
 from fedlora.task import TASK
 from fedlora.train import cycle, train_steps
 from fedlora.worker import Worker
 
 
 def round_from_start(worker: Worker, history: list | None = None) -> dict:
-    start = worker.sent_down(worker.initial_state())
+    start = worker.protocol.download(worker.initial_state())
     payload, _, _ = worker.train_round(3, start, server_round=1, history=history)
     return payload
 
@@ -25,9 +26,9 @@ def round_from_start(worker: Worker, history: list | None = None) -> dict:
 def local_round(worker: Worker, *, dp: bool) -> dict:
     """Two AdamW steps on client 3's first fixed batches, plain or through Opacus with fixed (non-Poisson)
     batches, no noise and a clipping bound no gradient reaches."""
-    lora.set_trainable(worker.params, worker.trainable_keys)
+    lora.set_trainable(worker.params, worker.protocol.trainable)
     lora.write(worker.params, worker.initial_state())
-    params = [worker.params[k] for k in sorted(worker.trainable_keys)]
+    params = [worker.params[k] for k in sorted(worker.protocol.trainable)]
     optimizer = torch.optim.AdamW(params, lr=0.01)
     batches = worker.shuffled(worker.client_data(3), seed=7)
     run = partial(train_steps, steps=2, device=worker.device)
@@ -46,7 +47,7 @@ def local_round(worker: Worker, *, dp: bool) -> dict:
             poisson=False,  # the same batches as the plain round
         ) as (model, dp_optimizer, loader, criterion):
             run(model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer)
-    return {k: worker.params[k].detach().clone() for k in worker.trainable_keys}
+    return {k: worker.params[k].detach().clone() for k in worker.protocol.trainable}
 
 
 def test_without_noise_or_reachable_clipping_dp_sgd_equals_plain_training(make_config) -> None:
@@ -80,8 +81,8 @@ def test_per_sample_gradients_are_clipped(make_config) -> None:
     gradient: its norm is at most C, though the raw gradients are far larger."""
     worker = Worker(make_config(), num_partitions=10)
     model, c = worker.model, 1e-3
-    lora.set_trainable(worker.params, worker.trainable_keys)
-    trainable = [worker.params[k] for k in sorted(worker.trainable_keys)]
+    lora.set_trainable(worker.params, worker.protocol.trainable)
+    trainable = [worker.params[k] for k in sorted(worker.protocol.trainable)]
     before = [p.detach().clone() for p in trainable]
     batches = worker.shuffled(worker.client_data(0), seed=1)
     optimizer = torch.optim.SGD(trainable, lr=1.0)

@@ -16,7 +16,7 @@ from tests.helpers import MODULES, make, random_adapter
 
 def client_payloads(strategy, k: int, seed: int = 0) -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(seed)
-    state = strategy.initial_state(random_adapter(g, with_r=strategy.uses_r), generator=g)
+    state = strategy.initial_state(random_adapter(g, with_r=Role.R in strategy.adapter_roles), generator=g)
     payloads = []
     for _ in range(k):
         trained = {key: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for key, v in state.items()}
@@ -84,7 +84,7 @@ def test_one_client_returns_its_own_model(name: str) -> None:
 def test_identical_clients_leave_the_state_unchanged(name: str) -> None:
     s = make(name)
     g = torch.Generator().manual_seed(5)
-    state = s.initial_state(random_adapter(g, with_r=s.uses_r), generator=g)
+    state = s.initial_state(random_adapter(g, with_r=Role.R in s.adapter_roles), generator=g)
     same = s.payload({k: v for k, v in state.items() if s.trainable(k)})
     before, after = updates(s, state), model_after(s, state, [same, same, same], s.weights([1, 2, 3]))
     for key in before:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora import lora
-from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora import gradient_init, lora
+from fedlora.checkpoint import load_checkpoint_meta, save_checkpoint
 from fedlora.config import ConfigError
 from fedlora.export import export_adapter
 from fedlora.flower import records
@@ -24,14 +24,14 @@ def base_weights(worker: Worker) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("head", ["train", "freeze"])
 def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> None:
     worker = Worker(make_config(f"train.head={head}", "train.lr=0.01"), num_partitions=10)
-    received = worker.sent_down(worker.initial_state())
+    received = worker.protocol.download(worker.initial_state())
     before = base_weights(worker)
     payload, num_examples, result = worker.train_round(3, received, server_round=1)
 
     assert num_examples == len(worker.partitions[3]) and result.steps == 2
     sent_roles = {k.role for k in payload}
     assert sent_roles == ({Role.A, Role.B, Role.DENSE} if head == "train" else {Role.A, Role.B})
-    assert all(k in worker.trainable_keys for k in payload)
+    assert all(k in worker.protocol.trainable for k in payload)
     # The base model (and a frozen head) is bit-identical after local training.
     after = base_weights(worker)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
@@ -39,7 +39,7 @@ def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> N
         assert changed and all("modules_to_save" in n for n in changed)
     else:
         assert changed == []
-        assert not any(k.role is Role.DENSE for k in worker.sent_down(worker.initial_state()))
+        assert not any(k.role is Role.DENSE for k in worker.protocol.download(worker.initial_state()))
     # LoRA B starts at zero and moves: the round did train.
     assert any(k.role is Role.B and v.abs().sum() > 0 for k, v in payload.items())
 
@@ -88,7 +88,7 @@ def test_checkpoint_and_wire_round_trips_are_bit_exact(make_config, tmp_path) ->
     worker = Worker(make_config(), num_partitions=10)
     state = worker.initial_state()
     path = save_checkpoint(tmp_path, state, server_round=7)
-    loaded, server_round = load_checkpoint(path)
+    loaded, server_round, _ = load_checkpoint_meta(path)
     assert server_round == 7 and loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     wire = records.from_record(records.to_record(state))
@@ -109,7 +109,7 @@ def test_lora_count_matches_the_formula(make_config) -> None:
 
 def test_minilm_learns_the_easy_synthetic_task() -> None:
     """Real pretrained MiniLM, two local rounds on one client: accuracy rises far above chance."""
-    from fedlora.cli import compose
+    from fedlora.compose import compose
 
     cfg, _ = compose(
         [
@@ -139,10 +139,13 @@ def test_only_the_strategy_s_tensors_train_and_travel(make_config, strategy: str
     worker = Worker(make_config(f"strategy={strategy}", "train.lr=0.01"), num_partitions=10)
     state = worker.initial_state()
     if strategy == "fed_sb":  # B = 0 before the LoRA-SB init would hide R's gradient
-        gradients, _ = worker.init_round(0, num_examples=8)
-        state = worker.initialise(state, gradients)
+        gradients, _ = gradient_init.client_share(worker, 0, num_examples=8)
+        state = gradient_init.initialise(worker, state, gradients)
+        worker.load(state)
     frozen = {k: v.detach().clone() for k, v in worker.params.items() if k.role in FROZEN_LORA[strategy]}
-    payload, _, _ = worker.train_round(2, {**worker.sent_down(state), **worker.strategy.fixed(state)}, server_round=1)
+    payload, _, _ = worker.train_round(
+        2, {**worker.protocol.download(state), **worker.strategy.fixed(state)}, server_round=1
+    )
     assert {k.role for k in payload} == SENT[strategy]
     assert all(torch.equal(worker.params[k], v) for k, v in frozen.items())  # bit-identical
     assert all(not worker.params[k].requires_grad for k in frozen)
@@ -158,7 +161,7 @@ def test_ffa_lora_a_is_bit_identical_in_every_process_and_never_sent(make_config
     assert a_keys and all(torch.equal(client.params[k], start[k]) for k in a_keys)
     state = start
     for server_round in (1, 2):
-        down = server.sent_down(state)
+        down = server.protocol.download(state)
         assert not any(k.role is Role.A for k in down)
         payload, _, _ = client.train_round(server_round, down, server_round=server_round)
         state = server.strategy.aggregate(state, [payload], server.strategy.weights([1]))
@@ -168,15 +171,15 @@ def test_ffa_lora_a_is_bit_identical_in_every_process_and_never_sent(make_config
 def test_fed_sb_model_and_lora_sb_init(make_config) -> None:
     cfg = make_config("strategy=fed_sb", "strategy.init_svd=exact")
     worker = Worker(cfg, num_partitions=10)
-    assert cfg.scaling == 1.0 and {k.role for k in worker.trainable_keys} == {Role.R, Role.DENSE}
+    assert cfg.scaling == 1.0 and {k.role for k in worker.protocol.trainable} == {Role.R, Role.DENSE}
     r_keys = [k for k in worker.params if k.role is Role.R]
     assert len(r_keys) == 2 * 2  # layers x target modules
     assert all(isinstance(worker.params[k], torch.nn.Parameter) and worker.params[k].shape == (8, 8) for k in r_keys)
-    gradients, used = worker.init_round(1, num_examples=12)
+    gradients, used = gradient_init.client_share(worker, 1, num_examples=12)
     assert used == min(12, len(worker.partitions[1]))
     base = {k.module: w for k, w in lora.base_weights(worker.model).items()}
     assert {k.module for k in gradients} == set(base) and all(not w.requires_grad for w in base.values())
-    state = worker.initialise(worker.initial_state(), gradients)
+    state = gradient_init.initialise(worker, worker.initial_state(), gradients)
     for key, grad in gradients.items():
         b, r0, a = (state[AdapterKey(key.module, role)] for role in (Role.B, Role.R, Role.A))
         eye = torch.eye(8)
@@ -205,12 +208,12 @@ def test_fed_sb_can_initialise_from_a_calibration_file(make_config, tmp_path) ->
     calib = tmp_path / "calib.csv"
     calib.write_text("text,label\n" + "goal match team,sports\nrain storm wind,weather\nrecipe pasta chef,food\n" * 4)
     worker = Worker(make_config("strategy=fed_sb", f"strategy.init_source={calib}"), num_partitions=10)
-    rows = worker.calibration
+    rows = gradient_init.calibration(worker, str(calib))
     names = worker.splits.label_names
     assert len(rows) == 12 and {names[i] for i in rows["labels"]} == {"sports", "weather", "food"}
-    gradients, used = worker.base_gradients(rows, num_examples=100, seed=0)
+    gradients, used = gradient_init.base_gradients(worker, rows, num_examples=100, seed=0)
     assert used == 12 and all(g.abs().sum() > 0 for g in gradients.values())
 
     calib.write_text("text,label\n" + "some text,cooking\nmore text,sports\n" * 3)
     with pytest.raises(ConfigError, match=r"calibration labels \['cooking'\]"):
-        _ = Worker(make_config("strategy=fed_sb", f"strategy.init_source={calib}"), num_partitions=10).calibration
+        gradient_init.calibration(Worker(make_config("strategy=fed_sb"), num_partitions=10), str(calib))

@@ -1,0 +1,233 @@
+"""The server's rounds on Flower: sample, send, collect, validate, aggregate. It owns the global state.
+
+:class:`FlowerRounds` holds the pure :class:`strategies.Strategy` (the math), the
+:class:`fedlora.protocol.Protocol` (what each client is sent and must reply), one
+:class:`NodeState` per client node and the :class:`fedlora.folding.FoldLog` of base
+weights that change (empty for strategies that fold nothing). It derives from no
+Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
+
+- Clients are sampled by partition id with a generator seeded by (seed, round), so a
+  run is reproducible although Flower's node ids are random.
+- Tensors fixed for the run (``strategy.fixed``: Fed-SB's A and B) go to each node
+  once and stay in its ``context.state``; a node that lost them fails its round and
+  gets them with its next one.
+- A node of a folding strategy (FLoRA, FedEx) gets what brings its base weights to
+  the current version: the folds it missed, or the server's D.
+- Every reply goes through :func:`fedlora.flower.collect.collect` (ordering by
+  partition, failures, DP ledgers and refusals, byte counts) and is checked against
+  what the protocol says the client must send (:mod:`fedlora.validation`); a round
+  with fewer than ``server.min_replies`` good replies leaves the state unchanged.
+- Fed-SB's round 0 (its clients' base-weight gradients) is collected the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora.accounting import Step
+from fedlora.config import RunConfig
+from fedlora.flower import records
+from fedlora.flower.collect import NodeState, Outgoing, collect
+from fedlora.folding import FoldLog, FoldUpdate
+from fedlora.lora import Tensors
+from fedlora.metrics import RoundStats
+from fedlora.protocol import Protocol
+from fedlora.schedule import sample_partitions
+from fedlora.validation import reject_reason
+from strategies.base import GradientInit
+
+log = logging.getLogger(__name__)
+
+Checked = tuple[Tensors, int, float | None]  # (payload, weight count, train loss)
+
+
+class FlowerRounds:
+    """Runs the training rounds (and Fed-SB's round 0) of one run; ``state`` is the global state."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        protocol: Protocol,
+        state: Tensors,
+        nodes_by_partition: dict[int, int],
+        *,
+        label_names: tuple[str, ...],
+    ) -> None:
+        self.cfg = cfg
+        self.protocol = protocol
+        self.strategy = protocol.strategy
+        self.state = state
+        self.nodes = {pid: NodeState(node) for pid, node in sorted(nodes_by_partition.items())}
+        self.absent_ledgers: dict[int, list[Step]] = {}  # of partitions with no node in this run (a resume)
+        self.fold_log = FoldLog(scaling=self.strategy.scaling)
+        self.stats: dict[int, RoundStats] = {}
+        self.label_names = list(label_names)
+        self._fixed_digest = ""
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids to train this round: seeded by (seed, round), sorted."""
+        cfg = self.cfg
+        return sample_partitions(list(self.nodes), cfg.sampled_per_round, seed=cfg.seed, server_round=server_round)
+
+    def ledgers(self) -> dict[int, list[Step]]:
+        """Every client's latest DP accountant history (what a checkpoint keeps)."""
+        return self.absent_ledgers | {pid: n.ledger for pid, n in self.nodes.items() if n.ledger is not None}
+
+    def run(self, grid: Grid, *, first_round: int, after_round) -> None:
+        """Rounds ``first_round`` .. ``cfg.rounds``; ``after_round(round)`` after each (evaluation, logs)."""
+        for server_round in range(first_round, self.cfg.rounds + 1):
+            self.train_round(grid, server_round)
+            after_round(server_round)
+
+    # -- a training round ---------------------------------------------------------------------
+    def train_round(self, grid: Grid, server_round: int) -> None:
+        chosen = self.sample(server_round)
+        stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
+        online = set(grid.get_node_ids())
+        offline = [pid for pid in chosen if self.nodes[pid].node_id not in online]
+        if offline:
+            log.warning("round %d: partition(s) %s sampled but their nodes are offline", server_round, offline)
+        outgoing = self._train_messages(server_round, [pid for pid in chosen if pid not in offline], stats)
+        log.debug("round %d: training partitions %s", server_round, [o.partition for o in outgoing])
+        accepted = collect(
+            grid,
+            outgoing,
+            nodes=self.nodes,
+            stats=stats,
+            server_round=server_round,
+            timeout=self.cfg.server.round_timeout,
+            check=partial(self._check, server_round=server_round),
+        )
+        needed = self.cfg.server.min_replies
+        if len(accepted) < needed:
+            log.warning(
+                "round %d: %d valid replies, fewer than server.min_replies=%d; the global adapter is unchanged",
+                server_round, len(accepted), needed,
+            )  # fmt: skip
+            return
+        payloads, counts, losses = zip(*(checked for _, checked in accepted), strict=True)
+        p = self.strategy.weights(counts)
+        self.state = self.strategy.aggregate(self.state, payloads, p, server_round=server_round)
+        stats.report = dict(self.strategy.report)
+        if factors := self.strategy.fold(self.state, payloads, p):
+            self.fold_log.append(factors)
+        if None not in losses:
+            stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
+
+    def _train_messages(self, server_round: int, chosen: list[int], stats: RoundStats) -> list[Outgoing]:
+        arrays = records.to_record(self.protocol.download(self.state))
+        fixed = self.strategy.fixed(self.state)
+        digest = records.digest(fixed) if fixed else ""
+        if digest != self._fixed_digest:  # new fixed tensors: no node holds them yet
+            self._fixed_digest = digest
+            for node in self.nodes.values():
+                node.holds_fixed = False
+        fixed_record = records.to_record(fixed) if fixed else None
+        arrays_size = records.size(arrays)
+        fixed_size = records.size(fixed_record) if fixed_record is not None else (0, 0)
+        base = {records.SERVER_ROUND: server_round, records.FIXED_DIGEST: digest, records.LABELS: self.label_names}
+        fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
+        outgoing = []
+        for pid in chosen:
+            node = self.nodes[pid]
+            config = ConfigRecord(dict(base))
+            content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
+            if node.ledger is not None:
+                content[records.PRIVACY] = records.ledger_record(node.ledger)
+            update = self.fold_log.update_for(node.base_version)
+            fold_arrays = self._fold_records(update, fold_records)
+            records.put_fold_update(content, config, update, fold_arrays)
+            stats.add_down(arrays_size)
+            for record in fold_arrays:
+                stats.add_down(records.size(record))
+            carries_fixed = fixed_record is not None and not node.holds_fixed
+            if carries_fixed:
+                content[records.FIXED] = fixed_record
+                stats.add_down(fixed_size)
+            message = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN)
+            outgoing.append(Outgoing(pid, message, carries_fixed=carries_fixed, base_version=update.end))
+        return outgoing
+
+    def _fold_records(self, update: FoldUpdate, cache: dict[object, ArrayRecord]) -> list[ArrayRecord]:
+        """The records carrying ``update``: D, or one per entry (each converted once per round)."""
+        if update.dense is not None:
+            if "dense" not in cache:
+                cache["dense"] = records.to_record(update.dense)
+            return [cache["dense"]]
+        out = []
+        for i, entry in enumerate(update.entries, start=update.start):
+            if i not in cache:
+                cache[i] = records.to_record(entry)
+            out.append(cache[i])
+        return out
+
+    def _check(self, pid: int, m: Message, *, server_round: int) -> Checked | str:
+        """(payload, examples, train loss) of a reply that may be aggregated, or why it may not.
+
+        Examples: the client's count when weighting by examples, else 1. Train loss: None
+        when the client does not report one (DP clients never do).
+        """
+        by_examples = self.cfg.strategy.weighting == "examples"
+        try:
+            metrics = m.content[records.METRICS]
+            claimed = int(metrics[records.PARTITION_ID])
+            num_examples = int(metrics[records.NUM_EXAMPLES]) if by_examples else 1
+            loss = float(metrics[records.TRAIN_LOSS]) if records.TRAIN_LOSS in metrics else None
+            payload = records.from_record(m.content[records.ARRAYS])
+        except (KeyError, ValueError, TypeError) as err:
+            return f"malformed reply ({type(err).__name__}: {err})"
+        if claimed != pid:
+            return f"it claims partition {claimed}"
+        if num_examples < 1:
+            return f"num-examples is {num_examples}"
+        if loss is not None and not math.isfinite(loss):
+            return f"train loss is {loss}"
+        expected = self.protocol.expected_reply(pid, self.state, server_round=server_round)
+        reason = reject_reason(payload, expected, max_norm=self.cfg.server.max_update_norm)
+        return reason if reason is not None else (payload, num_examples, loss)
+
+    # -- round 0 of a gradient initialisation ----------------------------------------------------
+    def gradient_round(self, grid: Grid, init: GradientInit, *, expected: Tensors) -> Tensors:
+        """The summed base-weight gradients of the clients sampled for round 0, each over its share of
+        ``init.samples`` examples, sent once (counted in round 0's stats). ``expected``: zeros shaped
+        as a reply must be."""
+        chosen = self.sample(0)
+        stats = self.stats[0] = RoundStats(replies_expected=len(chosen))
+        share = math.ceil(init.samples / len(chosen))
+        config = ConfigRecord({
+            records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share,
+            records.LABELS: self.label_names,
+        })  # fmt: skip
+        outgoing = []
+        for pid in chosen:
+            content = RecordDict({records.CONFIG: config})
+            if (ledger := self.nodes[pid].ledger) is not None:
+                content[records.PRIVACY] = records.ledger_record(ledger)
+            message = Message(content, dst_node_id=self.nodes[pid].node_id, message_type=MessageType.TRAIN)
+            outgoing.append(Outgoing(pid, message))
+
+        def check(pid: int, m: Message) -> Tensors | str:
+            try:
+                gradients = records.from_record(m.content[records.ARRAYS])
+            except (KeyError, ValueError) as err:
+                return f"malformed reply ({type(err).__name__}: {err})"
+            reason = reject_reason(gradients, expected)  # no norm bound: gradients are sums, not changes
+            return reason if reason is not None else gradients
+
+        accepted = collect(
+            grid, outgoing, nodes=self.nodes, stats=stats, server_round=0, timeout=self.cfg.server.round_timeout,
+            check=check,
+        )  # fmt: skip
+        total: Tensors = {}
+        for _, gradients in accepted:
+            for key, grad in gradients.items():
+                total[key] = total[key] + grad.double() if key in total else grad.double()
+        if not total:
+            raise RuntimeError("no client gave a valid gradient for the initialisation (round 0)")
+        log.info("gradient initialisation from %d clients: %d numbers uploaded", len(accepted), stats.numbers_up)
+        return {k: v.float() for k, v in total.items()}

@@ -1,0 +1,38 @@
+"""Flower's simulation engine (Ray) around the same ServerApp and ClientApp a deployment runs.
+
+The apps receive the run's config as a deployment gives it, the Flower App run config
+(:func:`fedlora.appconfig.run_config_for`), by closure: ``run_simulation`` takes no
+run config. Each virtual client gets ``simulation.num_cpus`` CPUs and
+``simulation.num_gpus`` GPUs from Ray (fractions share a GPU); Ray sets each actor's
+thread count to its CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedlora.appconfig import run_config_for
+from fedlora.config import RunConfig
+from fedlora.flower.client_app import make_client_app
+from fedlora.flower.server_app import RoundCallback, make_server_app
+
+
+def run_flower_simulation(cfg: RunConfig, *, verbose: bool = False, on_round: RoundCallback | None = None) -> None:
+    """Run ``cfg`` on ``cfg.clients`` virtual SuperNodes; ``on_round(row)`` after every round's metrics row."""
+    from flwr.simulation import run_simulation
+
+    run_config = run_config_for(cfg)
+    init_args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    backend = {
+        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
+        "init_args": init_args,
+    }
+    run_simulation(
+        server_app=make_server_app(run_config, on_round=on_round),
+        client_app=make_client_app(run_config),
+        num_supernodes=cfg.clients,
+        backend_config=backend,
+        verbose_logging=verbose,
+    )

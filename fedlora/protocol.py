@@ -1,0 +1,56 @@
+"""What the server and its clients agree on about one round's tensors: no Flower, no model.
+
+Every process draws the same initial state from the run seed, so both sides can
+say, without sending anything, what the server broadcasts (:meth:`Protocol.download`),
+what a client loads at the start of a round (:meth:`Protocol.start`), which tensors
+it trains, at which rank (:meth:`Protocol.rank_mask`), and so what its reply must
+hold and where its change is measured from (:meth:`Protocol.expected_reply`).
+"""
+
+from __future__ import annotations
+
+from fedlora.lora import LORA_ROLES, AdapterKey, RankMask, Tensors
+from fedlora.seeds import Stream, generator
+from strategies import Strategy
+
+
+class Protocol:
+    """A strategy's round, as both sides see it, from the initial state (shapes and starting values)."""
+
+    def __init__(self, strategy: Strategy, initial: Tensors, *, seed: int, model_rank: int, train_head: bool) -> None:
+        self.strategy = strategy
+        self.initial = dict(initial)
+        self.seed = seed
+        self.model_rank = model_rank
+        self.train_head = train_head
+        # LoRA tensors by the strategy's rule; dense (head) modules by train.head.
+        self.trainable: frozenset[AdapterKey] = frozenset(
+            k for k in initial if (strategy.trainable(k) if k.role in LORA_ROLES else train_head)
+        )
+
+    def download(self, state: Tensors) -> Tensors:
+        """What the server broadcasts: the strategy's choice, less a frozen head (clients have it)."""
+        down = self.strategy.broadcast(state)
+        if not self.train_head:
+            down = {k: v for k, v in down.items() if k.role in LORA_ROLES}
+        return down
+
+    def rank_mask(self, partition_id: int) -> RankMask:
+        """The rank client ``partition_id`` trains, within the model's."""
+        rank = self.strategy.client_rank(partition_id, rank=self.model_rank)
+        return RankMask(rank, self.model_rank)
+
+    def start(self, partition_id: int, received: Tensors, *, server_round: int) -> Tensors:
+        """What the client loads before training: the strategy's start from ``received``, seeded per (round, client)."""
+        g = generator(Stream.CLIENT_START, self.seed, server_round=server_round, client=partition_id)
+        return self.strategy.start(received, like=self.initial, generator=g)
+
+    def expected_reply(self, partition_id: int, state: Tensors, *, server_round: int) -> Tensors:
+        """The payload the client would send had it not trained, from the server's full ``state``.
+
+        Its keys and shapes are what the client's reply must have (by strategy, rank and
+        trainable set), and its values are where the client's change is measured from.
+        """
+        begin = self.initial | self.start(partition_id, state, server_round=server_round)
+        trained = {k: begin[k] for k in self.trainable}
+        return self.strategy.payload(self.rank_mask(partition_id).view(trained))

@@ -9,11 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.lora import AdapterKey, Tensors
 
 CHECKPOINT = "checkpoint.safetensors"
+SERVER_OPTIMIZER = "server_optimizer.safetensors"  # the server optimiser's moments, beside the checkpoint
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -45,6 +47,11 @@ def load_checkpoint_meta(path: Path) -> tuple[Tensors, int, dict[str, Any]]:
         metadata = f.metadata()
     meta = json.loads(metadata.get("meta", "{}"))
     return {AdapterKey.parse(k): v for k, v in load_file(str(path)).items()}, int(metadata["round"]), meta
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Named tensors as safetensors, written atomically."""
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def write_json(path: Path, data: Any) -> None:

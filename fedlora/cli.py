@@ -63,6 +63,15 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     simulate.add_argument("--dry-run", action="store_true", help="validate, show the partitions, and stop")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     simulate.set_defaults(handler=run_simulate)
+    central = sub.add_parser(
+        "centralised",
+        help="the centralised reference: plain LoRA on the pooled data, as many optimizer steps as the federated run",
+        description="Train the federated run's model and adapter on all its training data in one process, for as "
+        "many optimizer steps (clients per round x local steps, per round) and the same evaluations. Arguments are "
+        "the federated run's Hydra overrides (strategy and privacy are replaced by plain LoRA without DP).",
+    )
+    central.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the federated run's overrides")
+    central.set_defaults(handler=run_centralised)
     sweep = sub.add_parser(
         "sweep",
         help="run a grid of simulations (strategies x epsilon x seeds) and write its report",
@@ -80,7 +89,7 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
     report.set_defaults(handler=run_report)
     deploy_cli.add_parser(sub)
-    for p in (sweep, report):
+    for p in (central, sweep, report):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -90,6 +99,14 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     cfg, composed = compose(args.overrides)
     return simulate(cfg, composed, dry_run=args.dry_run, verbose=args.verbose)
+
+
+def run_centralised(args: argparse.Namespace) -> int:
+    from fedlora.centralised import overrides_for
+    from fedlora.launch import centralised
+
+    cfg, composed = compose(overrides_for(list(args.overrides)))
+    return centralised(cfg, composed)
 
 
 def run_sweep(args: argparse.Namespace) -> int:

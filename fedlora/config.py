@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 Flat = Dict[str, typing.Union[bool, int, float, str]]
+DEFAULT_LR = 1e-3  # the clients' learning rate when neither train.lr nor the strategy's client_lr is set
 
 
 @dataclass
@@ -90,11 +91,25 @@ class RunConfig:
             f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
         )
         self._resolve_weighting()
+        self._resolve_lr()
+        cls = get_strategy_class(self.strategy.name)
+        require(
+            self.server.optimizer in cls.server_optimizers,
+            f"server.optimizer={self.server.optimizer} is refused for strategy={cls.name}: "
+            f"{cls.server_optimizer_note} (choose from {list(cls.server_optimizers)})",
+        )
         require(
             self.server.min_replies <= self.sampled_per_round,
             f"server.min_replies ({self.server.min_replies}) must not exceed the clients sampled per round "
             f"({self.sampled_per_round})",
         )
+
+    def _resolve_lr(self) -> None:
+        """``train.lr`` null: the strategy's recommended client lr (``strategy.client_lr``), else 1e-3."""
+        if self.train.lr is None:
+            lr = self.strategy.client_lr or DEFAULT_LR
+            self.train = dataclasses.replace(self.train, lr=lr)
+        require(self.train.min_lr <= self.train.lr, "train.min_lr must not exceed train.lr")
 
     def _resolve_weighting(self) -> None:
         """``strategy.weighting`` null: by example counts, or uniform under DP (counts are private data)."""

@@ -65,15 +65,15 @@ def summary_table(rows: list[dict[str, str]]) -> Table:
     for name in ("round", "test acc", "test loss", "train loss", "replies", "up", "down", "wall s"):
         table.add_column(name, justify="right")
     for r in rows:
-        replies = f"{r['replies_received']}/{r['replies_expected']}" if r["replies_expected"] else ""
+        replies = f"{r['replies_received']}/{r['replies_expected']}" if r["replies_expected"] not in ("", "0") else ""
         table.add_row(
             r["round"],
             _fmt(r["test_accuracy"], ".4f"),
             _fmt(r["test_loss"], ".4f"),
             _fmt(r["train_loss"], ".4f"),
             replies,
-            human_bytes(float(r["bytes_up"])) if r["bytes_up"] else "",
-            human_bytes(float(r["bytes_down"])) if r["bytes_down"] else "",
+            human_bytes(float(r["bytes_up"])) if r["bytes_up"] not in ("", "0") else "",
+            human_bytes(float(r["bytes_down"])) if r["bytes_down"] not in ("", "0") else "",
             _fmt(r["wall_s"], ".1f"),
         )
     return table

@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from strategies.server_opt import ServerOptConfig
+
 HEAD_MODES = ("train", "freeze")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 PRIVACY = ("none", "dp")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
@@ -124,7 +127,10 @@ class TrainConfig:
     local_epochs: Optional[int] = None
     batch_size: int = 16
     optimizer: str = "adamw"  # adamw | sgd, fresh each round
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: the strategy's recommended client lr (its config's client_lr)
+    lr_schedule: str = "constant"  # constant | cosine (over rounds, to min_lr)
+    warmup_rounds: int = 0  # linear warm-up over the first rounds
+    min_lr: float = 0.0
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     max_seq_len: int = 64
@@ -141,7 +147,10 @@ class TrainConfig:
         require((self.local_epochs or 1) >= 1, "train.local_epochs must be >= 1")
         require(self.batch_size >= 1, "train.batch_size must be >= 1")
         require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}")
-        require(self.lr > 0, "train.lr must be > 0")
+        require(self.lr is None or self.lr > 0, "train.lr must be > 0 (or null: the strategy's default)")
+        require(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}")
+        require(self.warmup_rounds >= 0, "train.warmup_rounds must be >= 0")
+        require(self.min_lr >= 0 and (self.lr is None or self.min_lr <= self.lr), "train.min_lr must be in [0, lr]")
         require(0.0 <= self.momentum < 1.0, "train.momentum must be in [0, 1)")
         require(self.max_seq_len >= 8, "train.max_seq_len must be >= 8")
         require(self.head in HEAD_MODES, f"train.head must be one of {list(HEAD_MODES)}")
@@ -211,7 +220,11 @@ class PrivacyConfig:
 
 @dataclass
 class ServerConfig:
-    """The ServerApp's tolerance of faults, the same in simulation and deployment.
+    """The ServerApp's optimiser and tolerance of faults, the same in simulation and deployment.
+
+    ``optimizer`` (none | momentum | adam | yogi | adagrad) steps from the current state
+    towards the strategy's aggregate with ``lr``, ``momentum``, ``beta1``, ``beta2``,
+    ``tau`` (:mod:`strategies.server_opt`; ``lr`` null: 1, or 0.01 for the adaptive ones).
 
     A round aggregates the replies that arrive within ``round_timeout`` seconds and
     pass validation, if there are at least ``min_replies`` of them; otherwise the
@@ -227,8 +240,18 @@ class ServerConfig:
     node_timeout: float = 600.0
     max_update_norm: Optional[float] = None
     resume: bool = False
+    optimizer: str = "none"
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
 
     def __post_init__(self) -> None:
+        try:
+            self.opt  # noqa: B018 - validates the optimiser's settings
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
         require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
         require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
@@ -236,6 +259,11 @@ class ServerConfig:
             self.max_update_norm is None or self.max_update_norm > 0,
             f"server.max_update_norm must be > 0 or null, got {self.max_update_norm}",
         )
+
+    @property
+    def opt(self) -> ServerOptConfig:
+        """The server optimiser's settings (pure math: :mod:`strategies.server_opt`)."""
+        return ServerOptConfig(self.optimizer, self.lr, self.momentum, self.beta1, self.beta2, self.tau)
 
 
 @dataclass

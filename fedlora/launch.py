@@ -1,7 +1,10 @@
-"""``fedlora simulate``: check everything that can fail before Ray starts, then run and summarise."""
+"""``fedlora simulate`` and ``fedlora centralised``: check what can fail before work starts, run, summarise."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,14 +15,49 @@ from fedlora.checkpoint import write_json
 from fedlora.config import ConfigError, RunConfig
 from fedlora.metrics import METRICS, read_metrics
 
+RowCallback = Callable[[dict[str, Any]], None]
+
+
+def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
+    """The run's folder (``output_dir`` or outputs/<date>/<time>), set in both forms of the config."""
+    out = Path(cfg.output_dir or Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+    composed.output_dir = str(out)
+    return dataclasses.replace(cfg, output_dir=str(out)), out
+
+
+def write_config(cfg: RunConfig, composed: Any, out: Path) -> None:
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    write_json(out / "run_config.json", cfg.to_flat())
+
+
+@contextmanager
+def round_lines(rounds: int) -> Iterator[RowCallback]:
+    """A progress bar over the rounds; the callback prints each metrics row as one line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console.console, transient=True) as progress:
+        task = progress.add_task("rounds", total=rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.console.print(console.round_line(row, rounds))
+            if row["round"] > 0:
+                progress.advance(task)
+
+        yield on_round
+
+
+def summarise(out: Path) -> None:
+    console.console.print(console.summary_table(read_metrics(out / METRICS)))
+    console.console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
+
 
 def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> int:
     """Validate, show the partitions (and DP plan), write the config, run the simulation, print the rounds."""
-    import dataclasses
-
     import torch
-    from omegaconf import OmegaConf
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedlora.data import load_calibration
     from fedlora.flower.simulation import run_flower_simulation
@@ -27,9 +65,7 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
 
     if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
         raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
-    out = Path(cfg.output_dir or Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve()
-    cfg = dataclasses.replace(cfg, output_dir=str(out))
-    composed.output_dir = str(out)
+    cfg, out = output_folder(cfg, composed)
     run_config_for(cfg)  # a setting the Flower run config cannot carry fails here, as it would deployed
 
     # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
@@ -42,25 +78,34 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
         load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
     if cfg.privacy.enabled:
         console.show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
-    resolved = OmegaConf.to_yaml(composed)
     if dry_run:
-        console.console.print(resolved)
+        from omegaconf import OmegaConf
+
+        console.console.print(OmegaConf.to_yaml(composed))
         return 0
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(resolved)
-    write_json(out / "run_config.json", cfg.to_flat())
+    write_config(cfg, composed, out)
     console.console.print(console.header(worker, out))
-    columns = (TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console.console, transient=True) as progress:
-        task = progress.add_task("rounds", total=cfg.rounds)
-
-        def on_round(row: dict[str, Any]) -> None:
-            progress.console.print(console.round_line(row, cfg.rounds))
-            if row["round"] > 0:
-                progress.advance(task)
-
+    with round_lines(cfg.rounds) as on_round:
         run_flower_simulation(cfg, verbose=verbose, on_round=on_round)
-    console.console.print(console.summary_table(read_metrics(out / METRICS)))
-    console.console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
+    summarise(out)
+    return 0
+
+
+def centralised(cfg: RunConfig, composed: Any) -> int:
+    """The centralised reference of a federated run's config (:mod:`fedlora.centralised`)."""
+    from fedlora.centralised import run_centralised, steps_per_round
+    from fedlora.data import load_splits
+
+    cfg, out = output_folder(cfg, composed)
+    train_size = len(load_splits(cfg.data, seed=cfg.seed).train)
+    steps = steps_per_round(cfg, train_size)
+    write_config(cfg, composed, out)
+    console.console.print(
+        f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "
+        f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "
+        f"(= {cfg.sampled_per_round} clients x their local steps), lr {cfg.train.lr:g} -> {out}"
+    )
+    with round_lines(cfg.rounds) as on_round:
+        run_centralised(cfg, out, on_round=on_round)
+    summarise(out)
     return 0

@@ -61,8 +61,30 @@ def local_steps(cfg: TrainConfig, num_examples: int) -> int:
     return cfg.local_epochs * math.ceil(num_examples / cfg.batch_size)
 
 
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """A fresh local optimizer for one round (``train.optimizer``)."""
+def round_lr(cfg: TrainConfig, server_round: int, rounds: int) -> float:
+    """The clients' learning rate in ``server_round`` (1..``rounds``) by ``train.lr_schedule``.
+
+    Warm-up: lr r / (warmup_rounds + 1) in rounds r <= ``warmup_rounds``. Then ``constant``
+    keeps lr; ``cosine`` anneals from lr to ``min_lr`` over the remaining rounds (as
+    FlowerTune does): min_lr + (lr - min_lr) (1 + cos(pi t)) / 2, t = 0 in the first
+    round after warm-up and (n - 1) / n in the last of the n. Round 0 (an initialisation)
+    uses lr.
+    """
+    lr = cfg.lr
+    if server_round <= 0:
+        return lr
+    if server_round <= cfg.warmup_rounds:
+        return lr * server_round / (cfg.warmup_rounds + 1)
+    if cfg.lr_schedule == "cosine":
+        n = max(1, rounds - cfg.warmup_rounds)
+        t = (server_round - cfg.warmup_rounds - 1) / n
+        return cfg.min_lr + (lr - cfg.min_lr) * (1 + math.cos(math.pi * t)) / 2
+    return lr
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], *, lr: float | None = None) -> torch.optim.Optimizer:
+    """A fresh local optimizer for one round (``train.optimizer``), at ``lr`` (default ``train.lr``)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)

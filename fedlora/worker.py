@@ -30,7 +30,7 @@ from fedlora.protocol import Protocol
 from fedlora.schedule import rounds_taken, scheduled
 from fedlora.seeds import Stream, generator, seed_of
 from fedlora.task import TASK
-from fedlora.train import LocalResult, cycle, local_steps, make_optimizer, train_steps
+from fedlora.train import LocalResult, cycle, local_steps, make_optimizer, round_lr, train_steps
 from strategies import Strategy, get_strategy_class
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ class Worker:
         lora.set_trainable(self.params, self.protocol.trainable)
         seed = seed_of(Stream.LOCAL_BATCHES, self.cfg.seed, server_round=server_round, client=partition_id)
         batches = self.shuffled(data, seed=seed)
-        optimizer = make_optimizer(self.cfg.train, [self.params[k] for k in sorted(self.protocol.trainable)])
+        lr = round_lr(self.cfg.train, server_round, self.cfg.rounds)
+        optimizer = make_optimizer(self.cfg.train, [self.params[k] for k in sorted(self.protocol.trainable)], lr=lr)
         train = partial(
             train_steps,
             steps=local_steps(self.cfg.train, len(data)),

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from fedlora.lora import AdapterKey, Role, Tensors
+from strategies.server_opt import OPTIMIZERS
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -51,6 +52,8 @@ WEIGHTINGS = ("examples", "uniform")
 class StrategyConfig:
     """Settings every strategy shares; subclasses add their own fields.
 
+    ``client_lr``: the clients' learning rate this strategy recommends (used when
+    ``train.lr`` is null; B-only and R-only training want larger ones).
     ``weighting``: ``examples`` gives client k the weight p_k = n_k / sum n;
     ``uniform`` gives every replying client 1 / K; None (the configs' default) is
     resolved by the run: ``examples``, or ``uniform`` under DP, where the counts are private.
@@ -58,10 +61,13 @@ class StrategyConfig:
 
     name: str
     weighting: str | None = None
+    client_lr: float | None = None  # the clients' learning rate when train.lr is null (this strategy's default)
 
     def __post_init__(self) -> None:
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.client_lr is not None and self.client_lr <= 0:
+            raise ValueError(f"strategy.client_lr must be > 0, got {self.client_lr}")
 
 
 def normalise(weights: Sequence[float]) -> torch.Tensor:
@@ -152,6 +158,9 @@ class Strategy:
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     adapter_roles: ClassVar[frozenset[Role]] = frozenset({Role.A, Role.B})  # the LoRA tensors of a module
     metric_columns: ClassVar[tuple[str, ...]] = ()  # diagnostics aggregate() leaves in self.report
+    # The server optimisers (strategies.server_opt) its server step admits, and why not the others.
+    server_optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS
+    server_optimizer_note: ClassVar[str] = ""
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config
@@ -223,6 +232,11 @@ class Strategy:
         other factor is shared: FFA-LoRA's B, Fed-SB's R; FedAvg's inexact mean of A and B).
         """
         return average_payloads(state, payloads, p)
+
+    def refine(self, state: Tensors, *, server_round: int = 1) -> tuple[Tensors, dict[AdapterKey, torch.Tensor]]:
+        """The state after the server's step on the aggregate, re-parameterised if the method does so
+        (FedSVD's refactorisation), and each re-based tensor's change of basis T (X <- X T). Default: as is."""
+        return state, {}
 
     def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
         """Factors (A_f, B_f per module) whose s * B_f A_f joins the base weights after this round.

@@ -30,6 +30,11 @@ class FedEx(Strategy):
     """FedAvg's factors (the default ``aggregate``), plus the exact residual in the base weights."""
 
     name = "fedex"
+    server_optimizers = ("none",)
+    server_optimizer_note = (
+        "fedex folds the exact residual of the average into W0; "
+        "a server step on A and B would leave that residual inexact"
+    )
 
     def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
         """The residual sum_k p_k B_k A_k - B_bar A_bar as factors [B_k.. | B_bar], [p_k A_k..; -A_bar]."""

@@ -19,12 +19,11 @@ O(d_out d_in r). ``alpha`` works as in FFA-LoRA (same default), since B alone le
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedlora.lora import Role, Tensors
+from fedlora.lora import AdapterKey, Role, Tensors
 from strategies.base import partner
 from strategies.ffa_lora import FFALora, FFALoraConfig
 
@@ -55,21 +54,31 @@ def refactorise(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 class FedSVD(FFALora):
-    """FFA-LoRA's B-only training, plus an SVD refactorisation of B_bar A on the server."""
+    """FFA-LoRA's B-only training (B_bar, the default ``aggregate``), then an SVD refactorisation of B_bar A
+    on the server (``refine``, after a server optimiser's step)."""
 
     name = "fedsvd"
     config_class = FedSVDConfig
+    server_optimizers = ("none", "momentum")
+    server_optimizer_note = (
+        "fedsvd re-bases B every refactor_every rounds; momentum moves with the basis, element-wise second "
+        "moments (adam, yogi, adagrad) cannot"
+    )
 
-    def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
-    ) -> Tensors:
-        """B_bar as FFA-LoRA; then (B, A) <- (U_r S_r, V_r^T) of B_bar A when the round is due."""
-        new = super().aggregate(state, payloads, p)
-        if server_round % self.config.refactor_every == 0:
-            for key in sorted(k for k in new if k.role is Role.B):
-                a_key = partner(key, Role.A)
-                new[key], new[a_key] = refactorise(new[key], new[a_key])
-        return new
+    def refine(self, state: Tensors, *, server_round: int = 1) -> tuple[Tensors, dict[AdapterKey, torch.Tensor]]:
+        """(B, A) <- (U_r S_r, V_r^T) of B A when the round is due; B's change of basis is T = A A'^T.
+
+        With A' orthonormal rows spanning A's row space, B T A' = B A: a server optimiser's
+        momentum in B's coordinates moves by the same T.
+        """
+        if server_round % self.config.refactor_every:
+            return state, {}
+        new, changes = dict(state), {}
+        for key in sorted(k for k in state if k.role is Role.B):
+            a_key = partner(key, Role.A)
+            new[key], new[a_key] = refactorise(state[key], state[a_key])
+            changes[key] = state[a_key].double() @ new[a_key].double().T
+        return new, changes
 
     def broadcast(self, state: Tensors) -> Tensors:
         """A changes on the server, so both A and B go down."""

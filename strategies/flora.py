@@ -77,6 +77,11 @@ class FLoRA(Strategy):
 
     name = "flora"
     config_class = FLoRAConfig
+    server_optimizers = ("none",)
+    server_optimizer_note = (
+        "flora's server step stacks the clients' adapters and folds them into W0; "
+        "it is not an average of updates for a server optimiser to step on"
+    )
 
     @classmethod
     def model_rank(cls, config: FLoRAConfig, *, rank: int) -> int:

@@ -27,3 +27,10 @@ def random_adapter(generator: torch.Generator, *, with_r: bool = False) -> dict[
 def make(name: str, **fields):
     cls = get_strategy_class(name)
     return cls(cls.config_class(name=name, **fields), scaling=2.0)
+
+
+def server_step(strategy, state: dict, payloads: list[dict], p: torch.Tensor, *, server_round: int = 1) -> dict:
+    """The server's state after a round without a server optimiser: aggregate, then refine (FedSVD)."""
+    target = strategy.aggregate(state, payloads, p, server_round=server_round)
+    new, _ = strategy.refine(target, server_round=server_round)
+    return new

@@ -13,6 +13,8 @@ Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
   gets them with its next one.
 - A node of a folding strategy (FLoRA, FedEx) gets what brings its base weights to
   the current version: the folds it missed, or the server's D.
+- The aggregate is the target of the server optimiser's step (``server.optimizer``;
+  none: the aggregate itself), after which the strategy may re-parameterise (FedSVD).
 - Every reply goes through :func:`fedlora.flower.collect.collect` (ordering by
   partition, failures, DP ledgers and refusals, byte counts) and is checked against
   what the protocol says the client must send (:mod:`fedlora.validation`); a round
@@ -40,6 +42,7 @@ from fedlora.protocol import Protocol
 from fedlora.schedule import sample_partitions
 from fedlora.validation import reject_reason
 from strategies.base import GradientInit
+from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class FlowerRounds:
         self.nodes = {pid: NodeState(node) for pid, node in sorted(nodes_by_partition.items())}
         self.absent_ledgers: dict[int, list[Step]] = {}  # of partitions with no node in this run (a resume)
         self.fold_log = FoldLog(scaling=self.strategy.scaling)
+        self.server_opt = ServerOptimizer(cfg.server.opt)
         self.stats: dict[int, RoundStats] = {}
         self.label_names = list(label_names)
         self._fixed_digest = ""
@@ -112,7 +116,10 @@ class FlowerRounds:
             return
         payloads, counts, losses = zip(*(checked for _, checked in accepted), strict=True)
         p = self.strategy.weights(counts)
-        self.state = self.strategy.aggregate(self.state, payloads, p, server_round=server_round)
+        target = self.strategy.aggregate(self.state, payloads, p, server_round=server_round)
+        stepped = self.server_opt.step(self.state, target, keys=payloads[0].keys())
+        self.state, changes = self.strategy.refine(stepped, server_round=server_round)
+        self.server_opt.rebase(changes)
         stats.report = dict(self.strategy.report)
         if factors := self.strategy.fold(self.state, payloads, p):
             self.fold_log.append(factors)

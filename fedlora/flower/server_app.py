@@ -19,10 +19,11 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
 
 from fedlora import gradient_init
 from fedlora.appconfig import from_run_config
-from fedlora.checkpoint import CHECKPOINT, load_checkpoint_meta, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT, SERVER_OPTIMIZER, load_checkpoint_meta, save_checkpoint, save_tensors
 from fedlora.config import RunConfig
 from fedlora.export import export_adapter
 from fedlora.flower import records
@@ -103,6 +104,8 @@ def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallbac
         base = rounds.fold_log.delta
         evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
         save_checkpoint(out, rounds.state | base, server_round=server_round, meta=checkpoint_meta(rounds))
+        if moments := rounds.server_opt.state_tensors():
+            save_tensors(out / SERVER_OPTIMIZER, moments)
         wall_s = time.perf_counter() - (stats.started if stats else started)
         row = round_row(server_round, evaluation, stats, privacy=cfg.privacy, wall_s=wall_s)
         metrics.append(row)
@@ -162,6 +165,8 @@ def resume(rounds: FlowerRounds, out: Path) -> int | None:
         raise ValueError(f"the checkpoint in {out} is from a different run: {differ[:5]} differ")
     rounds.state = {k: v for k, v in tensors.items() if k.role is not Role.BASE}
     rounds.fold_log.restore({k: v for k, v in tensors.items() if k.role is Role.BASE}, meta["fold_version"] or 0)
+    if (out / SERVER_OPTIMIZER).exists():
+        rounds.server_opt.load_state_tensors(load_file(str(out / SERVER_OPTIMIZER)))
     for pid, history in meta["ledgers"].items():
         ledger = [tuple(step) for step in history]
         if int(pid) in rounds.nodes:

@@ -13,7 +13,7 @@ from fedlora.lora import AdapterKey, Role
 from strategies.base import partner
 from strategies.fed_sb import lora_sb_factors
 from strategies.fedsvd import refactorise
-from tests.helpers import MODULES, make, random_adapter
+from tests.helpers import MODULES, make, random_adapter, server_step
 
 S = 2.0  # the scaling `make` gives every strategy
 
@@ -52,7 +52,7 @@ def clients(name: str, k: int = 4, seed: int = 3) -> tuple[object, dict, list[di
 @pytest.mark.parametrize("name", ["ffa_lora", "fedsvd", "fed_sb", "fedavg"])
 def test_aggregate_equals_the_weighted_mean_of_full_updates_only_when_exact(name: str) -> None:
     s, state, payloads, locals_, p = clients(name)
-    new = s.aggregate(state, payloads, p)
+    new = server_step(s, state, payloads, p)
     worst = 0.0
     for module in MODULES:
         mean = sum(pk * full_update(name, mine, module) for pk, mine in zip(p, locals_, strict=True))
@@ -66,7 +66,7 @@ def test_aggregate_equals_the_weighted_mean_of_full_updates_only_when_exact(name
 def test_ffa_lora_trains_and_sends_b_only_and_keeps_a() -> None:
     s, state, payloads, _, p = clients("ffa_lora")
     assert {k.role for pl in payloads for k in pl} == {Role.B}
-    new = s.aggregate(state, payloads, p)
+    new = server_step(s, state, payloads, p)
     for key in (k for k in state if k.role is Role.A):
         assert torch.equal(new[key], state[key])
     assert not any(k.role is Role.A for k in s.broadcast(new))  # every process derives A from the seed
@@ -89,7 +89,7 @@ def test_ffa_lora_a_is_the_same_draw_for_the_same_seed_and_b_starts_at_zero() ->
 
 def test_fedsvd_refactorises_without_changing_the_update() -> None:
     s, state, payloads, _, p = clients("fedsvd")
-    new = s.aggregate(state, payloads, p)
+    new = server_step(s, state, payloads, p)
     b_bar = {k: sum(pk * pl[k] for pk, pl in zip(p, payloads, strict=True)) for k in payloads[0]}
     for module in MODULES:
         a_key, b_key = AdapterKey(module, Role.A), AdapterKey(module, Role.B)
@@ -106,8 +106,8 @@ def test_fedsvd_refactorises_without_changing_the_update() -> None:
 def test_fedsvd_refactor_every_skips_the_rounds_in_between() -> None:
     s = make("fedsvd", refactor_every=2)
     _, state, payloads, _, p = clients("fedsvd")
-    odd = s.aggregate(state, payloads, p, server_round=1)
-    even = s.aggregate(state, payloads, p, server_round=2)
+    odd = server_step(s, state, payloads, p, server_round=1)
+    even = server_step(s, state, payloads, p, server_round=2)
     a = AdapterKey(MODULES[0], Role.A)
     assert torch.equal(odd[a], state[a]) and not torch.equal(even[a], state[a])
 
@@ -126,7 +126,7 @@ def test_small_factor_svd_equals_the_full_svd_up_to_sign() -> None:
 def test_fed_sb_trains_and_sends_r_only_and_exports_a_standard_lora() -> None:
     s, state, payloads, _, p = clients("fed_sb")
     assert {k.role for pl in payloads for k in pl} == {Role.R}
-    new = s.aggregate(state, payloads, p)
+    new = server_step(s, state, payloads, p)
     assert {k.role for k in s.fixed(new)} == {Role.A, Role.B}
     assert {k.role for k in s.broadcast(new)} == {Role.R, Role.DENSE}
     exported = s.export(new)

@@ -11,7 +11,7 @@ from fedlora.lora import AdapterKey, Role
 from strategies import STRATEGIES, get_strategy_class
 from strategies.base import normalise, weighted_mean
 from strategies.fedavg import FedAvg
-from tests.helpers import MODULES, make, random_adapter
+from tests.helpers import MODULES, make, random_adapter, server_step
 
 
 def client_payloads(strategy, k: int, seed: int = 0) -> tuple[dict, list[dict]]:
@@ -62,7 +62,7 @@ def updates(strategy, state: dict) -> dict:
 
 def model_after(strategy, state: dict, payloads: list[dict], p: torch.Tensor) -> dict:
     """The global model after a round: the new state's updates plus what the strategy folds into W0."""
-    new = strategy.aggregate(state, payloads, p)
+    new = server_step(strategy, state, payloads, p)
     out = updates(strategy, new)
     factors = strategy.fold(new, payloads, p)
     for key in (k for k in factors if k.role is Role.B):
@@ -124,7 +124,7 @@ def test_fedavg_is_inexact_for_the_product_and_its_error_is_the_covariance() -> 
     s = make("fedavg")
     state, payloads = client_payloads(s, 3, seed=2)
     p = s.weights([5, 2, 9])
-    new = s.aggregate(state, payloads, p)
+    new = server_step(s, state, payloads, p)
     a, b = AdapterKey(MODULES[0], Role.A), AdapterKey(MODULES[0], Role.B)
     exact = sum(pk * (pl[b] @ pl[a]) for pk, pl in zip(p, payloads, strict=True))
     error = exact - new[b] @ new[a]

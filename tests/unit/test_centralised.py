@@ -1,0 +1,40 @@
+"""The centralised reference: plain LoRA on the pooled data, as many optimizer steps as the federated run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedlora import worker as worker_module
+from fedlora.centralised import overrides_for, run_centralised
+from fedlora.compose import compose
+from fedlora.metrics import read_metrics
+from tests.conftest import TINY
+
+
+def test_it_takes_as_many_optimizer_steps_as_the_federated_run(tmp_path: Path, monkeypatch) -> None:
+    federated = [*TINY, "clients=6", "clients_per_round=3", "rounds=2", "strategy=fed_sb", "privacy=dp",
+                 "privacy.epsilon=3", "train.local_steps=4"]  # fmt: skip
+    cfg, _ = compose(overrides_for(federated))
+    assert cfg.strategy.name == "fedavg" and not cfg.privacy.enabled
+    steps: list[int] = []
+    real = worker_module.train_steps
+
+    def counting(*args, steps_=steps, **kwargs):
+        steps_.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "train_steps", counting)
+    run_centralised(cfg, tmp_path)
+    assert steps == [3 * 4, 3 * 4]  # per round: clients per round x local steps; rounds: the federated run's
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["round"] for r in rows] == ["0", "1", "2"] and all(r["test_accuracy"] for r in rows)
+    assert float(rows[2]["train_loss"]) > 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "given", [["strategy=flora", "strategy.client_ranks=[2,4]"], ["privacy=dp", "privacy.epsilon=1"]]
+)
+def test_strategy_and_privacy_are_replaced(given: list[str]) -> None:
+    assert overrides_for([*given, "rounds=3"]) == ["rounds=3", "strategy=fedavg", "privacy=none"]

@@ -1,14 +1,18 @@
-"""Run several strategies on the same federation and print a Markdown table.
+"""Run several configurations on the same federation, and the centralised reference, and print a Markdown table.
 
-Each strategy runs as ``fedlora simulate`` (one after the other, so wall times are
-comparable) with the same overrides; the table gives the central test accuracy
-after the last round, the best round, the upload and download per round (bytes as
-sent, from metrics.csv; round 0 is the one-off gradient upload of Fed-SB's
-LoRA-SB initialisation) and the wall time.
+Each variant is ``fedlora simulate`` with the shared overrides plus its own (one after
+the other, so wall times are comparable); ``--centralised`` adds ``fedlora centralised``
+on the same overrides (plain LoRA on the pooled data, as many optimizer steps). A
+finished variant (its adapter written) is not run again, so the script can be resumed.
+The table gives the central test accuracy after the last round, the best round, the
+first round at or above ``--target``, the upload and download per round (bytes as
+sent, from metrics.csv; round 0 is Fed-SB's one-off gradient upload) and the wall time.
 
-    python experiments/compare_strategies.py --strategies fedavg ffa_lora fedsvd fed_sb -- \\
+    python experiments/compare_strategies.py --strategies fedavg ffa_lora fedsvd fed_sb --centralised -- \\
         model=minilm data=ag_news data.path=../shared/data/ag_news partition=dirichlet \\
-        partition.alpha=0.5 clients=20 clients_per_round=5 rounds=10
+        partition.alpha=0.5 clients=20 clients_per_round=5 rounds=20
+    # variants with their own overrides: "label=override,override"
+    python experiments/compare_strategies.py --variants "fedavgm=strategy=fedavg,server.optimizer=momentum" -- ...
 """
 
 from __future__ import annotations
@@ -23,46 +27,63 @@ from fedlora.console import human_bytes as human
 from fedlora.metrics import METRICS, read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
+HEADER = (
+    "| run | final acc | best acc | first round >= {target} | up per round | down per round | round-0 up | wall min |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
 
 
-def run(strategy: str, overrides: list[str], out: Path) -> float:
+def run(command: str, overrides: list[str], out: Path) -> float:
+    """One fedlora command into ``out``; its wall time (0 when it had finished before)."""
+    if (out / "adapter").is_dir() and (out / METRICS).is_file():
+        return float((out / "wall_s").read_text()) if (out / "wall_s").is_file() else 0.0
     started = time.perf_counter()
-    cmd = ["fedlora", "simulate", f"strategy={strategy}", f"output_dir={out}", *overrides]
+    cmd = [sys.executable, "-m", "fedlora.cli", command, *overrides, f"output_dir={out}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    (out / "wall_s").write_text(f"{wall:.1f}")
+    return wall
 
 
-def row(strategy: str, out: Path, wall_s: float) -> str:
+def row(label: str, out: Path, wall_s: float, target: float) -> str:
     rows = read_metrics(out / METRICS)
     rounds = [r for r in rows if int(r["round"]) > 0]
     accs = [(float(r["test_accuracy"]), int(r["round"])) for r in rounds if r["test_accuracy"]]
     init_up = float(rows[0]["bytes_up"] or 0)
-    up = sum(float(r["bytes_up"]) for r in rounds) / len(rounds)
-    down = sum(float(r["bytes_down"]) for r in rounds) / len(rounds)
-    per_client = float(rounds[-1]["bytes_up"]) / max(1, int(rounds[-1]["replies_received"]))
+    up = sum(float(r["bytes_up"] or 0) for r in rounds) / len(rounds)
+    down = sum(float(r["bytes_down"] or 0) for r in rounds) / len(rounds)
     best, best_round = max(accs)
+    reached = next((rnd for acc, rnd in accs if acc >= target), None)
     return (
-        f"| {strategy} | {accs[-1][0]:.3f} | {best:.3f} (r{best_round}) | {human(per_client)} | {human(up)} | "
-        f"{human(down)} | {human(init_up) if init_up else '-'} | {wall_s / 60:.1f} |"
+        f"| {label} | {accs[-1][0]:.3f} | {best:.3f} (r{best_round}) | {reached or '-'} | "
+        f"{human(up) if up else '-'} | {human(down) if down else '-'} | {human(init_up) if init_up else '-'} | "
+        f"{wall_s / 60:.1f} |"
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=["fedavg", "ffa_lora", "fedsvd", "fed_sb"])
+    parser.add_argument("--strategies", nargs="*", default=[], help="variants strategy=<name>, nothing else")
+    parser.add_argument("--variants", nargs="*", default=[], help='"label=override,override"')
+    parser.add_argument("--centralised", action="store_true", help="add the centralised reference")
+    parser.add_argument("--target", type=float, default=0.85, help="report the first round at this accuracy")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
     args = parser.parse_args()
-    lines = [
-        "| strategy | final acc | best acc | up per client | up per round | down per round | round-0 up | wall min |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for strategy in args.strategies:
-        out = args.out / strategy
-        wall_s = run(strategy, args.overrides, out)
-        lines.append(row(strategy, out, wall_s))
+    variants = [(s, [f"strategy={s}"]) for s in args.strategies]
+    for spec in args.variants:
+        label, _, extra = spec.partition("=")
+        variants.append((label, [o for o in extra.split(",") if o]))
+    lines = [HEADER.format(target=args.target)]
+    runs = [("centralised", "centralised", [])] if args.centralised else []
+    runs += [(label, "simulate", extra) for label, extra in variants]
+    for label, command, extra in runs:
+        out = args.out / label.replace("/", "_")
+        wall_s = run(command, [*args.overrides, *extra], out)
+        lines.append(row(label, out, wall_s, args.target))
         print("\n".join(lines), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"table: {args.out / 'table.md'}")
     return 0

@@ -80,7 +80,8 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     )
     sweep.add_argument("name", choices=["privacy"], help="the sweep (its grid: conf/sweep/<name>.yaml)")
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for every cell")
-    sweep.add_argument("--out", type=Path, default=None, help="the sweep folder (default: sweeps/<name>)")
+    sweep.add_argument("--preset", default=None, help="a preset grid and settings: conf/sweep/<name>_<preset>.yaml")
+    sweep.add_argument("--out", type=Path, default=None, help="the sweep folder (default: sweeps/<name>[_<preset>])")
     sweep.add_argument("--strategies", nargs="+", default=None, help="replace the grid's strategies")
     sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
@@ -113,15 +114,17 @@ def run_sweep(args: argparse.Namespace) -> int:
     from fedlora.report import write_report
     from fedlora.sweep import defaults, grid, parse_epsilon, run_cells
 
-    grid_defaults = defaults(args.name)
+    grid_defaults = defaults(args.name, args.preset)
     cells = grid(
         args.strategies or list(grid_defaults["strategies"]),
         [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
         args.seeds or [int(s) for s in grid_defaults["seeds"]],
+        centralised=bool(grid_defaults["centralised"]),
     )
-    compose(list(args.overrides))  # bad overrides fail here, not in every cell
-    out = (args.out or Path("sweeps") / args.name).resolve()
-    run_cells(cells, list(args.overrides), out)
+    overrides = [*grid_defaults["overrides"], *args.overrides]
+    compose(overrides)  # bad overrides fail here, not in every cell
+    out = (args.out or Path("sweeps") / (f"{args.name}_{args.preset}" if args.preset else args.name)).resolve()
+    run_cells(cells, overrides, out)
     console.print(f"report: {write_report(out)}")
     return 0
 

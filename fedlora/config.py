@@ -105,9 +105,11 @@ class RunConfig:
         )
 
     def _resolve_lr(self) -> None:
-        """``train.lr`` null: the strategy's recommended client lr (``strategy.client_lr``), else 1e-3."""
+        """``train.lr`` null: the strategy's recommended client lr (``client_lr_dp`` under DP, ``client_lr``),
+        else 1e-3."""
         if self.train.lr is None:
-            lr = self.strategy.client_lr or DEFAULT_LR
+            dp = self.strategy.client_lr_dp if self.privacy.enabled else None
+            lr = dp or self.strategy.client_lr or DEFAULT_LR
             self.train = dataclasses.replace(self.train, lr=lr)
         require(self.train.min_lr <= self.train.lr, "train.min_lr must not exceed train.lr")
 

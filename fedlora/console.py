@@ -99,6 +99,10 @@ def show_privacy(worker: Any) -> None:
     planned = [epsilon(p.planned(), p.delta, p.accountant) for p in active]
     budget = f"epsilon <= {cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None else "no budget"
     randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
+    # Per step the mean of clipped gradients has norm <= C; the noise on it has norm sigma C sqrt(d) / B.
+    d = sum(worker.params[k].numel() for k in worker.protocol.trainable)
+    ratio = [p.noise_multiplier * d**0.5 / (p.sample_rate * len(worker.rows(pid))) for pid, p in enumerate(plans)
+             if p.rounds or p.init_release]  # fmt: skip
     console.print(
         f"privacy=dp ({budget}, {cfg.privacy.accountant}, {cfg.privacy.grad_sample_mode}): noise multiplier "
         f"{min(sigmas):.3g}..{max(sigmas):.3g}, clip {cfg.privacy.max_grad_norm:g}, delta "
@@ -106,6 +110,12 @@ def show_privacy(worker: Any) -> None:
         f"{min(p.rounds for p in active)}..{max(p.rounds for p in active)} rounds per client, "
         f"planned epsilon {min(planned):.3g}..{max(planned):.3g}; weighting {cfg.strategy.weighting}; "
         f"noise and sampling: {randomness}"
+    )
+    console.print(
+        f"  per client: sample rate {min(p.sample_rate for p in active):.3g}..{max(p.sample_rate for p in active):.3g}"
+        f", {active[0].steps} steps of an expected batch of {cfg.train.batch_size} per round, {d:,} trainable numbers; "
+        f"noise/signal per step {min(ratio):.2g}..{max(ratio):.2g} (sigma sqrt(d) / batch: the noise norm over the "
+        "largest clipped mean; well above 1, few steps learn nothing)"
     )
 
 

@@ -172,6 +172,11 @@ class PrivacyConfig:
     from the run seed. ``unsafe_seeded_randomness`` derives it from the seed instead,
     so that tests can compare runs: anyone who knows the config can then remove the
     noise, so such a run is marked NOT PRIVATE wherever it is reported.
+    ``train.batch_size`` is the logical batch of a DP-SGD step (its expected size under
+    Poisson sampling: each record is in with probability 1 / ceil(n_k / batch_size));
+    ``max_physical_batch_size`` cuts it into physical batches that fit in memory
+    (Opacus's ``BatchMemoryManager``), one optimizer step and one accountant step per
+    logical batch.
     ``public_counts``: the clients' example counts are public knowledge, so DP
     replies may carry them for ``strategy.weighting=examples`` (default: they do not,
     and clients are weighted uniformly).
@@ -185,6 +190,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
     poisson: bool = True
+    max_physical_batch_size: Optional[int] = None
     public_counts: bool = False
     unsafe_seeded_randomness: bool = False
 
@@ -201,6 +207,10 @@ class PrivacyConfig:
         require(
             self.grad_sample_mode in GRAD_SAMPLE_MODES,
             f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}",
+        )
+        require(
+            self.max_physical_batch_size is None or self.max_physical_batch_size >= 1,
+            "privacy.max_physical_batch_size must be >= 1 or null",
         )
         if self.enabled:
             require(

@@ -80,6 +80,7 @@ def dp_sgd(
     criterion: nn.Module,
     generator: torch.Generator,
     poisson: bool = True,
+    max_physical_batch_size: int | None = None,
 ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, Any]]:
     """Opacus around one round: (private model, DP optimizer, Poisson loader, criterion).
 
@@ -121,7 +122,15 @@ def dp_sgd(
         private, dp_optimizer, *rest = made
         private_criterion = rest[0] if len(rest) == 2 else criterion
         try:
-            yield private, dp_optimizer, rest[-1], private_criterion
+            if max_physical_batch_size is None:
+                yield private, dp_optimizer, rest[-1], private_criterion
+            else:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                with BatchMemoryManager(
+                    data_loader=rest[-1], max_physical_batch_size=max_physical_batch_size, optimizer=dp_optimizer
+                ) as physical:
+                    yield private, dp_optimizer, physical, private_criterion
         finally:
             private._close()
 

@@ -1,12 +1,15 @@
 """Privacy-budget sweeps: strategies x epsilon x seeds, one simulation per cell, resumable.
 
-    fedlora sweep privacy --out sweeps/ag_news -- model=minilm data=ag_news ...
+    fedlora sweep privacy [--preset sst2] [--out sweeps/x] [<overrides>]
 
-The grid's defaults are in ``conf/sweep/privacy.yaml``; ``--strategies``,
-``--epsilons`` (``inf``: no DP) and ``--seeds`` replace them. Every cell is a
-``fedlora simulate`` subprocess (a fresh Ray and model cache each) writing to
-``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; a cell that finished leaves
-``cell.json`` there and is not run again when the sweep is restarted. The CLI writes
+The grid comes from ``conf/sweep/privacy.yaml`` (or ``privacy_<preset>.yaml``: a grid
+with its own shared ``overrides``); ``--strategies``, ``--epsilons`` (``inf``: no DP)
+and ``--seeds`` replace its lists, and command-line overrides come after the
+preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
+cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
+``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
+centralised reference (``cells/centralised/eps-inf/seed-<s>``). A cell that finished
+leaves ``cell.json`` and is not run again when the sweep is restarted. The CLI writes
 the report (:mod:`fedlora.report`) at the end.
 """
 
@@ -14,9 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -24,11 +30,13 @@ import yaml
 from fedlora.config import ConfigError
 
 CELL = "cell.json"
+SWEEP = "sweep.json"
+CENTRALISED = "centralised"  # the reference cell's strategy name
 
 
 @dataclass(frozen=True)
 class Cell:
-    strategy: str
+    strategy: str  # or CENTRALISED
     epsilon: float  # math.inf: no DP
     seed: int
 
@@ -36,7 +44,13 @@ class Cell:
     def name(self) -> str:
         return f"{self.strategy}/eps-{format_epsilon(self.epsilon)}/seed-{self.seed}"
 
+    @property
+    def command(self) -> str:
+        return "centralised" if self.strategy == CENTRALISED else "simulate"
+
     def overrides(self) -> list[str]:
+        if self.strategy == CENTRALISED:
+            return [f"seed={self.seed}"]
         dp = ["privacy=none"] if math.isinf(self.epsilon) else ["privacy=dp", f"privacy.epsilon={self.epsilon:g}"]
         return [f"strategy={self.strategy}", f"seed={self.seed}", *dp]
 
@@ -52,17 +66,23 @@ def parse_epsilon(text: str | float) -> float:
     return value
 
 
-def defaults(name: str) -> dict:
-    """The grid of ``conf/sweep/<name>.yaml``."""
+def defaults(name: str, preset: str | None = None) -> dict:
+    """The grid of ``conf/sweep/<name>.yaml`` or ``<name>_<preset>.yaml``."""
     import importlib.resources
 
-    path = importlib.resources.files("conf") / "sweep" / f"{name}.yaml"
+    folder = importlib.resources.files("conf") / "sweep"
+    stem = f"{name}_{preset}" if preset else name
+    path = folder / f"{stem}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown sweep {name!r}; see conf/sweep/")
-    return yaml.safe_load(path.read_text())
+        presets = sorted(p.name[len(name) + 1 : -5] for p in folder.iterdir() if p.name.startswith(f"{name}_"))
+        raise ConfigError(f"unknown sweep {stem!r}; presets of {name}: {presets}")
+    grid_ = yaml.safe_load(path.read_text())
+    grid_.setdefault("overrides", [])
+    grid_.setdefault("centralised", False)
+    return grid_
 
 
-def grid(strategies: list[str], epsilons: list[float], seeds: list[int]) -> list[Cell]:
+def grid(strategies: list[str], epsilons: list[float], seeds: list[int], *, centralised: bool = False) -> list[Cell]:
     from strategies import get_strategy_class
 
     for name in strategies:
@@ -70,48 +90,60 @@ def grid(strategies: list[str], epsilons: list[float], seeds: list[int]) -> list
             get_strategy_class(name)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    return [Cell(s, e, seed) for s in strategies for e in epsilons for seed in seeds]
+    reference = [Cell(CENTRALISED, math.inf, seed) for seed in seeds] if centralised else []
+    return reference + [Cell(s, e, seed) for s in strategies for e in epsilons for seed in seeds]
 
 
-def run_cells(cells: list[Cell], overrides: list[str], out: Path) -> None:
-    """Run every unfinished cell, with a progress display (the report is :mod:`fedlora.report`'s)."""
+def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: str = "") -> None:
+    """Run every unfinished cell, with a progress bar (a plain line per cell when not on a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedlora import __version__
+    from fedlora.console import console
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(
+    (out / SWEEP).write_text(
         json.dumps(
-            {"cells": [asdict(c) | {"epsilon": format_epsilon(c.epsilon)} for c in cells], "overrides": overrides},
+            {
+                "cells": [asdict(c) | {"epsilon": format_epsilon(c.epsilon)} for c in cells],
+                "overrides": overrides,
+                "command": command or shlex.join(["fedlora", *sys.argv[1:]]),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "fedlora": __version__,
+            },
             indent=2,
         )
     )
     todo = [c for c in cells if not (out / "cells" / c.name / CELL).is_file()]
-    with Progress(
-        TextColumn("[bold]sweep"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    ) as progress:
+    plain = not console.is_terminal
+    columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.description}"), console=console, disable=plain) as progress:
         task = progress.add_task("", total=len(cells), completed=len(cells) - len(todo))
-        for cell in todo:
+        for i, cell in enumerate(todo, start=len(cells) - len(todo) + 1):
             progress.update(task, description=cell.name)
             folder = out / "cells" / cell.name
             folder.mkdir(parents=True, exist_ok=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "fedlora.cli",
-                "simulate",
-                *overrides,
-                *cell.overrides(),
-                f"output_dir={folder}",
-            ]
+            cmd = [sys.executable, "-m", "fedlora.cli", cell.command, *overrides, *cell.overrides()]
+            started = time.perf_counter()
             with (folder / "log.txt").open("w") as log:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+                done = subprocess.run([*cmd, f"output_dir={folder}"], stdout=log, stderr=subprocess.STDOUT, check=False)
+            minutes = (time.perf_counter() - started) / 60
             if done.returncode != 0:
-                progress.console.print(
-                    f"[red]cell {cell.name} failed (exit {done.returncode}); see {folder / 'log.txt'}"
+                console.print(
+                    f"cell {i}/{len(cells)} {cell.name} failed (exit {done.returncode}); see {folder / 'log.txt'}"
                 )
                 continue
             (folder / CELL).write_text(json.dumps(asdict(cell) | {"epsilon": format_epsilon(cell.epsilon)}))
             progress.advance(task)
+            if plain:
+                console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}")
+
+
+def summary(folder: Path) -> str:
+    """A finished cell in a few words: its last accuracy and largest epsilon spent."""
+    from fedlora.metrics import METRICS, read_metrics
+
+    rows = [r for r in read_metrics(folder / METRICS) if r["test_accuracy"]]
+    eps = [float(r["epsilon_max"]) for r in rows if r.get("epsilon_max")]
+    spent = f", epsilon spent {max(eps):.3g}" if eps else ""
+    return f"accuracy {float(rows[-1]['test_accuracy']):.3f}{spent}" if rows else "no evaluation"

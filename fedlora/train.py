@@ -36,22 +36,28 @@ def train_steps(
     device: torch.device,
     after_step: Callable[[], None] | None = None,
 ) -> LocalResult:
-    """``steps`` optimizer steps on ``batches``; returns the mean training loss.
+    """``steps`` optimizer steps on ``batches``; returns the mean training loss (over the batches seen).
 
-    ``after_step`` runs after every optimizer step (e.g. to re-apply a rank mask).
+    ``after_step`` runs after every optimizer step (e.g. to re-apply a rank mask). A DP
+    optimizer under Opacus's ``BatchMemoryManager`` skips its step on every physical batch
+    but a logical batch's last: only steps taken are counted, so ``steps`` are logical.
     """
     model.train()
-    total = 0.0
-    for _ in range(steps):
+    total, seen, taken = 0.0, 0, 0
+    while taken < steps:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()
+        skipped = getattr(optimizer, "_is_last_step_skipped", False)  # Opacus's DPOptimizer, mid logical batch
         optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+        if not skipped:
+            taken += 1
+            if after_step is not None:
+                after_step()
         total += loss.item()
-    return LocalResult(steps=steps, mean_loss=total / steps)
+        seen += 1
+    return LocalResult(steps=taken, mean_loss=total / seen)
 
 
 def local_steps(cfg: TrainConfig, num_examples: int) -> int:

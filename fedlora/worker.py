@@ -241,6 +241,7 @@ class Worker:
                 grad_sample_mode=privacy.grad_sample_mode,
                 criterion=TASK.criterion(),
                 generator=dp_generator(privacy, unsafe_seed),
+                max_physical_batch_size=privacy.max_physical_batch_size,
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(
                     model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer

@@ -53,7 +53,8 @@ class StrategyConfig:
     """Settings every strategy shares; subclasses add their own fields.
 
     ``client_lr``: the clients' learning rate this strategy recommends (used when
-    ``train.lr`` is null; B-only and R-only training want larger ones).
+    ``train.lr`` is null; B-only and R-only training want larger ones); ``client_lr_dp``
+    the same under DP-SGD, whose noisy steps want other ones.
     ``weighting``: ``examples`` gives client k the weight p_k = n_k / sum n;
     ``uniform`` gives every replying client 1 / K; None (the configs' default) is
     resolved by the run: ``examples``, or ``uniform`` under DP, where the counts are private.
@@ -62,12 +63,15 @@ class StrategyConfig:
     name: str
     weighting: str | None = None
     client_lr: float | None = None  # the clients' learning rate when train.lr is null (this strategy's default)
+    client_lr_dp: float | None = None  # the same under privacy=dp (None: client_lr)
 
     def __post_init__(self) -> None:
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"strategy.weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.client_lr is not None and self.client_lr <= 0:
-            raise ValueError(f"strategy.client_lr must be > 0, got {self.client_lr}")
+        for name in ("client_lr", "client_lr_dp"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"strategy.{name} must be > 0, got {value}")
 
 
 def normalise(weights: Sequence[float]) -> torch.Tensor:

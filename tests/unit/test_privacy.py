@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -189,3 +190,45 @@ def test_bad_privacy_input_is_one_clear_config_error(make_config, overrides: lis
     with pytest.raises(ConfigError) as info:
         make_config(*overrides)
     assert message in str(info.value)
+
+
+def test_a_logical_batch_is_the_sum_of_its_physical_batches_and_one_accountant_step(make_config) -> None:
+    """Batches of 16 cut into physical batches of 4 (Opacus's BatchMemoryManager) give the update of
+    one batch of 16 with the noise off; the optimizer steps, and the ledger counts, logical batches."""
+
+    def round_with(physical: int | None) -> tuple[dict, int]:
+        worker = Worker(make_config("data.synthetic_train=320", "train.batch_size=16"), num_partitions=10)
+        for module in worker.model.modules():  # dropout draws per physical batch: the batches must see the same
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        lora.set_trainable(worker.params, worker.protocol.trainable)
+        params = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        with dp_sgd(
+            worker.model, optimizer, worker.shuffled(worker.client_data(3), seed=7), noise_multiplier=0.0,
+            max_grad_norm=0.05, grad_sample_mode="hooks", criterion=TASK.criterion(),
+            generator=torch.Generator().manual_seed(0), poisson=False, max_physical_batch_size=physical,
+        ) as (model, dp_optimizer, loader, criterion):  # fmt: skip
+            result = train_steps(
+                model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer,
+                steps=2, device=worker.device,
+            )  # fmt: skip
+        return {k: worker.params[k].detach().clone() for k in worker.protocol.trainable}, result.steps
+
+    whole, steps_whole = round_with(None)
+    split, steps_split = round_with(4)
+    assert steps_whole == steps_split == 2  # logical steps, though the split round saw 8 physical batches
+    start = Worker(make_config("data.synthetic_train=320"), num_partitions=10).initial_state()
+    moved = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in whole))
+    differ = math.sqrt(sum(float((split[k] - whole[k]).square().sum()) for k in whole))
+    assert moved > 0 and differ < 1e-3 * moved  # float32 summation order only
+
+
+def test_a_dp_round_charges_one_accountant_step_per_logical_batch(make_config) -> None:
+    cfg = make_config("privacy=dp", "privacy.noise_multiplier=1.0", "privacy.max_physical_batch_size=3")
+    worker = Worker(cfg, num_partitions=10)
+    history: list = []
+    start = worker.protocol.download(worker.initial_state())
+    _, _, result = worker.train_round(3, start, server_round=1, history=history)
+    plan = worker.privacy_plan(3)
+    assert result.steps == cfg.train.local_steps and history == [(plan.noise_multiplier, plan.sample_rate, 2)]

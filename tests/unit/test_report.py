@@ -44,9 +44,9 @@ def test_the_report_tables_mean_and_std_over_seeds_and_writes_its_files(tmp_path
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert "| fedavg | 1 | 2 | 0.700 ± 0.141 | 0.700 | 0.980 | 0 | 2.00 KB |" in md
-    assert "| fedavg | inf (no DP) | 1 | 0.900 ± 0.000 | 0.900 | - | 0 | 2.00 KB |" in md
+    assert "| fedavg | inf (no DP) | 1 | 0.900 | 0.900 | - | 0 | 2.00 KB |" in md  # one seed: no spread
     html = page.read_text()
-    assert all(f'src="{name}"' in html for name in PLOTS)  # relative: the folder can be zipped
+    assert html.count('src="data:image/png;base64,') == len(PLOTS)  # one file that renders when mailed
 
 
 def test_a_finished_sweep_runs_nothing_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,3 +74,16 @@ def test_report_and_sweep_refuse_bad_input_with_one_line(tmp_path: Path, capsys:
     assert main(["sweep", "privacy", "--epsilons", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is not a sweep folder" in err and "unknown strategy 'fedsdv'" in err and "epsilons must be > 0" in err
+
+
+def test_the_centralised_reference_heads_the_table_and_the_grid(tmp_path: Path) -> None:
+    from fedlora.sweep import CENTRALISED
+
+    fake_cell(tmp_path, CENTRALISED, math.inf, 0, [0.25, 0.95], eps=None)
+    fake_cell(tmp_path, "fedavg", 4.0, 0, [0.25, 0.6], eps=3.9)
+    write_report(tmp_path)
+    table_rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert table_rows[1].startswith("| centralised (reference) | inf (no DP) | 1 | 0.950 |")
+    cells = grid(["fedavg"], [4.0], [0, 1], centralised=True)
+    assert [c.name for c in cells[:2]] == ["centralised/eps-inf/seed-0", "centralised/eps-inf/seed-1"]
+    assert cells[0].command == "centralised" and cells[0].overrides() == ["seed=0"]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedlora import deploy_cli
-from fedlora.compose import GROUPS, compose, group_options
+from fedlora.compose import GROUPS, HYDRA_KEYS, compose, group_options
 from fedlora.config import ConfigError
 from fedlora.console import console, err_console, setup_logging
 
@@ -61,6 +61,10 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     )
     simulate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. clients=100")
     simulate.add_argument("--dry-run", action="store_true", help="validate, show the partitions, and stop")
+    simulate.add_argument(
+        "-m", "--multirun", action="store_true", help="one run per combination of swept values (a,b; range(...))"
+    )
+    simulate.add_argument("--cfg", choices=["job"], default=None, help="print the composed job config and stop")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     simulate.set_defaults(handler=run_simulate)
     central = sub.add_parser(
@@ -98,16 +102,32 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
 def run_simulate(args: argparse.Namespace) -> int:
     from fedlora.launch import simulate
 
-    cfg, composed = compose(args.overrides)
-    return simulate(cfg, composed, dry_run=args.dry_run, verbose=args.verbose)
+    overrides = list(args.overrides)
+    hydra = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in HYDRA_KEYS}
+    if args.multirun:
+        from fedlora.multirun import multirun
+
+        return multirun(overrides, sweep_dir=hydra.get("hydra.sweep.dir"), verbose=args.verbose)
+    if "hydra.run.dir" in hydra:  # Hydra's name for the run's folder
+        if any(o.startswith("output_dir=") for o in overrides):
+            raise ConfigError("give output_dir or hydra.run.dir, not both")
+        overrides.append(f"output_dir={hydra['hydra.run.dir']}")
+    cfg, composed = compose(overrides)
+    if args.cfg == "job":
+        from omegaconf import OmegaConf
+
+        console.print(OmegaConf.to_yaml(composed), end="", highlight=False, markup=False)
+        return 0
+    return simulate(cfg, composed, overrides=overrides, dry_run=args.dry_run, verbose=args.verbose)
 
 
 def run_centralised(args: argparse.Namespace) -> int:
     from fedlora.centralised import overrides_for
     from fedlora.launch import centralised
 
-    cfg, composed = compose(overrides_for(list(args.overrides)))
-    return centralised(cfg, composed)
+    overrides = overrides_for(list(args.overrides))
+    cfg, composed = compose(overrides)
+    return centralised(cfg, composed, overrides=overrides)
 
 
 def run_sweep(args: argparse.Namespace) -> int:

@@ -148,6 +148,13 @@ class RunConfig:
         cpr = self.clients_per_round
         return int(cpr) if cpr >= 1 else max(1, round(cpr * self.clients))
 
+    def with_clients(self, clients: int) -> RunConfig:
+        """This config for a federation of ``clients`` (a count of clients per round is capped at it)."""
+        if clients == self.clients:
+            return self
+        cpr = self.clients_per_round if self.clients_per_round < 1 else min(self.clients_per_round, clients)
+        return dataclasses.replace(self, clients=clients, clients_per_round=cpr)
+
     def to_flat(self) -> Flat:
         """Scalars only, dotted keys: what Flower's run config can carry."""
         return _flatten(self)

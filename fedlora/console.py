@@ -5,6 +5,7 @@ The library logs; only the CLI and this module print.
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -77,6 +78,15 @@ def summary_table(rows: list[dict[str, str]]) -> Table:
             _fmt(r["wall_s"], ".1f"),
         )
     return table
+
+
+def summary_text(metrics_csv: Path) -> str:
+    """The rounds table as plain text (for logs that are not a terminal)."""
+    from fedlora.metrics import read_metrics
+
+    plain = Console(width=100, record=True, file=io.StringIO(), color_system=None)
+    plain.print(summary_table(read_metrics(metrics_csv)))
+    return plain.export_text()
 
 
 def _fmt(value: str, spec: str) -> str:

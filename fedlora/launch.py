@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -25,12 +25,17 @@ def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
     return dataclasses.replace(cfg, output_dir=str(out)), out
 
 
-def write_config(cfg: RunConfig, composed: Any, out: Path) -> None:
+def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str]) -> None:
+    """config.yaml (composed), run_config.json (the typed config, flat) and Hydra's .hydra/ folder."""
+    import yaml
     from omegaconf import OmegaConf
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
     write_json(out / "run_config.json", cfg.to_flat())
+    (out / ".hydra").mkdir(exist_ok=True)
+    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
 
 
 @contextmanager
@@ -55,7 +60,7 @@ def summarise(out: Path) -> None:
     console.console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
 
 
-def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> int:
+def simulate(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), dry_run: bool, verbose: bool) -> int:
     """Validate, show the partitions (and DP plan), write the config, run the simulation, print the rounds."""
     import torch
 
@@ -83,7 +88,7 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
 
         console.console.print(OmegaConf.to_yaml(composed))
         return 0
-    write_config(cfg, composed, out)
+    write_config(cfg, composed, out, list(overrides))
     console.console.print(console.header(worker, out))
     with round_lines(cfg.rounds) as on_round:
         run_flower_simulation(cfg, verbose=verbose, on_round=on_round)
@@ -91,7 +96,7 @@ def simulate(cfg: RunConfig, composed: Any, *, dry_run: bool, verbose: bool) -> 
     return 0
 
 
-def centralised(cfg: RunConfig, composed: Any) -> int:
+def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = ()) -> int:
     """The centralised reference of a federated run's config (:mod:`fedlora.centralised`)."""
     from fedlora.centralised import run_centralised, steps_per_round
     from fedlora.data import load_splits
@@ -99,7 +104,7 @@ def centralised(cfg: RunConfig, composed: Any) -> int:
     cfg, out = output_folder(cfg, composed)
     train_size = len(load_splits(cfg.data, seed=cfg.seed).train)
     steps = steps_per_round(cfg, train_size)
-    write_config(cfg, composed, out)
+    write_config(cfg, composed, out, list(overrides))
     console.console.print(
         f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "
         f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "

@@ -43,9 +43,13 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 def query(msg: Message, context: Context) -> Message:
-    """The node's partition id, so that the server can sample clients by partition."""
-    pid = int(context.node_config[records.PARTITION_ID])
-    return Message(RecordDict({records.METRICS: MetricRecord({records.PARTITION_ID: pid})}), reply_to=msg)
+    """The node's partition id (so that the server samples clients by partition) and, when its node config
+    says, how many parts its data is split into (Flower's local simulation gives every node both)."""
+    node = context.node_config
+    metrics = MetricRecord({records.PARTITION_ID: int(node[records.PARTITION_ID])})
+    if records.NUM_PARTITIONS in node:
+        metrics[records.NUM_PARTITIONS] = int(node[records.NUM_PARTITIONS])
+    return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
 
 
 def node_worker(msg: Message, context: Context, cfg: RunConfig) -> Worker:
@@ -62,9 +66,10 @@ def node_worker(msg: Message, context: Context, cfg: RunConfig) -> Worker:
 
 def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """One round (or Fed-SB's round 0) of this client: train on its data, reply with the payload."""
+    config = msg.content[records.CONFIG]
+    cfg = cfg.with_clients(int(config.get(records.CLIENTS, cfg.clients)))  # the federation the server runs
     worker = node_worker(msg, context, cfg)
     pid = int(context.node_config[records.PARTITION_ID])
-    config = msg.content[records.CONFIG]
     server_round = int(config[records.SERVER_ROUND])
     init = config.get(records.PHASE) == records.PHASE_INIT
     ledger = Ledger(context, msg) if cfg.privacy.enabled else None

@@ -36,6 +36,7 @@ BASE_VERSION = "base-version"
 PRIVACY = "privacy"
 EPSILON = "epsilon"
 REFUSED = "refused"  # 1: the client's budget is exhausted, it did not train
+CLIENTS = "clients"  # the federation's size the server runs with (it may be the nodes', see server_app)
 LABELS = "label-names"  # the run's labels, so that a node's own data file maps to them by name
 DATA_PATH = "data-path"  # node config: this node's data file or folder (default: the run's data)
 

@@ -137,7 +137,10 @@ class FlowerRounds:
         fixed_record = records.to_record(fixed) if fixed else None
         arrays_size = records.size(arrays)
         fixed_size = records.size(fixed_record) if fixed_record is not None else (0, 0)
-        base = {records.SERVER_ROUND: server_round, records.FIXED_DIGEST: digest, records.LABELS: self.label_names}
+        base = {
+            records.SERVER_ROUND: server_round, records.FIXED_DIGEST: digest, records.LABELS: self.label_names,
+            records.CLIENTS: self.cfg.clients,
+        }  # fmt: skip
         fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
         outgoing = []
         for pid in chosen:
@@ -208,7 +211,7 @@ class FlowerRounds:
         share = math.ceil(init.samples / len(chosen))
         config = ConfigRecord({
             records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share,
-            records.LABELS: self.label_names,
+            records.LABELS: self.label_names, records.CLIENTS: self.cfg.clients,
         })  # fmt: skip
         outgoing = []
         for pid in chosen:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedlora import gradient_init
 from fedlora.appconfig import from_run_config
 from fedlora.checkpoint import CHECKPOINT, SERVER_OPTIMIZER, load_checkpoint_meta, save_checkpoint, save_tensors
 from fedlora.config import RunConfig
+from fedlora.console import round_line, summary_text
 from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.flower.rounds import FlowerRounds
@@ -46,12 +48,38 @@ def make_server_app(run_config: Mapping[str, Any] | None = None, *, on_round: Ro
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = from_run_config(run_config if run_config is not None else context.run_config)
-        if not cfg.output_dir:  # a copy: the parsed config is cached per process
-            cfg = dataclasses.replace(cfg, output_dir=f"outputs/run-{context.run_id}")
-        run_server(grid, cfg, on_round=on_round)
+        if run_config is not None:
+            cfg = from_run_config(run_config)
+            run_server(grid, cfg, on_round=on_round)
+            return
+        # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.
+        with logging_to_stdout():
+            cfg = from_run_config(context.run_config)
+            if not cfg.output_dir:  # a copy: the parsed config is cached per process
+                cfg = dataclasses.replace(cfg, output_dir=f"outputs/run-{context.run_id}")
+            try:
+                out = run_server(grid, cfg, on_round=lambda row: log.info(round_line(row, cfg.rounds)))
+            except FederationError as err:
+                log.error("%s", err)
+                return
+            log.info("%s", summary_text(out / METRICS))
+            log.info("outputs: %s (metrics.csv, checkpoint.safetensors, adapter/)", out)
 
     return app
+
+
+@contextlib.contextmanager
+def logging_to_stdout() -> Iterator[None]:
+    """fedlora's log records, INFO and up, as plain lines on standard output."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s fedlora: %(message)s"))
+    logger = logging.getLogger("fedlora")
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 app = make_server_app()
@@ -86,10 +114,11 @@ def run_log(path: Path) -> Iterator[None]:
 
 
 def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None) -> Path:
-    worker = get_worker(cfg).warm_up()
     if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
-    nodes = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
+    nodes, clients = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
+    cfg = cfg.with_clients(clients)
+    worker = get_worker(cfg).warm_up()
     rounds = FlowerRounds(cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names)
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
@@ -176,27 +205,79 @@ def resume(rounds: FlowerRounds, out: Path) -> int | None:
     return server_round
 
 
-def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> dict[int, int]:
-    """Partition id -> node id, asked of every connected node once (node ids are random)."""
+class FederationError(RuntimeError):
+    """The nodes the run needs did not connect: one line says how many did and what to change."""
+
+
+SETTLE_S = 10.0  # no new node for this long: look at whether the connected nodes are the whole federation
+
+
+def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[dict[int, int], int]:
+    """(partition id -> node id, the federation's number of clients), asking each connected node once.
+
+    The run waits for ``expected`` nodes (its ``clients``). Flower's local simulation starts
+    its own number of SuperNodes (2 by default), each told its partition id and the number
+    of partitions M: when the nodes connected for ``SETTLE_S`` seconds are exactly such a
+    federation (M nodes, ids 0..M-1, all saying M), the run goes on with ``clients=M``.
+    After ``timeout`` seconds without enough nodes, :class:`FederationError`.
+    """
     deadline = time.monotonic() + timeout
+    count, changed, told = -1, time.monotonic(), 0.0
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected in {timeout:.0f} s")
-        log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
+        now = time.monotonic()
+        if len(node_ids) != count:
+            count, changed = len(node_ids), now
+        if now - told >= 30 or told == 0.0:
+            log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
+            told = now
+        if node_ids and now - changed >= SETTLE_S:
+            found, parts = _ask_partitions(grid, node_ids, timeout=timeout)
+            size = _whole_federation(found, parts)
+            if size:
+                log.warning(
+                    "the connected nodes are a federation of %d clients (each says num-partitions=%d): "
+                    "running with clients=%d instead of %d", size, size, size, expected,
+                )  # fmt: skip
+                return found, size
+            changed = now  # ask again only after the next quiet spell
+        if now > deadline:
+            raise FederationError(
+                f"only {len(node_ids)} of {expected} client nodes connected within server.node_timeout={timeout:g} s; "
+                f"start {expected} SuperNodes (Flower's local simulation: options.num-supernodes = {expected} in "
+                f"$FLWR_HOME/config.toml) or run with clients={len(node_ids) or 1}"
+            )
         time.sleep(1.0)
+    found, _ = _ask_partitions(grid, node_ids, timeout=timeout)
+    return found, expected
+
+
+def _whole_federation(found: dict[int, int], parts: dict[int, int]) -> int:
+    """M when the nodes are partitions 0..M-1 of a federation of M (M > 1), each saying so; else 0."""
+    sizes = set(parts.values())
+    if len(sizes) == 1 and (size := sizes.pop()) > 1 and sorted(found) == list(range(size)) and len(parts) == size:
+        return size
+    return 0
+
+
+def _ask_partitions(grid: Grid, node_ids: list[int], *, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
+    """(partition id -> node id, partition id -> the num-partitions its node config says, where it says)."""
     messages = [
         Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in node_ids
     ]
     found: dict[int, int] = {}
+    parts: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        pid = int(reply.content[records.METRICS][records.PARTITION_ID])
+        metrics = reply.content[records.METRICS]
+        pid = int(metrics[records.PARTITION_ID])
         if pid in found:
             raise ValueError(f"two nodes claim partition {pid}")
         found[pid] = reply.metadata.src_node_id
+        if records.NUM_PARTITIONS in metrics:
+            parts[pid] = int(metrics[records.NUM_PARTITIONS])
     if not found:
         raise RuntimeError("no node answered the partition query")
-    return found
+    return found, parts

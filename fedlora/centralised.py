@@ -24,7 +24,7 @@ from fedlora.checkpoint import save_checkpoint
 from fedlora.config import RunConfig
 from fedlora.export import export_adapter
 from fedlora.groups import PartitionConfig, PrivacyConfig
-from fedlora.metrics import METRICS, MetricsLog, RoundStats, columns, round_row
+from fedlora.metrics import METRICS, MetricsLog, RoundStats, columns, round_row, summarise
 from fedlora.train import local_steps
 from fedlora.worker import Worker
 
@@ -73,5 +73,5 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
         state = state | payload
         stats.train_loss = result.mean_loss
         log_round(server_round, stats, stats.started)
-    export_adapter(worker, state, out / ADAPTER_DIR)
+    export_adapter(worker, state, out / ADAPTER_DIR, summary=summarise(out / METRICS))
     return out

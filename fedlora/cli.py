@@ -90,11 +90,16 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
     sweep.set_defaults(handler=run_sweep)
+    predict = sub.add_parser("predict", help="label texts with an exported model (adapter/ of a run)")
+    predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
+    predict.add_argument("--adapter", type=Path, required=True, help="an export: a run's adapter/ folder")
+    predict.add_argument("--file", type=Path, default=None, help="also label every line of this file")
+    predict.set_defaults(handler=run_predict)
     report = sub.add_parser("report", help="write report.html and report.md for a sweep folder")
     report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
     report.set_defaults(handler=run_report)
     deploy_cli.add_parser(sub)
-    for p in (central, sweep, report):
+    for p in (central, sweep, predict, report):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -146,6 +151,21 @@ def run_sweep(args: argparse.Namespace) -> int:
     out = (args.out or Path("sweeps") / (f"{args.name}_{args.preset}" if args.preset else args.name)).resolve()
     run_cells(cells, overrides, out)
     console.print(f"report: {write_report(out)}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from fedlora.predict import predict
+
+    texts = list(args.texts)
+    if args.file is not None:
+        if not args.file.is_file():
+            raise ConfigError(f"{args.file} does not exist")
+        texts += [line for line in args.file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("give texts to label, or --file")
+    for text, label in zip(texts, predict(args.adapter, texts), strict=True):
+        print(f"{label}\t{text}")
     return 0
 
 

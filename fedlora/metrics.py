@@ -141,3 +141,16 @@ def _cell(value: Any) -> Any:
 def read_metrics(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """A run's outcome from its metrics.csv: last test accuracy and loss, the largest epsilon spent, rounds."""
+    rows = read_metrics(path)
+    evaluated = [r for r in rows if r["test_accuracy"]]
+    spent = [float(r["epsilon_max"]) for r in rows if r.get("epsilon_max")]
+    return {
+        "rounds": int(rows[-1]["round"]) if rows else 0,
+        "test_accuracy": float(evaluated[-1]["test_accuracy"]) if evaluated else None,
+        "test_loss": float(evaluated[-1]["test_loss"]) if evaluated else None,
+        "epsilon_spent": max(spent) if spent else None,
+    }

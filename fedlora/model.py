@@ -27,7 +27,7 @@ def resolve_path(path: str) -> str:
     return str(Path(str(root)) / folder)
 
 
-def build_peft_model(model: ModelConfig, lora: LoraConfig, *, num_labels: int, seed: int) -> PeftModel:
+def build_peft_model(model: ModelConfig, lora: LoraConfig, *, labels: tuple[str, ...], seed: int) -> PeftModel:
     """Base model + LoRA adapter named ``default``; head modules are peft's modules_to_save.
 
     Built under a fixed torch seed: transformers and peft draw their initial values
@@ -44,7 +44,7 @@ def build_peft_model(model: ModelConfig, lora: LoraConfig, *, num_labels: int, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            base = TASK.build(path, num_labels=num_labels, pretrained=model.pretrained, architecture=model.architecture)
+            base = TASK.build(path, labels=labels, pretrained=model.pretrained, architecture=model.architecture)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path {model.path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
         peft_config = PeftLoraConfig(

@@ -29,11 +29,14 @@ class SequenceClassification:
     # decoder models: score); they are trained in full (peft's modules_to_save).
     head_names = ("classifier", "score")
 
-    def build(self, path: str, *, num_labels: int, pretrained: bool, architecture: dict[str, int]) -> nn.Module:
-        """The base model: pretrained weights, or a random init of ``path``'s config."""
+    def build(self, path: str, *, labels: tuple[str, ...], pretrained: bool, architecture: dict[str, int]) -> nn.Module:
+        """The base model with a head for ``labels`` (named in its config): pretrained weights, or a random init
+        of ``path``'s config."""
+        names = {"num_labels": len(labels), "id2label": dict(enumerate(labels))}
+        names["label2id"] = {name: i for i, name in enumerate(labels)}
         if pretrained:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **architecture)
-        config = AutoConfig.from_pretrained(path, num_labels=num_labels, **architecture)
+            return AutoModelForSequenceClassification.from_pretrained(path, **names, **architecture)
+        config = AutoConfig.from_pretrained(path, **names, **architecture)
         return AutoModelForSequenceClassification.from_config(config)
 
     def heads(self, model: nn.Module) -> list[str]:

@@ -99,7 +99,7 @@ class Worker:
     def model(self) -> torch.nn.Module:
         """The peft model, holding the strategy's initial state (the same in every process)."""
         lora_cfg = dataclasses.replace(self.cfg.lora, rank=self.cfg.model_rank, alpha=self.cfg.lora_alpha)
-        model = build_peft_model(self.cfg.model, lora_cfg, num_labels=self.splits.num_labels, seed=self.cfg.seed)
+        model = build_peft_model(self.cfg.model, lora_cfg, labels=self.splits.label_names, seed=self.cfg.seed)
         self.strategy.prepare_model(model)
         model.to(self.device)
         params = lora.adapter_parameters(model)

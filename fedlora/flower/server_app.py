@@ -31,7 +31,7 @@ from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.flower.rounds import FlowerRounds
 from fedlora.lora import Role
-from fedlora.metrics import METRICS, MetricsLog, columns, round_row
+from fedlora.metrics import METRICS, MetricsLog, columns, round_row, summarise
 from fedlora.privacy import UNSAFE_WARNING
 from fedlora.worker import Worker, get_worker
 
@@ -146,7 +146,8 @@ def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallbac
     else:
         log.info("resuming after round %d of %d from %s", resumed, cfg.rounds, out / CHECKPOINT)
     rounds.run(grid, first_round=(resumed or 0) + 1, after_round=after_round)
-    export_adapter(worker, rounds.state, out / ADAPTER_DIR, fold_log=rounds.fold_log)
+    summary = summarise(out / METRICS)
+    export_adapter(worker, rounds.state, out / ADAPTER_DIR, fold_log=rounds.fold_log, summary=summary)
     return out
 
 

@@ -150,7 +150,7 @@ def fresh_base(worker: Worker):
         torch.manual_seed(cfg.seed)
         return TASK.build(
             resolve_path(cfg.model.path),
-            num_labels=worker.splits.num_labels,
+            labels=worker.splits.label_names,
             pretrained=False,
             architecture=cfg.model.architecture,
         )

@@ -75,7 +75,7 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config
         torch.manual_seed(cfg.seed)
         base = TASK.build(
             resolve_path(cfg.model.path),
-            num_labels=worker.splits.num_labels,
+            labels=worker.splits.label_names,
             pretrained=False,
             architecture=cfg.model.architecture,
         )

@@ -25,6 +25,7 @@ from fedlora.config import RunConfig
 from fedlora.export import export_adapter
 from fedlora.groups import PartitionConfig, PrivacyConfig
 from fedlora.metrics import METRICS, MetricsLog, RoundStats, columns, round_row, summarise
+from fedlora.tracking import open_trackers
 from fedlora.train import local_steps
 from fedlora.worker import Worker
 
@@ -54,7 +55,9 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
     )
     worker = Worker(pooled, num_partitions=1).warm_up()
     state = worker.initial_state()
-    metrics = MetricsLog(out / METRICS, columns(pooled.privacy))
+    metrics = MetricsLog(
+        out / METRICS, columns(pooled.privacy), trackers=open_trackers(cfg.trackers, out, pooled.to_flat())
+    )
 
     def log_round(server_round: int, stats: RoundStats | None, started: float) -> None:
         every = pooled.train.eval_every
@@ -73,5 +76,6 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
         state = state | payload
         stats.train_loss = result.mean_loss
         log_round(server_round, stats, stats.started)
+    metrics.close()
     export_adapter(worker, state, out / ADAPTER_DIR, summary=summarise(out / METRICS))
     return out

@@ -12,6 +12,7 @@ the groups' dataclasses (:mod:`fedlora.groups`) and the strategy's own frozen co
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from fedlora.groups import (
     TrainConfig,
     require,
 )
+from fedlora.tracking import TRACKERS
 from strategies import StrategyConfig, get_strategy_class
 
 __all__ = [
@@ -66,6 +68,7 @@ class RunConfig:
     rounds: int = 3
     seed: int = 0
     output_dir: Optional[str] = None
+    trackers: List[str] = field(default_factory=list)  # tensorboard, mlflow: beside metrics.csv
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -90,6 +93,13 @@ class RunConfig:
             cpr <= self.clients,
             f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
         )
+        for name in self.trackers:
+            require(name in TRACKERS, f"unknown tracker {name!r}; choose from {list(TRACKERS)}")
+            module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[name]
+            require(
+                importlib.util.find_spec(module) is not None,
+                f"trackers=[{name}] needs the {module} package: pip install 'fedlora[tracking]'",
+            )
         self._resolve_weighting()
         self._resolve_lr()
         cls = get_strategy_class(self.strategy.name)

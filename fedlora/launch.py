@@ -39,20 +39,37 @@ def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str])
 
 
 @contextmanager
-def round_lines(rounds: int) -> Iterator[RowCallback]:
-    """A progress bar over the rounds; the callback prints each metrics row as one line."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def round_lines(rounds: int) -> Iterator[tuple[RowCallback, Callable[[int, int], None]]]:
+    """Progress over the rounds and, within a round, over its clients (with an ETA); the row callback prints
+    each metrics row as one line (the only output when not on a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console.console, transient=True) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    plain = not console.console.is_terminal
+    with Progress(*columns, console=console.console, transient=True, disable=plain) as progress:
         task = progress.add_task("rounds", total=rounds)
+        clients = progress.add_task("clients", total=None, visible=False)
 
         def on_round(row: dict[str, Any]) -> None:
             progress.console.print(console.round_line(row, rounds))
+            progress.update(clients, visible=False)
             if row["round"] > 0:
                 progress.advance(task)
 
-        yield on_round
+        def on_progress(done: int, expected: int) -> None:
+            if done == 1:  # a new round: the clients' ETA starts over
+                progress.reset(clients, total=expected, visible=True)
+            progress.update(clients, completed=done, description="clients this round")
+
+        yield on_round, on_progress
 
 
 def summarise(out: Path) -> None:
@@ -90,8 +107,8 @@ def simulate(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), dr
         return 0
     write_config(cfg, composed, out, list(overrides))
     console.console.print(console.header(worker, out))
-    with round_lines(cfg.rounds) as on_round:
-        run_flower_simulation(cfg, verbose=verbose, on_round=on_round)
+    with round_lines(cfg.rounds) as (on_round, on_progress):
+        run_flower_simulation(cfg, verbose=verbose, on_round=on_round, on_progress=on_progress)
     summarise(out)
     return 0
 
@@ -110,7 +127,7 @@ def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = ())
         f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "
         f"(= {cfg.sampled_per_round} clients x their local steps), lr {cfg.train.lr:g} -> {out}"
     )
-    with round_lines(cfg.rounds) as on_round:
+    with round_lines(cfg.rounds) as (on_round, _):
         run_centralised(cfg, out, on_round=on_round)
     summarise(out)
     return 0

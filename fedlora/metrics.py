@@ -112,10 +112,21 @@ def round_row(
 class MetricsLog:
     """metrics.csv, with ``columns`` in order; a resumed run keeps the rows up to its checkpoint."""
 
-    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS, *, resume_after: int | None = None) -> None:
-        """A new log, or (``resume_after``) the existing one cut after that round (a resumed run)."""
+    def __init__(
+        self,
+        path: Path,
+        columns: tuple[str, ...] = COLUMNS,
+        *,
+        resume_after: int | None = None,
+        trackers: list[Any] = (),
+    ) -> None:
+        """A new log, or (``resume_after``) the existing one cut after that round (a resumed run).
+
+        ``trackers`` (:mod:`fedlora.tracking`) get every appended row too.
+        """
         self.path = path
         self.columns = columns
+        self.trackers = list(trackers)
         kept = []
         if resume_after is not None and path.exists():
             kept = [r for r in read_metrics(path) if int(r["round"]) <= resume_after]
@@ -130,6 +141,12 @@ class MetricsLog:
             raise KeyError(f"not metric columns: {sorted(unknown)}")
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([_cell(row.get(c)) for c in self.columns])
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _cell(value: Any) -> Any:

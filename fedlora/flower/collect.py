@@ -11,6 +11,7 @@ arrival order.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,6 +26,27 @@ from fedlora.metrics import RoundStats
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Progress = Callable[[int, int], None]
+POLL_S = 0.5  # how often the server asks for replies (Flower's own loop waits 3 s between asks)
+
+
+def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress: Progress | None) -> list[Message]:
+    """Push ``messages`` and pull their replies until all came or ``timeout`` seconds passed."""
+    if not messages:
+        return []
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting and time.monotonic() < deadline:
+        pulled = list(grid.pull_messages(waiting))
+        if pulled:
+            replies += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if on_progress is not None:
+                on_progress(len(replies), len(messages))
+        if waiting:
+            time.sleep(POLL_S)
+    return replies
 
 
 @dataclass
@@ -56,14 +78,16 @@ def collect(
     server_round: int,
     timeout: float,
     check: Callable[[int, Message], T | str],
+    on_progress: Progress | None = None,
 ) -> list[tuple[int, T]]:
     """Send ``outgoing``, wait up to ``timeout`` s, and return (partition, checked reply) in partition order.
 
     ``check(partition, reply)`` gives what the round aggregates, or why the reply is
     rejected. ``stats`` counts replies received (without error), refused (DP budget),
-    rejected, and the bytes up of every reply that carries an update.
+    rejected, and the bytes up of every reply that carries an update. ``on_progress(done,
+    expected)`` hears of every reply as it arrives.
     """
-    replies = grid.send_and_receive([o.message for o in outgoing], timeout=timeout) if outgoing else []
+    replies = exchange(grid, [o.message for o in outgoing], timeout=timeout, on_progress=on_progress)
     asked = {o.message.metadata.message_id: o for o in outgoing}  # ids are set once sent
     arrived: list[tuple[int | None, Message]] = []
     for m in replies:

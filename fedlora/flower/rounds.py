@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from fedlora.accounting import Step
 from fedlora.config import RunConfig
 from fedlora.flower import records
-from fedlora.flower.collect import NodeState, Outgoing, collect
+from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
 from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
 from fedlora.metrics import RoundStats
@@ -60,6 +60,7 @@ class FlowerRounds:
         nodes_by_partition: dict[int, int],
         *,
         label_names: tuple[str, ...],
+        on_progress: Progress | None = None,
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
@@ -71,6 +72,7 @@ class FlowerRounds:
         self.server_opt = ServerOptimizer(cfg.server.opt)
         self.stats: dict[int, RoundStats] = {}
         self.label_names = list(label_names)
+        self.on_progress = on_progress  # (replies so far, messages) within a round
         self._fixed_digest = ""
 
     def sample(self, server_round: int) -> list[int]:
@@ -106,6 +108,7 @@ class FlowerRounds:
             server_round=server_round,
             timeout=self.cfg.server.round_timeout,
             check=partial(self._check, server_round=server_round),
+            on_progress=self.on_progress,
         )
         needed = self.cfg.server.min_replies
         if len(accepted) < needed:
@@ -231,7 +234,7 @@ class FlowerRounds:
 
         accepted = collect(
             grid, outgoing, nodes=self.nodes, stats=stats, server_round=0, timeout=self.cfg.server.round_timeout,
-            check=check,
+            check=check, on_progress=self.on_progress,
         )  # fmt: skip
         total: Tensors = {}
         for _, gradients in accepted:

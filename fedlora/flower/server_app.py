@@ -33,16 +33,23 @@ from fedlora.flower.rounds import FlowerRounds
 from fedlora.lora import Role
 from fedlora.metrics import METRICS, MetricsLog, columns, round_row, summarise
 from fedlora.privacy import UNSAFE_WARNING
+from fedlora.tracking import open_trackers
 from fedlora.worker import Worker, get_worker
 
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[int, int], None]  # (replies so far, messages) within a round
 ADAPTER_DIR = "adapter"
 SERVER_LOG = "server.log"
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
+def make_server_app(
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    on_round: RoundCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> ServerApp:
     """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed)."""
     app = ServerApp()
 
@@ -50,7 +57,7 @@ def make_server_app(run_config: Mapping[str, Any] | None = None, *, on_round: Ro
     def main(grid: Grid, context: Context) -> None:
         if run_config is not None:
             cfg = from_run_config(run_config)
-            run_server(grid, cfg, on_round=on_round)
+            run_server(grid, cfg, on_round=on_round, on_progress=on_progress)
             return
         # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.
         with logging_to_stdout():
@@ -85,7 +92,9 @@ def logging_to_stdout() -> Iterator[None]:
 app = make_server_app()
 
 
-def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = None) -> Path:
+def run_server(
+    grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = None, on_progress: ProgressCallback | None = None
+) -> Path:
     """Run ``cfg.rounds`` rounds; write metrics, checkpoints and the final adapter. Returns the folder.
 
     With ``server.resume`` and a checkpoint in the output folder, the run continues after
@@ -94,7 +103,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = N
     out = Path(cfg.output_dir or "outputs/serverapp").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with run_log(out / SERVER_LOG):
-        return _run_server(grid, cfg, out, on_round=on_round)
+        return _run_server(grid, cfg, out, on_round=on_round, on_progress=on_progress)
 
 
 @contextlib.contextmanager
@@ -113,17 +122,27 @@ def run_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None) -> Path:
+def _run_server(
+    grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None, on_progress: ProgressCallback | None
+) -> Path:
     if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
     nodes, clients = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
     cfg = cfg.with_clients(clients)
     worker = get_worker(cfg).warm_up()
-    rounds = FlowerRounds(cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names)
+    rounds = FlowerRounds(
+        cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names,
+        on_progress=on_progress,
+    )  # fmt: skip
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
         initialise(grid, rounds, worker)
-    metrics = MetricsLog(out / METRICS, columns(cfg.privacy, worker.strategy.metric_columns), resume_after=resumed)
+    metrics = MetricsLog(
+        out / METRICS,
+        columns(cfg.privacy, worker.strategy.metric_columns),
+        resume_after=resumed,
+        trackers=open_trackers(cfg.trackers, out, cfg.to_flat()),
+    )
 
     def after_round(server_round: int) -> None:
         stats = rounds.stats.get(server_round)
@@ -145,7 +164,10 @@ def _run_server(grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallbac
         after_round(0)
     else:
         log.info("resuming after round %d of %d from %s", resumed, cfg.rounds, out / CHECKPOINT)
-    rounds.run(grid, first_round=(resumed or 0) + 1, after_round=after_round)
+    try:
+        rounds.run(grid, first_round=(resumed or 0) + 1, after_round=after_round)
+    finally:
+        metrics.close()
     summary = summarise(out / METRICS)
     export_adapter(worker, rounds.state, out / ADAPTER_DIR, fold_log=rounds.fold_log, summary=summary)
     return out

@@ -14,11 +14,18 @@ import logging
 from fedlora.appconfig import run_config_for
 from fedlora.config import RunConfig
 from fedlora.flower.client_app import make_client_app
-from fedlora.flower.server_app import RoundCallback, make_server_app
+from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
 
 
-def run_flower_simulation(cfg: RunConfig, *, verbose: bool = False, on_round: RoundCallback | None = None) -> None:
-    """Run ``cfg`` on ``cfg.clients`` virtual SuperNodes; ``on_round(row)`` after every round's metrics row."""
+def run_flower_simulation(
+    cfg: RunConfig,
+    *,
+    verbose: bool = False,
+    on_round: RoundCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> None:
+    """Run ``cfg`` on ``cfg.clients`` virtual SuperNodes; ``on_round(row)`` after every round's metrics row,
+    ``on_progress(replies, messages)`` as a round's replies arrive."""
     from flwr.simulation import run_simulation
 
     run_config = run_config_for(cfg)
@@ -30,7 +37,7 @@ def run_flower_simulation(cfg: RunConfig, *, verbose: bool = False, on_round: Ro
         "init_args": init_args,
     }
     run_simulation(
-        server_app=make_server_app(run_config, on_round=on_round),
+        server_app=make_server_app(run_config, on_round=on_round, on_progress=on_progress),
         client_app=make_client_app(run_config),
         num_supernodes=cfg.clients,
         backend_config=backend,

@@ -21,6 +21,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedlora.groups import ConfigError
+
 CONNECTION = "fedlora"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 SUPERLINK_PORT = 8000
 SUPERNODE_PORT = 9094
@@ -42,6 +44,7 @@ def make_certificates(folder: Path, *, hosts: Sequence[str] = ("127.0.0.1", "loc
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    check_server_hosts(folder, hosts)
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
 
@@ -92,6 +95,35 @@ def make_certificates(folder: Path, *, hosts: Sequence[str] = ("127.0.0.1", "loc
 
     for i in range(nodes):
         make_node_key(folder / f"node-{i}")
+
+
+def certificate_files(folder: Path, *, nodes: int = 0) -> dict[Path, bool]:
+    """Every file ``make_certificates`` writes or keeps, and whether it exists already."""
+    names = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY]
+    names += [name for i in range(nodes) for name in (f"node-{i}", f"node-{i}.pub")]
+    return {folder / name: (folder / name).exists() for name in names}
+
+
+def check_server_hosts(folder: Path, hosts: Sequence[str]) -> None:
+    """Refuse to keep a SuperLink certificate made for other hosts than ``hosts`` (it is never overwritten)."""
+    held = server_hosts(folder)
+    if held is not None and sorted(held) != sorted(hosts):
+        raise ConfigError(
+            f"{folder / SERVER_CERT} is for {held}, not {list(hosts)}; delete it and {SERVER_KEY} to make one "
+            "for the new hosts (nodes keep trusting the same CA)"
+        )
+
+
+def server_hosts(folder: Path) -> list[str] | None:
+    """The names and addresses the SuperLink certificate in ``folder`` is valid for (None: there is none)."""
+    from cryptography import x509
+
+    path = folder / SERVER_CERT
+    if not path.is_file():
+        return None
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in names.get_values_for_type(x509.IPAddress)] + names.get_values_for_type(x509.DNSName)
 
 
 def make_node_key(path: Path) -> Path:
@@ -175,25 +207,44 @@ def register_command(public_key: Path, *, connection: str = CONNECTION) -> list[
     return ["flwr", "supernode", "register", str(public_key), connection]
 
 
-def run_command(run_config: Path, *, app: Path = Path("."), connection: str = CONNECTION, stream: bool = False):
-    """``flwr run``: submit the App with a run config file (see :mod:`fedlora.appconfig`)."""
+def run_command(run_config: Path | str, *, app: Path = Path("."), connection: str = CONNECTION, stream: bool = False):
+    """``flwr run``: submit the App with a run config, a TOML file or ``key=value`` pairs (:mod:`fedlora.appconfig`)."""
     return ["flwr", "run", str(app), connection, "--run-config", str(run_config), *(["--stream"] if stream else [])]
 
 
-def write_connection(superlink: str, *, ca: Path, name: str = CONNECTION, home: Path | None = None) -> Path:
-    """Add (or replace) the SuperLink connection ``name`` in ``$FLWR_HOME/config.toml`` (default ~/.flwr)."""
-    import tomli
-    import tomli_w
+def flwr_config_path(home: Path | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` (default ~/.flwr/config.toml): where flwr keeps its SuperLink connections."""
+    return (home or Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")) / "config.toml"
 
-    home = home or Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
+
+def connection_config(superlink: str, *, ca: Path, name: str = CONNECTION, home: Path | None = None) -> dict:
+    """flwr's config with the SuperLink connection ``name`` added or replaced (what :func:`write_connection` writes)."""
+    import tomli
+
+    path = flwr_config_path(home)
     config = tomli.loads(path.read_text()) if path.exists() else {}
     superlink_config = config.setdefault("superlink", {})
     superlink_config.setdefault("default", name)
     superlink_config[name] = {"address": superlink, "root-certificates": str(ca.resolve())}
+    return config
+
+
+def write_connection(superlink: str, *, ca: Path, name: str = CONNECTION, home: Path | None = None) -> Path:
+    """Add (or replace) the SuperLink connection ``name`` in ``$FLWR_HOME/config.toml`` (default ~/.flwr)."""
+    import tomli_w
+
+    config = connection_config(superlink, ca=ca, name=name, home=home)
+    path = flwr_config_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config))
     return path
+
+
+def run_config_arg(flat: dict) -> str:
+    """A ``--run-config`` value holding ``flat``: space-separated ``key=value`` pairs, values in TOML."""
+    import tomli_w
+
+    return " ".join(f"{k}={tomli_w.dumps({'v': flat[k]})[4:].strip()}" for k in sorted(flat))
 
 
 def write_run_config(flat: dict, path: Path) -> Path:

@@ -10,7 +10,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +96,18 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 def certificates(args: argparse.Namespace) -> int:
+    files = deploy.certificate_files(args.folder, nodes=args.nodes)
+    deploy.check_server_hosts(args.folder, args.hosts)
     if not args.print_only:
         deploy.make_certificates(args.folder, hosts=args.hosts, nodes=args.nodes)
-    console.print(f"certificates and keys in {args.folder} (existing files kept)")
+    verb = "would write" if args.print_only else "wrote"
+    new = [str(p) for p, existed in files.items() if not existed]
+    kept = [str(p) for p, existed in files.items() if existed]
+    if new:
+        console.print(f"{verb}: {' '.join(new)}" + (f" (SuperLink certificate for {args.hosts})" if any(
+            p.endswith(deploy.SERVER_CERT) for p in new) else ""), highlight=False)  # fmt: skip
+    if kept:
+        console.print(f"kept (never overwritten): {' '.join(kept)}", highlight=False)
     return 0
 
 
@@ -111,9 +119,15 @@ def superlink(args: argparse.Namespace) -> int:
 
 
 def connect(args: argparse.Namespace) -> int:
+    import tomli_w
+
     require_files(args.ca)
-    if not args.print_only:
-        console.print(f"wrote {deploy.write_connection(args.superlink, ca=args.ca, name=args.name)}")
+    if args.print_only:
+        config = deploy.connection_config(args.superlink, ca=args.ca, name=args.name)
+        console.print(f"# would write {deploy.flwr_config_path()}:", highlight=False)
+        console.print(tomli_w.dumps(config), end="", highlight=False, markup=False)
+        return 0
+    console.print(f"wrote {deploy.write_connection(args.superlink, ca=args.ca, name=args.name)}")
     return 0
 
 
@@ -139,13 +153,12 @@ def supernode(args: argparse.Namespace) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    """Compose and validate here, then hand Flower the keys that differ from the App's defaults."""
+    """Compose and validate here, then hand Flower the keys that differ from the App's defaults, inline."""
     from fedlora.appconfig import run_config_for
     from fedlora.compose import compose
 
     cfg, _ = compose(list(args.overrides))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = deploy.write_run_config(run_config_for(cfg), Path(tmp) / "run_config.toml")
-        console.print(path.read_text(), end="", highlight=False, markup=False)
-        argv = deploy.run_command(path, app=args.app, connection=args.connection, stream=args.stream)
-        return execute(args, argv)
+    argv = deploy.run_command(
+        deploy.run_config_arg(run_config_for(cfg)), app=args.app, connection=args.connection, stream=args.stream
+    )
+    return execute(args, argv)

@@ -132,7 +132,7 @@ def test_certificates_chain_to_the_ca_and_node_keys_load_as_flower_loads_them(tm
         assert private.curve.name == "secp384r1"
         assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0
     before = (tmp_path / "ca.crt").read_bytes()
-    deploy.make_certificates(tmp_path, nodes=3)  # never overwrites; adds node-2
+    deploy.make_certificates(tmp_path, hosts=["10.1.2.3", "link.example"], nodes=3)  # never overwrites; adds node-2
     assert (tmp_path / "ca.crt").read_bytes() == before and (tmp_path / "node-2.pub").exists()
 
 
@@ -152,7 +152,7 @@ def test_deploy_cli_prints_commands_with_tls_and_auth(tmp_path, capsys) -> None:
     assert "--root-certificates" in node and "--auth-supernode-private-key" in node
     assert 'partition-id=2 num-partitions=3 data-path="/d/x.csv"' in node
     assert main(["deploy", "run", "strategy=fedsvd", "rounds=5", "--print"]) == 0
-    assert '"strategy.name" = "fedsvd"' in capsys.readouterr().out
+    assert 'strategy.name="fedsvd"' in capsys.readouterr().out
     assert main(["deploy", "superlink", "--certs", str(tmp_path / "none"), "--print"]) == 2
     assert main(["deploy", "run", "strategy=nope", "--print"]) == 2
 
@@ -185,3 +185,30 @@ def test_node_file_with_fewer_labels_maps_them_by_name(make_config, tmp_path) ->
     assert set(splits.train["label"]) | set(splits.test["label"]) == {1, 3}
     with pytest.raises(ConfigError, match="not labels of the run"):
         load_splits(cfg.data, seed=0, label_names=("bird", "cat"))
+
+
+def test_deploy_says_only_true_things(tmp_path, capsys, monkeypatch) -> None:
+    """--print writes nothing and says what it would write; other hosts are refused; run's config is inline."""
+    import shlex
+
+    certs = tmp_path / "certs"
+    assert main(["deploy", "certs", str(certs), "--nodes", "1", "--print"]) == 0
+    assert "would write:" in capsys.readouterr().out and not certs.exists()
+    assert main(["deploy", "certs", str(certs), "--hosts", "10.0.0.5", "link.example.org"]) == 0
+    assert "wrote:" in capsys.readouterr().out
+    assert sorted(deploy.server_hosts(certs)) == ["10.0.0.5", "link.example.org"]
+    assert main(["deploy", "certs", str(certs), "--hosts", "10.0.0.6"]) == 2  # would silently keep the old one
+    assert "is for ['10.0.0.5', 'link.example.org'], not ['10.0.0.6']" in capsys.readouterr().err
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    argv = ["deploy", "connection", "--superlink", "10.0.0.5:8000", "--ca", str(certs / "ca.crt")]
+    assert main([*argv, "--print"]) == 0
+    shown = capsys.readouterr().out
+    assert 'address = "10.0.0.5:8000"' in shown and not (tmp_path / "flwr" / "config.toml").exists()
+    assert main(argv) == 0 and (tmp_path / "flwr" / "config.toml").is_file()
+
+    assert main(["deploy", "run", "strategy=fedsvd", "output_dir=/tmp/a b", "--print"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    inline = command[command.index("--run-config") + 1]
+    parsed = parse_config_args([inline])
+    assert parsed["strategy.name"] == "fedsvd" and parsed["output_dir"] == "/tmp/a b"

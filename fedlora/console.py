@@ -190,12 +190,17 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("fedlora").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # Ray's notice about a future default; num_gpus=0 must keep hiding GPUs, as it does now.
-        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
-        import datasets
-        import transformers
+        quiet_libraries()
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+
+def quiet_libraries() -> None:
+    """No progress bars or notices from datasets and transformers, no known deprecation chatter."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Ray's notice about a future default; num_gpus=0 must keep hiding GPUs, as it does now.
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()

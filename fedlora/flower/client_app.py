@@ -21,6 +21,7 @@ from fedlora import gradient_init
 from fedlora.accounting import Step
 from fedlora.appconfig import from_run_config
 from fedlora.config import RunConfig
+from fedlora.console import quiet_libraries
 from fedlora.flower import records
 from fedlora.folding import catch_up
 from fedlora.lora import Tensors
@@ -37,6 +38,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
+        if run_config is None:  # deployed: its output goes to the SuperNode's log
+            quiet_libraries()
         return train(msg, context, from_run_config(run_config if run_config is not None else context.run_config))
 
     return app

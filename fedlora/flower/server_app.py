@@ -26,7 +26,7 @@ from fedlora import gradient_init
 from fedlora.appconfig import from_run_config
 from fedlora.checkpoint import CHECKPOINT, SERVER_OPTIMIZER, load_checkpoint_meta, save_checkpoint, save_tensors
 from fedlora.config import RunConfig
-from fedlora.console import round_line, summary_text
+from fedlora.console import quiet_libraries, round_line, summary_text
 from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.flower.rounds import FlowerRounds
@@ -60,6 +60,7 @@ def make_server_app(
             run_server(grid, cfg, on_round=on_round, on_progress=on_progress)
             return
         # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.
+        quiet_libraries()
         with logging_to_stdout():
             cfg = from_run_config(context.run_config)
             if not cfg.output_dir:  # a copy: the parsed config is cached per process

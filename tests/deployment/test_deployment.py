@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
-from tests.deployment.federation import ROOT, Federation, wait_for
+from tests.deployment.federation import ROOT, Federation, Process, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -193,3 +195,39 @@ def test_bad_replies_are_rejected_and_the_round_completes(federation, tmp_path) 
     assert "rejected the reply of partition 0" not in text
     # Only partition 0's update was aggregated: the global adapter is its reply, not a mix.
     assert rows(out)[2]["test_loss"]
+
+
+# -- 6. `flwr run .` with Flower's own local simulation defaults ----------------------------------------
+def test_flwr_run_dot_runs_to_the_end_on_flowers_local_simulation(tmp_path) -> None:
+    """Flower's managed local SuperLink (simulation, 2 SuperNodes by default) and a plain `flwr run .`:
+    the server sees a whole federation of 2 and runs with it; rounds and the final table reach --stream."""
+    from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
+
+    env = os.environ | {
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # what the project's .venv sets
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    # The SuperLink `flwr run` would start itself for the default `local` connection, started here
+    # with the same command so that the test holds its handle.
+    argv = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--control-api-address", LOCAL_CONTROL_API_ADDRESS, "--host", "127.0.0.1",
+            "--port", LOCAL_SUPERLINK_HTTP_API_PORT, "--database", str(tmp_path / "state.db")]  # fmt: skip
+    with (tmp_path / "superlink.log").open("ab") as log:
+        link = Process("local-superlink", subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                       start_new_session=True), tmp_path / "superlink.log")  # fmt: skip
+    try:
+        wait_for_port(int(LOCAL_SUPERLINK_HTTP_API_PORT), timeout=60, proc=link.popen)
+        run_config = f'model.name="tiny" rounds=2 data.synthetic_train=200 output_dir="{tmp_path / "out"}"'
+        done = subprocess.run(
+            ["flwr", "run", ".", "--stream", "--run-config", run_config],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_S, check=False,
+        )  # fmt: skip
+    finally:
+        link.stop()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "running with clients=2 instead of 10" in out, out[-3000:]
+    assert "round 2/2 | acc" in out and "fedlora: rounds" in out
+    assert finished(tmp_path / "out", 2)

@@ -1,0 +1,62 @@
+"""Per-sample gradient norms of what a strategy trains, for choosing DP-SGD's clip norm (privacy.max_grad_norm).
+
+    python experiments/grad_norms.py --examples 256 -- strategy=ffa_lora data=sst2 data.path=../shared/data/sst2
+
+Takes the first examples of client 0's partition (run it on public data, or on your own
+before the federation starts: the norms are not released anywhere), computes each
+example's gradient of the trainable tensors at the initial state with Opacus's hooks,
+and prints the quantiles of their L2 norm. A clip near the median clips about half the
+examples: the usual advice (Andrew et al., 2021; De et al., 2022) is a clip at or a
+little below the typical norm, so that clipping bounds the sensitivity without
+discarding the direction of most gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from opacus import GradSampleModule
+    from torch.utils.data import DataLoader
+
+    from fedlora import lora
+    from fedlora.compose import compose
+    from fedlora.gradient_init import client_share, initialise
+    from fedlora.task import TASK
+    from fedlora.worker import Worker
+
+    cfg, _ = compose(args.overrides)
+    worker = Worker(cfg, num_partitions=cfg.clients).warm_up()
+    state = worker.initial_state()
+    if worker.strategy.gradient_init is not None:  # Fed-SB: R sits between LoRA-SB's B and A
+        gradients, _ = client_share(worker, 0, num_examples=64)
+        state = initialise(worker, state, gradients)
+    lora.write(worker.params, state)
+    lora.set_trainable(worker.params, worker.protocol.trainable)
+    data = worker.client_data(0).select(range(min(args.examples, len(worker.client_data(0)))))
+    model = GradSampleModule(worker.model)
+    model.train()
+    norms = []
+    for batch in DataLoader(data, batch_size=32, collate_fn=TASK.collate(worker.tokenizer)):
+        model.zero_grad()
+        TASK.loss(model, batch).backward()
+        per_sample = [worker.params[k].grad_sample.flatten(1) for k in sorted(worker.protocol.trainable)]
+        norms.append(torch.cat(per_sample, dim=1).norm(dim=1))  # Opacus undoes the mean reduction itself
+    model._close()
+    norms = torch.cat(norms)
+    quantiles = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
+    print(f"strategy={cfg.strategy.name}: {len(norms)} examples, per-sample gradient norm")
+    print("  q10 {:.3g}  q25 {:.3g}  median {:.3g}  q75 {:.3g}  q90 {:.3g}".format(*quantiles.tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,7 +56,9 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
     worker = Worker(pooled, num_partitions=1).warm_up()
     state = worker.initial_state()
     metrics = MetricsLog(
-        out / METRICS, columns(pooled.privacy), trackers=open_trackers(cfg.trackers, out, pooled.to_flat())
+        out / METRICS,
+        columns(pooled.privacy, worker.task.metric_columns),
+        trackers=open_trackers(cfg.trackers, out, pooled.to_flat()),
     )
 
     def log_round(server_round: int, stats: RoundStats | None, started: float) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from fedlora.groups import (
+    TASKS,
     ConfigError,
     DataConfig,
     LoraConfig,
@@ -69,6 +70,7 @@ class RunConfig:
     seed: int = 0
     output_dir: Optional[str] = None
     trackers: List[str] = field(default_factory=list)  # tensorboard, mlflow: beside metrics.csv
+    task: str = "classification"  # classification | causal_lm (fedlora.task)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -92,6 +94,11 @@ class RunConfig:
         require(
             cpr <= self.clients,
             f"clients_per_round ({cpr:g}) must not exceed clients ({self.clients})",
+        )
+        require(self.task in TASKS, f"unknown task {self.task!r}; choose from {list(TASKS)}")
+        require(
+            not (self.task == "causal_lm" and self.privacy.enabled and self.privacy.grad_sample_mode == "ghost"),
+            "privacy.grad_sample_mode=ghost is not supported for task=causal_lm (use hooks or functorch)",
         )
         for name in self.trackers:
             require(name in TRACKERS, f"unknown tracker {name!r}; choose from {list(TRACKERS)}")

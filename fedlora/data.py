@@ -124,6 +124,8 @@ def _find_split(folder: Path, stem: str) -> Path:
 
 def _normalise(raw: DatasetDict, cfg: DataConfig) -> Splits:
     columns = raw["train"].column_names
+    if cfg.label_column not in columns and cfg.instruction_column in columns:
+        return _instructions(raw, cfg)
     for key in ("text_column", "label_column"):
         name = getattr(cfg, key)
         if name not in columns:
@@ -148,6 +150,25 @@ def _normalise(raw: DatasetDict, cfg: DataConfig) -> Splits:
     if list(index) != list(range(len(values))):
         out = {s: _map_labels(ds, lambda label: index[label]) for s, ds in out.items()}
     return Splits(out["train"], out["test"], tuple(str(v) for v in values))
+
+
+def _instructions(raw: DatasetDict, cfg: DataConfig) -> Splits:
+    """Instruction records as ``text`` (the instruction, and its input after a blank line), ``response``
+    (the output) and a constant ``label`` 0; no label names (free-form text, not classes)."""
+    columns = raw["train"].column_names
+    if cfg.output_column not in columns:
+        raise ConfigError(
+            f"instruction records need an output column: data.output_column {cfg.output_column!r} is not a column "
+            f"of the data; columns: {columns}"
+        )
+
+    def record(row: dict) -> dict:
+        given = row.get(cfg.input_column) or ""
+        prompt = str(row[cfg.instruction_column]) + (f"\n\n{given}" if str(given).strip() else "")
+        return {"text": prompt, "response": str(row[cfg.output_column]), "label": 0}
+
+    out = {s: raw[s].map(record, remove_columns=raw[s].column_names, keep_in_memory=True) for s in ("train", "test")}
+    return Splits(out["train"], out["test"], ())
 
 
 # -- the embedded default ---------------------------------------------------------

@@ -92,7 +92,7 @@ def _save_lora(worker: Worker, tensors: Tensors, folder: Path) -> None:
     cfg = worker.cfg
     rank = next(v.shape[0] for k, v in tensors.items() if k.role is Role.A)
     lora_cfg = dataclasses.replace(cfg.lora, rank=rank, alpha=worker.strategy.scaling * rank)
-    model = build_peft_model(cfg.model, lora_cfg, labels=worker.splits.label_names, seed=cfg.seed)
+    model = build_peft_model(cfg.model, lora_cfg, labels=worker.splits.label_names, seed=cfg.seed, task=worker.task)
     lora.write(lora.adapter_parameters(model), tensors)
     model.save_pretrained(str(folder))
 
@@ -107,13 +107,23 @@ def describe(worker: Worker, folder: Path, summary: dict[str, Any]) -> None:
     base = cfg.model.hub_id or resolve_path(cfg.model.path)
     if (folder / ADAPTER_CONFIG).is_file():
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        config |= {"task_type": "SEQ_CLS", "base_model_name_or_path": base if cfg.model.pretrained else None}
+        config |= {
+            "task_type": worker.task.peft_task_type,
+            "base_model_name_or_path": base if cfg.model.pretrained else None,
+        }
         write_json(folder / ADAPTER_CONFIG, config)
-        if cfg.model.pretrained and cfg.model.hub_id and cfg.model.path.startswith("package:"):
+        # A packaged copy of the hub's files resolves the hub id offline. Not a GGUF conversion: its weights are
+        # a 4-bit round trip of the hub's, so the cache must not pass them off as the hub's.
+        if (
+            cfg.model.pretrained
+            and cfg.model.hub_id
+            and cfg.model.path.startswith("package:")
+            and not cfg.model.gguf_file
+        ):
             register_in_hf_cache(cfg.model.hub_id, Path(resolve_path(cfg.model.path)))
     meta = {
         "fedlora": __version__,
-        "task": "sequence-classification",
+        "task": cfg.task,
         "model": dataclasses.asdict(cfg.model),
         "seed": cfg.seed,
         "labels": labels,
@@ -214,6 +224,11 @@ def load_exported(folder: str | Path, *, base: nn.Module | None = None) -> nn.Mo
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file():
+        meta = json.loads((folder / FEDLORA).read_text()) if (folder / FEDLORA).is_file() else {}
+        if meta.get("task") == "causal_lm":
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(folder))
         return AutoModelForSequenceClassification.from_pretrained(str(folder))
     if base is None:
         base = rebuild_base(folder)
@@ -222,18 +237,18 @@ def load_exported(folder: str | Path, *, base: nn.Module | None = None) -> nn.Mo
 
 def rebuild_base(folder: Path) -> nn.Module:
     """The base model an export was trained on, with its head for the export's labels (from fedlora.json)."""
-    from fedlora.task import TASK
+    from fedlora.model import model_folder
+    from fedlora.task import task_for
 
     meta = json.loads((Path(folder) / FEDLORA).read_text())
     model = ModelConfig(**meta["model"])
+    task = task_for(meta.get("task", "classification"))
     with torch.random.fork_rng(devices=[]):  # a random init draws as the run did
         torch.manual_seed(meta["seed"])
-        return TASK.build(
-            resolve_path(model.path),
-            labels=tuple(meta["labels"]),
-            pretrained=model.pretrained,
+        return task.build(
+            model_folder(model), labels=tuple(meta["labels"]), pretrained=model.pretrained,
             architecture=model.architecture,
-        )
+        )  # fmt: skip
 
 
 __all__ = ["export_adapter", "load_exported", "rebuild_base", "register_in_hf_cache"]

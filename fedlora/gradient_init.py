@@ -27,7 +27,6 @@ from fedlora.data import load_calibration
 from fedlora.lora import Tensors
 from fedlora.privacy import clip_and_noise, dp_generator, poisson_subsample
 from fedlora.seeds import Stream, generator, seed_of
-from fedlora.task import TASK
 from fedlora.train import local_steps
 from fedlora.worker import Worker
 
@@ -53,7 +52,7 @@ def client_share(
     g = dp_generator(cfg.privacy, seed_of(Stream.UNSAFE_DP, cfg.seed, client=partition_id))
     rows = data.select(poisson_subsample(len(data), min(1.0, num_examples / len(data)), generator=g))
     torch.manual_seed(seed)  # dropout, as in training
-    batches = DataLoader(rows, batch_size=1, collate_fn=TASK.collate(worker.tokenizer))
+    batches = DataLoader(rows, batch_size=1, collate_fn=worker.task.collate(worker.tokenizer))
     weights = lora.base_weights(worker.model)
     zeros = expected(worker)
     with _base_gradients(worker) as backward:
@@ -94,7 +93,9 @@ def expected(worker: Worker) -> Tensors:
 def calibration(worker: Worker, source: str):
     """The calibration file ``source``, in the run's data format, labels mapped by name, tokenised."""
     rows = load_calibration(worker.cfg.data, source, label_names=worker.splits.label_names)
-    return TASK.tokenize(rows, worker.tokenizer, max_len=worker.cfg.train.max_seq_len)
+    return worker.task.tokenize(
+        rows, worker.tokenizer, max_len=worker.cfg.train.max_seq_len, labels=worker.splits.label_names
+    )
 
 
 def base_gradients(worker: Worker, data, *, num_examples: int, seed: int) -> tuple[Tensors, int]:
@@ -142,7 +143,7 @@ def _base_gradients(worker: Worker) -> Iterator[Backward]:
     def backward(batch: dict[str, torch.Tensor]) -> int:
         batch = {k: v.to(worker.device) for k, v in batch.items()}
         n = len(batch["labels"])
-        (TASK.loss(model, batch) * n).backward()  # mean loss -> sum over examples
+        (worker.task.loss(model, batch) * n).backward()  # mean loss -> sum over examples
         return n
 
     try:

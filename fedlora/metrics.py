@@ -84,7 +84,7 @@ def round_row(
         "test_accuracy": evaluation.get("accuracy"),
         "test_loss": evaluation.get("loss"),
         "wall_s": wall_s,
-    }
+    } | {k: v for k, v in evaluation.items() if k not in ("accuracy", "loss")}  # the task's own (perplexity...)
     if stats is not None:
         row |= {
             "train_loss": stats.train_loss,

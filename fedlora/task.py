@@ -1,7 +1,10 @@
 """What is task-specific, behind one small interface: model class, head, batches, loss, metric.
 
-Sequence classification is the first task. A causal-LM task adds a class here with
-the same methods; the client, server and strategies do not change.
+``task=classification`` (:class:`SequenceClassification`, encoder + head) and
+``task=causal_lm`` (:class:`fedlora.causal_lm.CausalLM`, instruction tuning) have the
+same methods: ``build``, ``heads``, ``prepare_tokenizer``, ``tokenize``, ``collate``,
+``criterion``, ``loss``, ``evaluation_data``, ``evaluate``, ``metric_columns`` and the
+peft task type of exports; the client, server and strategies do not know which runs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -25,6 +29,8 @@ class SequenceClassification:
     """Encoder + linear head, cross-entropy loss, accuracy."""
 
     name = "classification"
+    metric_columns: tuple[str, ...] = ()
+    peft_task_type = "SEQ_CLS"
     # Heads that HF sequence-classification models create fresh (BERT/RoBERTa: classifier,
     # decoder models: score); they are trained in full (peft's modules_to_save).
     head_names = ("classifier", "score")
@@ -43,7 +49,12 @@ class SequenceClassification:
         """The names of ``model``'s head modules (peft's modules_to_save)."""
         return [name for name in self.head_names if isinstance(getattr(model, name, None), nn.Module)]
 
-    def tokenize(self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int) -> Dataset:
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        return tokenizer
+
+    def tokenize(
+        self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...] = ()
+    ) -> Dataset:
         """input_ids/attention_mask (unpadded, truncated to max_len) and labels."""
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -66,6 +77,14 @@ class SequenceClassification:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return (criterion or self.criterion())(model(**inputs).logits, batch["labels"])
 
+    def evaluation_data(
+        self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...],
+        batch_size: int,
+    ) -> DataLoader:  # fmt: skip
+        """The test split in batches."""
+        tokenized = self.tokenize(data, tokenizer, max_len=max_len)
+        return DataLoader(tokenized, batch_size=batch_size, collate_fn=self.collate(tokenizer))
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
@@ -85,4 +104,9 @@ class SequenceClassification:
         return {"accuracy": correct / total, "loss": loss_sum / total if total else math.nan}
 
 
-TASK = SequenceClassification()
+def task_for(name: str) -> Any:
+    """The task object of ``task=<name>``."""
+    from fedlora.causal_lm import CausalLM
+
+    return {"classification": SequenceClassification, "causal_lm": CausalLM}[name]()
+

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from functools import cached_property, partial
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,13 +24,14 @@ from fedlora import lora
 from fedlora.accounting import ClientPlan, Step, make_plan
 from fedlora.config import RunConfig
 from fedlora.data import Splits, load_splits, partition
+from fedlora.groups import ConfigError
 from fedlora.lora import AdapterKey, Tensors
-from fedlora.model import build_peft_model, device_for_worker, resolve_path
+from fedlora.model import build_peft_model, device_for_worker, model_folder
 from fedlora.privacy import dp_generator, dp_sgd
 from fedlora.protocol import Protocol
 from fedlora.schedule import rounds_taken, scheduled
 from fedlora.seeds import Stream, generator, seed_of
-from fedlora.task import TASK
+from fedlora.task import task_for
 from fedlora.train import LocalResult, cycle, local_steps, make_optimizer, round_lr, train_steps
 from strategies import Strategy, get_strategy_class
 
@@ -66,6 +68,7 @@ class Worker:
         self.num_partitions = num_partitions
         self.label_names = label_names
         self.strategy: Strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, scaling=cfg.scaling)
+        self.task = task_for(cfg.task)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
         self._plans: dict[int, ClientPlan] = {}  # DP-SGD plans by partition, calibrated on first use
@@ -73,6 +76,10 @@ class Worker:
 
     def warm_up(self) -> Worker:
         """Load data and model now (bad paths, columns and modules fail here, not in a round)."""
+        if self.cfg.train.bf16 and self.device.type != "cuda":
+            raise ConfigError("train.bf16 (bfloat16 autocast) needs a CUDA GPU; this process has none")
+        if self.cfg.task == "classification" and not self.splits.label_names:
+            raise ConfigError("task=classification needs labelled data; instruction records need task=causal_lm")
         _ = self.splits, self.partitions, self.model
         log.debug("worker for strategy=%s on %s, %d torch threads", self.cfg.strategy.name, self.device,
                   torch.get_num_threads())  # fmt: skip
@@ -93,13 +100,15 @@ class Worker:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(resolve_path(self.cfg.model.path))
+        return self.task.prepare_tokenizer(AutoTokenizer.from_pretrained(model_folder(self.cfg.model)))
 
     @cached_property
     def model(self) -> torch.nn.Module:
         """The peft model, holding the strategy's initial state (the same in every process)."""
         lora_cfg = dataclasses.replace(self.cfg.lora, rank=self.cfg.model_rank, alpha=self.cfg.lora_alpha)
-        model = build_peft_model(self.cfg.model, lora_cfg, labels=self.splits.label_names, seed=self.cfg.seed)
+        model = build_peft_model(
+            self.cfg.model, lora_cfg, labels=self.splits.label_names, seed=self.cfg.seed, task=self.task
+        )
         self.strategy.prepare_model(model)
         model.to(self.device)
         params = lora.adapter_parameters(model)
@@ -125,9 +134,13 @@ class Worker:
         return lora.adapter_parameters(self.model)
 
     @cached_property
-    def test_batches(self) -> DataLoader:
-        data = TASK.tokenize(self.splits.test, self.tokenizer, max_len=self.cfg.train.max_seq_len)
-        return DataLoader(data, batch_size=self.cfg.train.eval_batch_size, collate_fn=TASK.collate(self.tokenizer))
+    def test_batches(self) -> Any:
+        """What the task evaluates on (batches of the test split; a causal LM's ranking inputs too)."""
+        train = self.cfg.train
+        return self.task.evaluation_data(
+            self.splits.test, self.tokenizer, max_len=train.max_seq_len, labels=self.splits.label_names,
+            batch_size=train.eval_batch_size,
+        )  # fmt: skip
 
     def initial_state(self) -> Tensors:
         """The strategy's initial state (identical in every process for a given seed)."""
@@ -147,7 +160,9 @@ class Worker:
         """The tokenised partition, cached: tokenised on first use by this process."""
         if partition_id not in self._tokenised:
             rows = self.splits.train.select(self.rows(partition_id))
-            self._tokenised[partition_id] = TASK.tokenize(rows, self.tokenizer, max_len=self.cfg.train.max_seq_len)
+            self._tokenised[partition_id] = self.task.tokenize(
+                rows, self.tokenizer, max_len=self.cfg.train.max_seq_len, labels=self.splits.label_names
+            )
         return self._tokenised[partition_id]
 
     # -- loading what the server sent ------------------------------------------------------
@@ -179,7 +194,7 @@ class Worker:
             batch_size=self.cfg.train.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
-            collate_fn=TASK.collate(self.tokenizer),
+            collate_fn=self.task.collate(self.tokenizer),
         )
 
     def privacy_plan(self, partition_id: int) -> ClientPlan:
@@ -227,6 +242,13 @@ class Worker:
             device=self.device,
             after_step=partial(mask.apply, self.params),
         )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+            result = self._train(train, optimizer, batches, partition_id, server_round, history)
+        trained = lora.read({k: self.params[k] for k in self.protocol.trainable})  # copy only what was trained
+        return self.strategy.payload(mask.view(trained)), len(data), result
+
+    def _train(self, train, optimizer, batches, partition_id: int, server_round: int, history) -> LocalResult:
+        """The round's steps: plain, or DP-SGD (Opacus) charging ``history``."""
         if self.cfg.privacy.enabled:
             if history is None:
                 raise ValueError("privacy=dp needs the client's accountant history")
@@ -239,21 +261,19 @@ class Worker:
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm,
                 grad_sample_mode=privacy.grad_sample_mode,
-                criterion=TASK.criterion(),
+                criterion=self.task.criterion(),
                 generator=dp_generator(privacy, unsafe_seed),
                 max_physical_batch_size=privacy.max_physical_batch_size,
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(
-                    model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer
+                    model, cycle(loader), loss_fn=partial(self.task.loss, criterion=criterion), optimizer=dp_optimizer
                 )
             history.append(plan.round_step)
-        else:
-            result = train(self.model, cycle(batches), loss_fn=TASK.loss, optimizer=optimizer)
-        trained = lora.read({k: self.params[k] for k in self.protocol.trainable})  # copy only what was trained
-        return self.strategy.payload(mask.view(trained)), len(data), result
+            return result
+        return train(self.model, cycle(batches), loss_fn=self.task.loss, optimizer=optimizer)
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""
         self.set_base(base or {})
         self.load(received)
-        return TASK.evaluate(self.model, self.test_batches, self.device)
+        return self.task.evaluate(self.model, self.test_batches, self.device)

@@ -140,7 +140,7 @@ def _run_server(
         initialise(grid, rounds, worker)
     metrics = MetricsLog(
         out / METRICS,
-        columns(cfg.privacy, worker.strategy.metric_columns),
+        columns(cfg.privacy, (*worker.task.metric_columns, *worker.strategy.metric_columns)),
         resume_after=resumed,
         trackers=open_trackers(cfg.trackers, out, cfg.to_flat()),
     )

@@ -10,8 +10,10 @@ from fedlora.export import export_adapter, load_exported
 from fedlora.folding import FoldLog, FoldUpdate, StaleBase, catch_up, numbers
 from fedlora.lora import AdapterKey, Role
 from fedlora.model import resolve_path
-from fedlora.task import TASK
+from fedlora.task import SequenceClassification
 from fedlora.worker import Worker
+
+TASK = SequenceClassification()
 
 S = 2.0
 

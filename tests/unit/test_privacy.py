@@ -13,9 +13,11 @@ from fedlora import lora
 from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
 from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.privacy import clip_and_noise, dp_sgd
-from fedlora.task import TASK
+from fedlora.task import SequenceClassification
 from fedlora.train import cycle, train_steps
 from fedlora.worker import Worker
+
+TASK = SequenceClassification()
 
 
 def round_from_start(worker: Worker, history: list | None = None) -> dict:

@@ -13,8 +13,10 @@ from fedlora.export import export_adapter
 from fedlora.flower import records
 from fedlora.lora import LORA_ROLES, AdapterKey, Role
 from fedlora.model import resolve_path
-from fedlora.task import TASK
+from fedlora.task import SequenceClassification
 from fedlora.worker import Worker
+
+TASK = SequenceClassification()
 
 
 def base_weights(worker: Worker) -> dict[str, torch.Tensor]:

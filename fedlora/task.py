@@ -52,6 +52,9 @@ class SequenceClassification:
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         return tokenizer
 
+    def check_room(self, tokenizer: PreTrainedTokenizerBase, *, labels: tuple[str, ...], max_len: int) -> None:
+        """Nothing to check: a classifier truncates its texts to max_len."""
+
     def tokenize(
         self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...] = ()
     ) -> Dataset:

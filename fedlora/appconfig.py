@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,10 +101,21 @@ def _hydra_value(key: str, value: Any) -> str:
     if value == "":
         return "null"
     if key in _list_keys():
-        return "[" + ",".join(json.dumps(v) for v in str(value).split(",") if v) + "]"
+        return "[" + ",".join(hydra_quote(v) for v in str(value).split(",") if v) + "]"
     if isinstance(value, str):
-        return json.dumps(value)  # Hydra reads a double-quoted string with JSON's escapes
+        return hydra_quote(value)
     return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a Hydra quoted string that parses back to exactly ``value``.
+
+    Hydra keeps backslashes literal (no JSON escapes: a tab stays a tab) except a run of
+    them before a quote or the closing quote, which is doubled; the quote itself is escaped.
+    """
+    body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return f'"{body}"'
 
 
 @functools.lru_cache(maxsize=8)

@@ -48,6 +48,9 @@ def test_app_defaults_compose_to_the_hydra_defaults() -> None:
         ["strategy=flora", "strategy.client_ranks=[2,4,8]", "lora.target_modules=[query]"],
         ["privacy=dp", "privacy.epsilon=2", "server.max_update_norm=3.5", "output_dir=/tmp/a b"],
         ["partition=dirichlet", "partition.alpha=0.1", "clients=100", "clients_per_round=10"],
+        # SST-2's tab delimiter, and strings Hydra would misread if quoted with JSON escapes
+        ["data=sst2", "data.path=../shared/data/sst2"],
+        ["data=files", 'data.path="C:\\runs\\x\\\\"', "data.text_column='a \"b\" c'", "output_dir=/tmp/x\\y"],
     ],
 )
 def test_run_config_round_trips_hydra_overrides(overrides) -> None:

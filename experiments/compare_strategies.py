@@ -38,7 +38,7 @@ def run(command: str, overrides: list[str], out: Path) -> float:
     if (out / "adapter").is_dir() and (out / METRICS).is_file():
         return float((out / "wall_s").read_text()) if (out / "wall_s").is_file() else 0.0
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "fedlora.cli", command, *overrides, f"output_dir={out}"]
+    cmd = [sys.executable, "-m", "fedlora.cli", command, "--overwrite", *overrides, f"output_dir={out}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - started

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedlora import deploy_cli
 from fedlora.compose import GROUPS, HYDRA_KEYS, compose, group_options
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, RunFailed
 from fedlora.console import console, err_console, setup_logging
 
 EXIT_USAGE = 2
@@ -66,6 +66,7 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     )
     simulate.add_argument("--cfg", choices=["job"], default=None, help="print the composed job config and stop")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    simulate.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     simulate.set_defaults(handler=run_simulate)
     central = sub.add_parser(
         "centralised",
@@ -75,6 +76,7 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
         "the federated run's Hydra overrides (strategy and privacy are replaced by plain LoRA without DP).",
     )
     central.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the federated run's overrides")
+    central.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     central.set_defaults(handler=run_centralised)
     sweep = sub.add_parser(
         "sweep",
@@ -129,7 +131,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         console.print(OmegaConf.to_yaml(composed), end="", highlight=False, markup=False)
         return 0
-    return simulate(cfg, composed, overrides=overrides, dry_run=args.dry_run, verbose=args.verbose)
+    return simulate(
+        cfg, composed, overrides=overrides, dry_run=args.dry_run, verbose=args.verbose, overwrite=args.overwrite
+    )
 
 
 def run_centralised(args: argparse.Namespace) -> int:
@@ -138,7 +142,7 @@ def run_centralised(args: argparse.Namespace) -> int:
 
     overrides = overrides_for(list(args.overrides))
     cfg, composed = compose(overrides)
-    return centralised(cfg, composed, overrides=overrides)
+    return centralised(cfg, composed, overrides=overrides, overwrite=args.overwrite)
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -216,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except RunFailed as err:
+        err_console.print(f"[bold red]failed:[/] {err}", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

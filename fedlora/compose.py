@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 from typing import Any
 
 from fedlora.config import ConfigError, RunConfig, register_schema
@@ -16,6 +17,17 @@ def group_options(group: str) -> list[str]:
 
 
 HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir")  # the hydra.* settings fedlora honours (the CLI reads them)
+
+
+def _refuse_meaningless(cfg: RunConfig, overrides: list[str]) -> None:
+    """Settings that would silently mean nothing: a non-finite number, DP keys in a run without DP."""
+    for key, value in cfg.to_flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    if not cfg.privacy.enabled:
+        dp = [k for o in overrides if (k := o.partition("=")[0].lstrip("+")).startswith("privacy.")]
+        if dp:
+            raise ConfigError(f"{dp[0]} has no effect: this run is not private; add privacy=dp (or drop {dp[0]})")
 
 
 def compose(overrides: list[str]) -> tuple[RunConfig, Any]:
@@ -57,7 +69,9 @@ def compose(overrides: list[str]) -> tuple[RunConfig, Any]:
         for key in removed:
             _remove(composed, key)
         _refuse_unknown(composed)
-        return OmegaConf.to_object(composed), composed
+        cfg = OmegaConf.to_object(composed)
+        _refuse_meaningless(cfg, kept)
+        return cfg, composed
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:

@@ -27,6 +27,7 @@ from fedlora.groups import (
     ModelConfig,
     PartitionConfig,
     PrivacyConfig,
+    RunFailed,
     ServerConfig,
     SimulationConfig,
     TrainConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "PartitionConfig",
     "PrivacyConfig",
     "RunConfig",
+    "RunFailed",
     "ServerConfig",
     "SimulationConfig",
     "TrainConfig",
@@ -114,6 +116,11 @@ class RunConfig:
             self.server.optimizer in cls.server_optimizers,
             f"server.optimizer={self.server.optimizer} is refused for strategy={cls.name}: "
             f"{cls.server_optimizer_note} (choose from {list(cls.server_optimizers)})",
+        )
+        require(
+            self.server.aggregation == "mean" or cls.robust_aggregation,
+            f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: it combines the "
+            "clients' adapters exactly (stacking or an exact residual), not by an average",
         )
         require(
             self.server.min_replies <= self.sampled_per_round,

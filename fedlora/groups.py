@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from strategies.robust import AGGREGATIONS
 from strategies.server_opt import ServerOptConfig
 
 HEAD_MODES = ("train", "freeze")
@@ -26,6 +27,10 @@ TASKS = ("classification", "causal_lm")  # fedlora.task
 
 class ConfigError(ValueError):
     """Bad user input. The CLI prints it as one line and exits with status 2."""
+
+
+class RunFailed(RuntimeError):
+    """A run that finished without producing anything (one line, exit status 1)."""
 
 
 def require(ok: bool, message: str) -> None:
@@ -81,6 +86,7 @@ class DataConfig:
     output_column: str = "output"
     delimiter: Optional[str] = None
     quoting: bool = True
+    encoding: str = "utf-8"
     test_fraction: float = 0.2
     max_train_examples: Optional[int] = None
     max_test_examples: Optional[int] = None
@@ -257,12 +263,23 @@ class ServerConfig:
     hold NaN or Inf, or (with ``max_update_norm``) when the L2 norm of what it
     changes, over all its tensors, exceeds that bound. ``resume``: continue from
     ``output_dir``'s checkpoint when there is one.
+
+    No client can outweigh the rest (:mod:`strategies.robust`): each accepted update is
+    scaled down to at most ``update_clip`` times the round's lower median update norm
+    (null: off); example counts used as weights are the server's own where it knows the
+    partition, else capped at ``max_weight_ratio`` times the round's lower median count;
+    ``aggregation`` (mean | trimmed_mean | median, trimming ``trim_fraction`` at each
+    end) is the coordinate-wise combination of whatever the strategy averages.
     """
 
     min_replies: int = 1
     round_timeout: float = 3600.0
     node_timeout: float = 600.0
     max_update_norm: Optional[float] = None
+    update_clip: Optional[float] = 10.0
+    max_weight_ratio: float = 10.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
     resume: bool = False
     optimizer: str = "none"
     lr: Optional[float] = None
@@ -279,6 +296,17 @@ class ServerConfig:
         require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
         require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
         require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
+        require(
+            self.update_clip is None or self.update_clip >= 1,
+            f"server.update_clip must be >= 1 (a multiple of the round's median update norm) or null, "
+            f"got {self.update_clip}",
+        )
+        require(self.max_weight_ratio >= 1, f"server.max_weight_ratio must be >= 1, got {self.max_weight_ratio}")
+        require(
+            self.aggregation in AGGREGATIONS,
+            f"unknown server.aggregation {self.aggregation!r}; choose from {list(AGGREGATIONS)}",
+        )
+        require(0 <= self.trim_fraction < 0.5, f"server.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         require(
             self.max_update_norm is None or self.max_update_norm > 0,
             f"server.max_update_norm must be > 0 or null, got {self.max_update_norm}",

@@ -12,7 +12,7 @@ from typing import Any
 from fedlora import console
 from fedlora.appconfig import run_config_for
 from fedlora.checkpoint import write_json
-from fedlora.config import ConfigError, RunConfig
+from fedlora.config import ConfigError, RunConfig, RunFailed
 from fedlora.metrics import METRICS, read_metrics
 
 RowCallback = Callable[[dict[str, Any]], None]
@@ -23,6 +23,70 @@ def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
     out = Path(cfg.output_dir or Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve()
     composed.output_dir = str(out)
     return dataclasses.replace(cfg, output_dir=str(out)), out
+
+
+# What a run writes in its folder: a folder holding any of these holds a run.
+RUN_OUTPUTS = (
+    "metrics.csv", "checkpoint.safetensors", "server_optimizer.safetensors", "adapter", "server.log",
+    "partitions.csv", "config.yaml", "run_config.json", ".hydra", "tensorboard", "mlflow.db", "mlartifacts",
+)  # fmt: skip
+
+
+def held_outputs(out: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds another run, unless resuming from its checkpoint or told to overwrite."""
+    held = held_outputs(out)
+    if not held or overwrite or (resume and (out / "checkpoint.safetensors").is_file()):
+        return
+    hint = "continue it with server.resume=true, " if (out / "checkpoint.safetensors").is_file() else ""
+    raise ConfigError(
+        f"{out} already holds a run ({', '.join(held[:4])}); choose another output_dir, {hint}or pass --overwrite"
+    )
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs (``--overwrite``), and nothing else of the folder."""
+    import shutil
+
+    for name in held_outputs(out):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_resume(cfg: RunConfig, worker: Any) -> None:
+    """With ``server.resume``, the checkpoint in the output folder must fit this run (before anything starts)."""
+    from fedlora.checkpoint import CHECKPOINT, read_checkpoint
+
+    path = Path(cfg.output_dir) / CHECKPOINT
+    if cfg.server.resume and path.exists():
+        read_checkpoint(path, initial=worker.initial_state(), cfg=cfg)
+
+
+def check_aggregated(out: Path, min_replies: int) -> None:
+    """A run in which no round aggregated anything failed, whatever else it wrote."""
+    rows = [r for r in read_metrics(out / METRICS) if int(r["round"]) > 0]
+    valid = [
+        int(r["replies_received"] or 0) - int(r["replies_rejected"] or 0) - int(r.get("refused") or 0) for r in rows
+    ]
+    if rows and all(v < min_replies for v in valid):
+        raise RunFailed(
+            f"no round aggregated anything: every round had fewer than server.min_replies={min_replies} valid "
+            f"replies (see {out / 'server.log'}); the adapter is the initial one"
+        )
+
+
+def interrupted_message(out: Path, rounds: int) -> str:
+    """Where a stopped run stands and how to continue it."""
+    done = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
+    if not done:
+        return "interrupted before round 0 finished; nothing to resume"
+    return (
+        f"interrupted after round {done[-1]['round']} of {rounds}; continue with the same overrides plus "
+        f"server.resume=true (output_dir={out})"
+    )
 
 
 def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str]) -> None:
@@ -77,8 +141,19 @@ def summarise(out: Path) -> None:
     console.console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
 
 
-def simulate(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), dry_run: bool, verbose: bool) -> int:
-    """Validate, show the partitions (and DP plan), write the config, run the simulation, print the rounds."""
+def simulate(
+    cfg: RunConfig,
+    composed: Any,
+    *,
+    overrides: Sequence[str] = (),
+    dry_run: bool,
+    verbose: bool,
+    overwrite: bool = False,
+) -> int:
+    """Validate, show the partitions (and DP plan), write the config, run the simulation, print the rounds.
+
+    Nothing is written before every check passed; a folder holding another run is refused
+    unless resuming from its checkpoint or ``overwrite``."""
     import torch
 
     from fedlora.data import load_calibration
@@ -88,18 +163,22 @@ def simulate(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), dr
     if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
         raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
     cfg, out = output_folder(cfg, composed)
+    check_output(out, resume=cfg.server.resume, overwrite=overwrite or dry_run)
     run_config_for(cfg)  # a setting the Flower run config cannot carry fails here, as it would deployed
 
     # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
     # ServerApp (a thread of this process) finds them in the worker cache.
     worker = get_worker(cfg)
-    console.show_partitions(worker, out if not dry_run else None)
     worker.warm_up()
+    check_resume(cfg, worker)
     init = worker.strategy.gradient_init
     if init is not None and not init.from_clients:  # the calibration file fails now, not after the nodes started
         load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
     if cfg.privacy.enabled:
         console.show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
+    if overwrite and not dry_run:
+        clear_outputs(out)
+    console.show_partitions(worker, out if not dry_run else None)
     if dry_run:
         from omegaconf import OmegaConf
 
@@ -108,19 +187,26 @@ def simulate(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), dr
     write_config(cfg, composed, out, list(overrides))
     console.console.print(console.header(worker, out))
     with round_lines(cfg.rounds) as (on_round, on_progress):
-        run_flower_simulation(cfg, verbose=verbose, on_round=on_round, on_progress=on_progress)
+        signals = run_flower_simulation(cfg, verbose=verbose, on_round=on_round, on_progress=on_progress)
+    if signals.received is not None:
+        console.err_console.print(interrupted_message(out, cfg.rounds), highlight=False, soft_wrap=True)
+        return signals.exit_code
     summarise(out)
+    check_aggregated(out, cfg.server.min_replies)
     return 0
 
 
-def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = ()) -> int:
+def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), overwrite: bool = False) -> int:
     """The centralised reference of a federated run's config (:mod:`fedlora.centralised`)."""
     from fedlora.centralised import run_centralised, steps_per_round
     from fedlora.data import load_splits
 
     cfg, out = output_folder(cfg, composed)
+    check_output(out, resume=False, overwrite=overwrite)
     train_size = len(load_splits(cfg.data, seed=cfg.seed).train)
     steps = steps_per_round(cfg, train_size)
+    if overwrite:
+        clear_outputs(out)
     write_config(cfg, composed, out, list(overrides))
     console.console.print(
         f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "

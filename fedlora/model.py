@@ -121,6 +121,11 @@ def build_peft_model(
         if model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = list(lora.target_modules)
+        if targets != ["all-linear"]:
+            names = [name for name, _ in base.named_modules()]
+            unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+            if unmatched:
+                raise ConfigError(f"lora.target_modules: {unmatched} match no module of {model.path!r}")
         peft_config = PeftLoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,

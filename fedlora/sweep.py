@@ -45,6 +45,10 @@ class Cell:
         return f"{self.strategy}/eps-{format_epsilon(self.epsilon)}/seed-{self.seed}"
 
     @property
+    def private(self) -> bool:
+        return self.strategy != CENTRALISED and not math.isinf(self.epsilon)
+
+    @property
     def command(self) -> str:
         return "centralised" if self.strategy == CENTRALISED else "simulate"
 
@@ -123,7 +127,9 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             progress.update(task, description=cell.name)
             folder = out / "cells" / cell.name
             folder.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "fedlora.cli", cell.command, *overrides, *cell.overrides()]
+            # --overwrite: only unfinished cells run again, over what their interrupted run left
+            shared = overrides if cell.private else [o for o in overrides if not o.lstrip("+").startswith("privacy.")]
+            cmd = [sys.executable, "-m", "fedlora.cli", cell.command, "--overwrite", *shared, *cell.overrides()]
             started = time.perf_counter()
             with (folder / "log.txt").open("w") as log:
                 done = subprocess.run([*cmd, f"output_dir={folder}"], stdout=log, stderr=subprocess.STDOUT, check=False)

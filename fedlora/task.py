@@ -112,4 +112,3 @@ def task_for(name: str) -> Any:
     from fedlora.causal_lm import CausalLM
 
     return {"classification": SequenceClassification, "causal_lm": CausalLM}[name]()
-

@@ -9,11 +9,10 @@ change is larger than ``server.max_update_norm``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedlora.lora import Tensors
+from strategies.robust import update_norm
 
 
 def reject_reason(payload: Tensors, expected: Tensors, *, max_norm: float | None = None) -> str | None:
@@ -41,9 +40,3 @@ def reject_reason(payload: Tensors, expected: Tensors, *, max_norm: float | None
         if not norm <= max_norm:
             return f"update norm {norm:.4g} exceeds server.max_update_norm={max_norm:g}"
     return None
-
-
-def update_norm(payload: Tensors, reference: Tensors) -> float:
-    """sqrt(sum over tensors of ||payload - reference||_F^2), in float64."""
-    total = sum(float((payload[k].double() - reference[k].double()).square().sum()) for k in reference)
-    return math.sqrt(total)

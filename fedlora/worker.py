@@ -81,6 +81,11 @@ class Worker:
         if self.cfg.task == "classification" and not self.splits.label_names:
             raise ConfigError("task=classification needs labelled data; instruction records need task=causal_lm")
         _ = self.splits, self.partitions, self.model
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.cfg.train.max_seq_len > limit:
+            raise ConfigError(
+                f"train.max_seq_len={self.cfg.train.max_seq_len} exceeds the model's maximum of {limit} positions"
+            )
         self.task.check_room(self.tokenizer, labels=self.splits.label_names, max_len=self.cfg.train.max_seq_len)
         log.debug("worker for strategy=%s on %s, %d torch threads", self.cfg.strategy.name, self.device,
                   torch.get_num_threads())  # fmt: skip

@@ -35,7 +35,7 @@ A (r, d_in), s = alpha / r; client k holds n_k examples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -101,11 +101,17 @@ def same_keys(payloads: Sequence[Tensors]) -> list[AdapterKey]:
     return keys
 
 
-def average_payloads(state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:
-    """The state with every tensor the clients sent replaced by sum_k p_k T_k; the rest unchanged."""
+def average_payloads(
+    state: Tensors,
+    payloads: Sequence[Tensors],
+    p: torch.Tensor,
+    combine: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor] = weighted_mean,
+) -> Tensors:
+    """The state with every tensor the clients sent replaced by sum_k p_k T_k (or by ``combine``:
+    a robust aggregation); the rest unchanged."""
     new = dict(state)
     for key in same_keys(payloads):
-        new[key] = weighted_mean([payload[key] for payload in payloads], p)
+        new[key] = combine([payload[key] for payload in payloads], p)
     return new
 
 
@@ -165,11 +171,14 @@ class Strategy:
     # The server optimisers (strategies.server_opt) its server step admits, and why not the others.
     server_optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS
     server_optimizer_note: ClassVar[str] = ""
+    # Whether server.aggregation (a robust mean) applies: everything the server combines is an average.
+    robust_aggregation: ClassVar[bool] = True
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config
         self.scaling = scaling  # s = alpha / r, the same on every client
         self.report: dict[str, float] = {}  # the last aggregate's diagnostics, by metric_columns
+        self.combine = weighted_mean  # what averaging means; the server may set a robust one (strategies.robust)
 
     @classmethod
     def lora_alpha(cls, config: StrategyConfig, *, rank: int, alpha: float) -> float:
@@ -235,7 +244,7 @@ class Strategy:
         Default: every tensor the clients sent replaced by sum_k p_k T_k (exact when the
         other factor is shared: FFA-LoRA's B, Fed-SB's R; FedAvg's inexact mean of A and B).
         """
-        return average_payloads(state, payloads, p)
+        return average_payloads(state, payloads, p, self.combine)
 
     def refine(self, state: Tensors, *, server_round: int = 1) -> tuple[Tensors, dict[AdapterKey, torch.Tensor]]:
         """The state after the server's step on the aggregate, re-parameterised if the method does so

@@ -31,6 +31,7 @@ class FedEx(Strategy):
 
     name = "fedex"
     server_optimizers = ("none",)
+    robust_aggregation = False  # it folds every client's exact B_k A_k residual: a robust mean breaks it
     server_optimizer_note = (
         "fedex folds the exact residual of the average into W0; "
         "a server step on A and B would leave that residual inexact"

@@ -78,6 +78,7 @@ class FLoRA(Strategy):
     name = "flora"
     config_class = FLoRAConfig
     server_optimizers = ("none",)
+    robust_aggregation = False  # it stacks every client's adapter exactly: no average to make robust
     server_optimizer_note = (
         "flora's server step stacks the clients' adapters and folds them into W0; "
         "it is not an average of updates for a server optimiser to step on"

@@ -126,7 +126,7 @@ class LoraFair(Strategy):
     def aggregate(
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
     ) -> Tensors:
-        new = average_payloads(state, payloads, p)
+        new = average_payloads(state, payloads, p, self.combine)
         stacked = stack(payloads, p)
         sums = dict.fromkeys(("star", "fair", "fedavg", "inner_fair", "inner_fedavg", "norm_fair", "norm_fedavg"), 0.0)
         for b_key in sorted(k for k in stacked if k.role is Role.B):

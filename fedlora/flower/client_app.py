@@ -52,6 +52,8 @@ def query(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({records.PARTITION_ID: int(node[records.PARTITION_ID])})
     if records.NUM_PARTITIONS in node:
         metrics[records.NUM_PARTITIONS] = int(node[records.NUM_PARTITIONS])
+    if node.get(records.DATA_PATH):
+        metrics[records.OWN_DATA] = 1
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
 
 

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from fedlora import stopping
 from fedlora.accounting import Step
 from fedlora.flower import records
+from fedlora.flower.replies import Reply, parse_reply
 from fedlora.metrics import RoundStats
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting and time.monotonic() < deadline:
+        stopping.check()
         pulled = list(grid.pull_messages(waiting))
         if pulled:
             replies += pulled
@@ -77,32 +80,37 @@ def collect(
     stats: RoundStats,
     server_round: int,
     timeout: float,
-    check: Callable[[int, Message], T | str],
+    private: bool,
+    check: Callable[[int, Reply], T | str],
     on_progress: Progress | None = None,
 ) -> list[tuple[int, T]]:
     """Send ``outgoing``, wait up to ``timeout`` s, and return (partition, checked reply) in partition order.
 
+    Every reply is parsed (:func:`fedlora.flower.replies.parse_reply`; ``private``: the run
+    is DP) and must answer a message of this round from the node it was sent to; then
     ``check(partition, reply)`` gives what the round aggregates, or why the reply is
-    rejected. ``stats`` counts replies received (without error), refused (DP budget),
-    rejected, and the bytes up of every reply that carries an update. ``on_progress(done,
-    expected)`` hears of every reply as it arrives.
+    rejected. A rejection is logged with the node id and never ends the round. ``stats``
+    counts replies received (without error), refused (DP budget), rejected, and the bytes
+    up of every reply that carries an update. ``on_progress(done, expected)`` hears of
+    every reply as it arrives.
     """
     replies = exchange(grid, [o.message for o in outgoing], timeout=timeout, on_progress=on_progress)
     asked = {o.message.metadata.message_id: o for o in outgoing}  # ids are set once sent
-    arrived: list[tuple[int | None, Message]] = []
+    arrived: list[tuple[int, Message]] = []
+    strays = 0
     for m in replies:
         o = asked.get(m.metadata.reply_to_message_id)  # by message id: an error reply comes from the SuperLink
-        pid = o.partition if o is not None else None
-        if m.has_error():
-            log.warning("round %d: partition %s failed: %s", server_round, pid, m.error.reason)
-            if pid is not None:
-                nodes[pid].holds_fixed = False  # it may have lost its fixed tensors
+        if o is None:
+            strays += 1
+            log.warning("round %d: rejected a reply of node %d to no message of this round",
+                        server_round, m.metadata.src_node_id)  # fmt: skip
+        elif m.has_error():
+            log.warning("round %d: partition %s failed: %s", server_round, o.partition, m.error.reason)
+            nodes[o.partition].holds_fixed = False  # it may have lost its fixed tensors
         else:
-            arrived.append((pid, m))
-    answered = {pid for pid, m in arrived if pid is not None and m.metadata.src_node_id == nodes[pid].node_id}
-    replied = {
-        asked[m.metadata.reply_to_message_id].partition for m in replies if m.metadata.reply_to_message_id in asked
-    }
+            arrived.append((o.partition, m))
+    answered = {pid for pid, m in arrived if m.metadata.src_node_id == nodes[pid].node_id}
+    replied = {asked[i].partition for m in replies if (i := m.metadata.reply_to_message_id) in asked}
     silent = sorted({o.partition for o in outgoing} - replied)
     if silent:
         log.warning(
@@ -115,25 +123,28 @@ def collect(
         if o.base_version is not None:
             node.base_version = o.base_version if o.partition in answered else None
     stats.replies_received = len(arrived)
+    stats.replies_rejected = strays
 
     accepted: list[tuple[int, T]] = []
-    for pid, m in sorted(arrived, key=lambda pm: pm[0] or 0):
-        metrics = m.content.metric_records.get(records.METRICS, {})
-        if pid is not None and records.PRIVACY in m.content:
-            history = records.ledger_history(m.content[records.PRIVACY])
-            if len(history) >= len(nodes[pid].ledger or []):  # never a shorter one
-                nodes[pid].ledger = history
-        if records.EPSILON in metrics:
-            stats.epsilons.append(float(metrics[records.EPSILON]))
-        if int(metrics.get(records.REFUSED, 0)):
-            stats.refused += 1  # budget exhausted: no update
-            continue
-        if records.ARRAYS in m.content:
-            stats.add_up(records.size(m.content[records.ARRAYS]))
-        if pid is None or pid not in answered:
-            checked: T | str = "a reply to no message of this round, or from another node"
+    for pid, m in sorted(arrived, key=lambda pm: pm[0]):
+        if isinstance(arrays := m.content.get(records.ARRAYS), ArrayRecord):
+            stats.add_up(records.size(arrays))  # what was sent, accepted or not
+        reply = parse_reply(m, private=private)
+        if isinstance(reply, str):
+            checked: T | str = reply
+        elif pid not in answered:
+            checked = f"it answers partition {pid}'s message but is not that partition's node"
+        elif reply.partition != pid:
+            checked = f"it claims partition {reply.partition}"
         else:
-            checked = check(pid, m)
+            if reply.ledger is not None and len(reply.ledger) >= len(nodes[pid].ledger or []):
+                nodes[pid].ledger = reply.ledger  # never a shorter one
+            if reply.epsilon is not None:
+                stats.epsilons.append(reply.epsilon)
+            if reply.refused:
+                stats.refused += 1  # budget exhausted: no update
+                continue
+            checked = check(pid, reply)
         if isinstance(checked, str):
             log.warning(
                 "round %d: rejected the reply of partition %s (node %d): %s",

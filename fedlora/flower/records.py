@@ -19,6 +19,7 @@ SERVER_ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"  # only when weighting by examples (under DP: with privacy.public_counts)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+OWN_DATA = "own-data"  # a node's answer to the partition query: 1 when it trains on its own data file
 TRAIN_LOSS = "train-loss"  # not under DP: a loss on private batches is not protected
 FIXED = "fixed"  # tensors fixed for the run, sent once per node and kept in its context.state
 FIXED_DIGEST = "fixed-digest"

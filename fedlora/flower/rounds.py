@@ -26,27 +26,39 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import partial
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora import stopping
 from fedlora.accounting import Step
 from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
+from fedlora.flower.replies import Reply
 from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
 from fedlora.metrics import RoundStats
 from fedlora.protocol import Protocol
 from fedlora.schedule import sample_partitions
 from fedlora.validation import reject_reason
+from strategies import robust
 from strategies.base import GradientInit
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
-Checked = tuple[Tensors, int, float | None]  # (payload, weight count, train loss)
+
+@dataclass
+class Checked:
+    """A reply that may be aggregated: its tensors, what that client started from, its count and loss."""
+
+    payload: Tensors
+    start: Tensors
+    count: int  # examples as it claims them (1 when weighting uniformly)
+    loss: float | None  # None when the client does not report one (DP clients never do)
 
 
 class FlowerRounds:
@@ -60,11 +72,14 @@ class FlowerRounds:
         nodes_by_partition: dict[int, int],
         *,
         label_names: tuple[str, ...],
+        known_sizes: dict[int, int] | None = None,
         on_progress: Progress | None = None,
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
         self.strategy = protocol.strategy
+        self.strategy.combine = robust.combiner(cfg.server.aggregation, trim=cfg.server.trim_fraction)
+        self.known_sizes = dict(known_sizes or {})  # partition -> its size, where the server's table applies
         self.state = state
         self.nodes = {pid: NodeState(node) for pid, node in sorted(nodes_by_partition.items())}
         self.absent_ledgers: dict[int, list[Step]] = {}  # of partitions with no node in this run (a resume)
@@ -87,6 +102,7 @@ class FlowerRounds:
     def run(self, grid: Grid, *, first_round: int, after_round) -> None:
         """Rounds ``first_round`` .. ``cfg.rounds``; ``after_round(round)`` after each (evaluation, logs)."""
         for server_round in range(first_round, self.cfg.rounds + 1):
+            stopping.check()
             self.train_round(grid, server_round)
             after_round(server_round)
 
@@ -107,6 +123,7 @@ class FlowerRounds:
             stats=stats,
             server_round=server_round,
             timeout=self.cfg.server.round_timeout,
+            private=self.cfg.privacy.enabled,
             check=partial(self._check, server_round=server_round),
             on_progress=self.on_progress,
         )
@@ -117,8 +134,7 @@ class FlowerRounds:
                 server_round, len(accepted), needed,
             )  # fmt: skip
             return
-        payloads, counts, losses = zip(*(checked for _, checked in accepted), strict=True)
-        p = self.strategy.weights(counts)
+        payloads, p, losses = self._limit(server_round, accepted)
         target = self.strategy.aggregate(self.state, payloads, p, server_round=server_round)
         stepped = self.server_opt.step(self.state, target, keys=payloads[0].keys())
         self.state, changes = self.strategy.refine(stepped, server_round=server_round)
@@ -128,6 +144,32 @@ class FlowerRounds:
             self.fold_log.append(factors)
         if None not in losses:
             stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
+
+    def _limit(self, server_round: int, accepted: list[tuple[int, Checked]]):
+        """(payloads, weights p, losses) with no client outweighing the rest (:mod:`strategies.robust`)."""
+        pids = [pid for pid, _ in accepted]
+        checked = [c for _, c in accepted]
+        payloads = [c.payload for c in checked]
+        server = self.cfg.server
+        if server.update_clip is not None:
+            starts = [c.start for c in checked]
+            payloads, norms, bound = robust.clip_updates(payloads, starts, factor=server.update_clip)
+            for pid, norm in zip(pids, norms, strict=True):
+                if norm > bound:
+                    log.warning(
+                        "round %d: partition %d's update norm %.4g scaled down to %.4g (server.update_clip=%g x "
+                        "the round's median)", server_round, pid, norm, bound, server.update_clip,
+                    )  # fmt: skip
+        counts = [c.count for c in checked]
+        if self.cfg.strategy.weighting == "examples":
+            known = [self.known_sizes.get(pid) for pid in pids]
+            capped = robust.cap_counts(counts, known, ratio=server.max_weight_ratio)
+            for pid, claimed, used in zip(pids, counts, capped, strict=True):
+                if used < claimed:
+                    log.warning("round %d: partition %d claims %d examples; weighted as %d", server_round, pid,
+                                claimed, used)  # fmt: skip
+            counts = capped
+        return payloads, self.strategy.weights(counts), [c.loss for c in checked]
 
     def _train_messages(self, server_round: int, chosen: list[int], stats: RoundStats) -> list[Outgoing]:
         arrays = records.to_record(self.protocol.download(self.state))
@@ -179,30 +221,17 @@ class FlowerRounds:
             out.append(cache[i])
         return out
 
-    def _check(self, pid: int, m: Message, *, server_round: int) -> Checked | str:
-        """(payload, examples, train loss) of a reply that may be aggregated, or why it may not.
-
-        Examples: the client's count when weighting by examples, else 1. Train loss: None
-        when the client does not report one (DP clients never do).
-        """
+    def _check(self, pid: int, reply: Reply, *, server_round: int) -> Checked | str:
+        """What of a parsed reply may be aggregated, or why it may not (shapes, values, norm bound)."""
         by_examples = self.cfg.strategy.weighting == "examples"
-        try:
-            metrics = m.content[records.METRICS]
-            claimed = int(metrics[records.PARTITION_ID])
-            num_examples = int(metrics[records.NUM_EXAMPLES]) if by_examples else 1
-            loss = float(metrics[records.TRAIN_LOSS]) if records.TRAIN_LOSS in metrics else None
-            payload = records.from_record(m.content[records.ARRAYS])
-        except (KeyError, ValueError, TypeError) as err:
-            return f"malformed reply ({type(err).__name__}: {err})"
-        if claimed != pid:
-            return f"it claims partition {claimed}"
-        if num_examples < 1:
-            return f"num-examples is {num_examples}"
-        if loss is not None and not math.isfinite(loss):
-            return f"train loss is {loss}"
+        if by_examples and reply.num_examples is None:
+            return f"no {records.NUM_EXAMPLES} (the run weights by examples)"
         expected = self.protocol.expected_reply(pid, self.state, server_round=server_round)
-        reason = reject_reason(payload, expected, max_norm=self.cfg.server.max_update_norm)
-        return reason if reason is not None else (payload, num_examples, loss)
+        reason = reject_reason(reply.tensors or {}, expected, max_norm=self.cfg.server.max_update_norm)
+        if reason is not None:
+            return reason
+        count = reply.num_examples if by_examples and reply.num_examples is not None else 1
+        return Checked(reply.tensors or {}, expected, count, reply.train_loss)
 
     # -- round 0 of a gradient initialisation ----------------------------------------------------
     def gradient_round(self, grid: Grid, init: GradientInit, *, expected: Tensors) -> Tensors:
@@ -224,17 +253,14 @@ class FlowerRounds:
             message = Message(content, dst_node_id=self.nodes[pid].node_id, message_type=MessageType.TRAIN)
             outgoing.append(Outgoing(pid, message))
 
-        def check(pid: int, m: Message) -> Tensors | str:
-            try:
-                gradients = records.from_record(m.content[records.ARRAYS])
-            except (KeyError, ValueError) as err:
-                return f"malformed reply ({type(err).__name__}: {err})"
+        def check(pid: int, reply: Reply) -> Tensors | str:
+            gradients = reply.tensors or {}
             reason = reject_reason(gradients, expected)  # no norm bound: gradients are sums, not changes
             return reason if reason is not None else gradients
 
         accepted = collect(
             grid, outgoing, nodes=self.nodes, stats=stats, server_round=0, timeout=self.cfg.server.round_timeout,
-            check=check, on_progress=self.on_progress,
+            private=self.cfg.privacy.enabled, check=check, on_progress=self.on_progress,
         )  # fmt: skip
         total: Tensors = {}
         for _, gradients in accepted:

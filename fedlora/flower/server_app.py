@@ -18,17 +18,24 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
 from fedlora import gradient_init
 from fedlora.appconfig import from_run_config
-from fedlora.checkpoint import CHECKPOINT, SERVER_OPTIMIZER, load_checkpoint_meta, save_checkpoint, save_tensors
-from fedlora.config import RunConfig
+from fedlora.checkpoint import (
+    CHECKPOINT,
+    SERVER_OPTIMIZER,
+    read_checkpoint,
+    resumable_settings,
+    save_checkpoint,
+    save_tensors,
+)
+from fedlora.config import ConfigError, RunConfig
 from fedlora.console import quiet_libraries, round_line, summary_text
 from fedlora.export import export_adapter
-from fedlora.flower import records
+from fedlora.flower.discovery import FederationError, discover_partitions
 from fedlora.flower.rounds import FlowerRounds
 from fedlora.lora import Role
 from fedlora.metrics import METRICS, MetricsLog, columns, round_row, summarise
@@ -67,7 +74,7 @@ def make_server_app(
                 cfg = dataclasses.replace(cfg, output_dir=f"outputs/run-{context.run_id}")
             try:
                 out = run_server(grid, cfg, on_round=lambda row: log.info(round_line(row, cfg.rounds)))
-            except FederationError as err:
+            except (FederationError, ConfigError) as err:
                 log.error("%s", err)
                 return
             log.info("%s", summary_text(out / METRICS))
@@ -103,14 +110,14 @@ def run_server(
     """
     out = Path(cfg.output_dir or "outputs/serverapp").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with run_log(out / SERVER_LOG):
+    with run_log(out / SERVER_LOG, append=cfg.server.resume):
         return _run_server(grid, cfg, out, on_round=on_round, on_progress=on_progress)
 
 
 @contextlib.contextmanager
-def run_log(path: Path) -> Iterator[None]:
+def run_log(path: Path, *, append: bool) -> Iterator[None]:
     """fedlora's log records (failed, late and rejected replies, resumes) also go to ``path``."""
-    handler = logging.FileHandler(path)
+    handler = logging.FileHandler(path, mode="a" if append else "w")  # a new run starts a fresh log
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("fedlora")
     logger.addHandler(handler)
@@ -128,12 +135,13 @@ def _run_server(
 ) -> Path:
     if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
-    nodes, clients = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
+    nodes, clients, own_data = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
     cfg = cfg.with_clients(clients)
     worker = get_worker(cfg).warm_up()
+    known_sizes = {pid: len(worker.rows(pid)) for pid in nodes if pid not in own_data}  # the server's own table
     rounds = FlowerRounds(
         cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names,
-        on_progress=on_progress,
+        known_sizes=known_sizes, on_progress=on_progress,
     )  # fmt: skip
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
@@ -190,18 +198,9 @@ def initialise(grid: Grid, rounds: FlowerRounds, worker: Worker) -> None:
 def checkpoint_meta(rounds: FlowerRounds) -> dict[str, Any]:
     """What the tensors do not hold: the run it belongs to, D's version, the DP ledgers."""
     return {
-        "config": _resumable(rounds.cfg),
+        "config": resumable_settings(rounds.cfg),
         "fold_version": rounds.fold_log.version,
         "ledgers": {str(pid): [list(step) for step in history] for pid, history in rounds.ledgers().items()},
-    }
-
-
-def _resumable(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the checkpoint's (not: rounds, output, server tolerances)."""
-    return {
-        k: v
-        for k, v in cfg.to_flat().items()
-        if k not in ("rounds", "output_dir") and k.split(".")[0] not in ("server", "simulation")
     }
 
 
@@ -211,11 +210,7 @@ def resume(rounds: FlowerRounds, out: Path) -> int | None:
     if not path.exists():
         log.info("server.resume: no checkpoint in %s, starting from round 1", out)
         return None
-    tensors, server_round, meta = load_checkpoint_meta(path)
-    theirs, ours = meta.get("config", {}), _resumable(rounds.cfg)
-    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
-    if differ:
-        raise ValueError(f"the checkpoint in {out} is from a different run: {differ[:5]} differ")
+    tensors, server_round, meta = read_checkpoint(path, initial=rounds.state, cfg=rounds.cfg)
     rounds.state = {k: v for k, v in tensors.items() if k.role is not Role.BASE}
     rounds.fold_log.restore({k: v for k, v in tensors.items() if k.role is Role.BASE}, meta["fold_version"] or 0)
     if (out / SERVER_OPTIMIZER).exists():
@@ -227,81 +222,3 @@ def resume(rounds: FlowerRounds, out: Path) -> int | None:
         else:
             rounds.absent_ledgers[int(pid)] = ledger
     return server_round
-
-
-class FederationError(RuntimeError):
-    """The nodes the run needs did not connect: one line says how many did and what to change."""
-
-
-SETTLE_S = 10.0  # no new node for this long: look at whether the connected nodes are the whole federation
-
-
-def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[dict[int, int], int]:
-    """(partition id -> node id, the federation's number of clients), asking each connected node once.
-
-    The run waits for ``expected`` nodes (its ``clients``). Flower's local simulation starts
-    its own number of SuperNodes (2 by default), each told its partition id and the number
-    of partitions M: when the nodes connected for ``SETTLE_S`` seconds are exactly such a
-    federation (M nodes, ids 0..M-1, all saying M), the run goes on with ``clients=M``.
-    After ``timeout`` seconds without enough nodes, :class:`FederationError`.
-    """
-    deadline = time.monotonic() + timeout
-    count, changed, told = -1, time.monotonic(), 0.0
-    while len(node_ids := sorted(grid.get_node_ids())) < expected:
-        now = time.monotonic()
-        if len(node_ids) != count:
-            count, changed = len(node_ids), now
-        if now - told >= 30 or told == 0.0:
-            log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
-            told = now
-        if node_ids and now - changed >= SETTLE_S:
-            found, parts = _ask_partitions(grid, node_ids, timeout=timeout)
-            size = _whole_federation(found, parts)
-            if size:
-                log.warning(
-                    "the connected nodes are a federation of %d clients (each says num-partitions=%d): "
-                    "running with clients=%d instead of %d", size, size, size, expected,
-                )  # fmt: skip
-                return found, size
-            changed = now  # ask again only after the next quiet spell
-        if now > deadline:
-            raise FederationError(
-                f"only {len(node_ids)} of {expected} client nodes connected within server.node_timeout={timeout:g} s; "
-                f"start {expected} SuperNodes (Flower's local simulation: options.num-supernodes = {expected} in "
-                f"$FLWR_HOME/config.toml) or run with clients={len(node_ids) or 1}"
-            )
-        time.sleep(1.0)
-    found, _ = _ask_partitions(grid, node_ids, timeout=timeout)
-    return found, expected
-
-
-def _whole_federation(found: dict[int, int], parts: dict[int, int]) -> int:
-    """M when the nodes are partitions 0..M-1 of a federation of M (M > 1), each saying so; else 0."""
-    sizes = set(parts.values())
-    if len(sizes) == 1 and (size := sizes.pop()) > 1 and sorted(found) == list(range(size)) and len(parts) == size:
-        return size
-    return 0
-
-
-def _ask_partitions(grid: Grid, node_ids: list[int], *, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
-    """(partition id -> node id, partition id -> the num-partitions its node config says, where it says)."""
-    messages = [
-        Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in node_ids
-    ]
-    found: dict[int, int] = {}
-    parts: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        metrics = reply.content[records.METRICS]
-        pid = int(metrics[records.PARTITION_ID])
-        if pid in found:
-            raise ValueError(f"two nodes claim partition {pid}")
-        found[pid] = reply.metadata.src_node_id
-        if records.NUM_PARTITIONS in metrics:
-            parts[pid] = int(metrics[records.NUM_PARTITIONS])
-    if not found:
-        raise RuntimeError("no node answered the partition query")
-    return found, parts

@@ -10,11 +10,14 @@ thread count to its CPUs.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from fedlora.appconfig import run_config_for
 from fedlora.config import RunConfig
 from fedlora.flower.client_app import make_client_app
 from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
+from fedlora.stopping import Interrupted, Signals, stop_on_signals
 
 
 def run_flower_simulation(
@@ -23,9 +26,14 @@ def run_flower_simulation(
     verbose: bool = False,
     on_round: RoundCallback | None = None,
     on_progress: ProgressCallback | None = None,
-) -> None:
+) -> Signals:
     """Run ``cfg`` on ``cfg.clients`` virtual SuperNodes; ``on_round(row)`` after every round's metrics row,
-    ``on_progress(replies, messages)`` as a round's replies arrive."""
+    ``on_progress(replies, messages)`` as a round's replies arrive.
+
+    Returns the signal that stopped the run, if one did: Ctrl-C or SIGTERM stop it at the
+    server's next wait (:mod:`fedlora.stopping`), Ray is shut down, and the output folder
+    holds the last finished round's checkpoint and metrics.
+    """
     from flwr.simulation import run_simulation
 
     run_config = run_config_for(cfg)
@@ -36,10 +44,39 @@ def run_flower_simulation(
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
     }
-    run_simulation(
-        server_app=make_server_app(run_config, on_round=on_round, on_progress=on_progress),
-        client_app=make_client_app(run_config),
-        num_supernodes=cfg.clients,
-        backend_config=backend,
-        verbose_logging=verbose,
-    )
+    init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
+    with stop_on_signals() as signals:
+        try:
+            run_simulation(
+                server_app=make_server_app(run_config, on_round=on_round, on_progress=on_progress),
+                client_app=make_client_app(run_config),
+                num_supernodes=cfg.clients,
+                backend_config=backend,
+                verbose_logging=verbose,
+            )
+        except (Interrupted, RuntimeError):
+            if signals.received is None:
+                raise
+        finally:
+            shutdown_ray()
+    return signals
+
+
+def init_ray(init_args: dict) -> None:
+    """Start Ray as Flower's Ray backend would (which then finds it started and uses it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray's workers inherit the environment, not this process's sys.path
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+
+
+def shutdown_ray() -> None:
+    """Flower shuts Ray down when the run ends; after an interruption, make sure."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

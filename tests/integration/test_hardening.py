@@ -1,0 +1,227 @@
+"""No client can crash or capture the server: the real ServerApp against real and malicious ClientApps.
+
+The clients are Flower ClientApps called in this process by :class:`tests.local_grid.LocalGrid`
+(no Ray), so a run of many attack rounds takes seconds. Honest nodes run fedlora's own
+ClientApp; the attacker computes its honest reply and then corrupts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
+
+from fedlora.appconfig import run_config_for
+from fedlora.flower import client_app, records
+from fedlora.flower.server_app import run_server
+from fedlora.lora import AdapterKey
+from tests.local_grid import LocalGrid
+
+Records = dict[str, object]
+
+
+def _arrays(r: Records) -> dict[str, np.ndarray]:
+    return {k: a.numpy().copy() for k, a in r[records.ARRAYS].items()}
+
+
+def _with_arrays(r: Records, change: Callable[[dict[str, np.ndarray]], None]) -> Records:
+    arrays = _arrays(r)
+    change(arrays)
+    return r | {records.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()})}
+
+
+def _with_metrics(r: Records, **changes) -> Records:
+    metrics = {k: v for k, v in r[records.METRICS].items()}
+    for key, value in changes.items():
+        key = key.replace("_", "-")
+        if value is None:
+            metrics.pop(key, None)
+        else:
+            metrics[key] = value
+    return r | {records.METRICS: MetricRecord(metrics)}
+
+
+def _first(arrays: dict[str, np.ndarray]) -> str:
+    return sorted(arrays)[0]
+
+
+def _set(arrays, key, value):
+    arrays[key] = value
+
+
+def _renamed(key: str) -> str:
+    k = AdapterKey.parse(key)
+    return str(AdapterKey(k.module + ".extra", k.role, k.param))
+
+
+# Each corrupts an honest reply's records; every one must be rejected with nothing else changed.
+KINDS: dict[str, Callable[[Records], Records]] = {
+    "no arrays record": lambda r: {k: v for k, v in r.items() if k != records.ARRAYS},
+    "no metrics record": lambda r: {k: v for k, v in r.items() if k != records.METRICS},
+    "arrays as a config record": lambda r: r | {records.ARRAYS: ConfigRecord({"x": 1})},
+    "metrics as a config record": lambda r: r | {records.METRICS: ConfigRecord({records.PARTITION_ID: "0"})},
+    "unexpected record": lambda r: r | {"extra": ConfigRecord({"x": 1})},
+    "NaN": lambda r: _with_arrays(r, lambda a: a[_first(a)].flat.__setitem__(0, np.nan)),
+    "Inf": lambda r: _with_arrays(r, lambda a: a[sorted(a)[-1]].flat.__setitem__(0, np.inf)),
+    "wrong shape": lambda r: _with_arrays(r, lambda a: _set(a, _first(a), a[_first(a)][..., :-1].copy())),
+    "missing tensor": lambda r: _with_arrays(r, lambda a: a.pop(_first(a))),
+    "unexpected tensor": lambda r: _with_arrays(r, lambda a: _set(a, _renamed(_first(a)), a[_first(a)])),
+    "not an adapter key": lambda r: _with_arrays(r, lambda a: _set(a, "garbage", a[_first(a)])),
+    "integer tensor": lambda r: _with_arrays(r, lambda a: _set(a, _first(a), a[_first(a)].astype(np.int64))),
+    "claims partition 0": lambda r: _with_metrics(r, partition_id=0),
+    "fractional partition id": lambda r: _with_metrics(r, partition_id=2.5),
+    "no partition id": lambda r: _with_metrics(r, partition_id=None),
+    "zero examples": lambda r: _with_metrics(r, num_examples=0),
+    "NaN train loss": lambda r: _with_metrics(r, train_loss=float("nan")),
+    "unknown metric": lambda r: _with_metrics(r, accuracy=1.0),
+    "a ledger in a non-DP run": lambda r: r | {records.PRIVACY: ConfigRecord({"noise": [1.0], "rate": [0.5]})},
+    "an epsilon in a non-DP run": lambda r: _with_metrics(r, epsilon=0.1),
+}
+
+
+def honest(run_config: dict) -> ClientApp:
+    return client_app.make_client_app(run_config)
+
+
+def attacker(run_config: dict, corrupt: Callable[[int, Records], Records | None]) -> ClientApp:
+    """A ClientApp that computes its honest reply, then ``corrupt(round, records)`` (None: it fails)."""
+    from fedlora.appconfig import from_run_config
+
+    app = ClientApp()
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return client_app.query(msg, context)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        reply = client_app.train(msg, context, from_run_config(run_config))
+        changed = corrupt(int(msg.content[records.CONFIG][records.SERVER_ROUND]), dict(reply.content.items()))
+        if changed is None:
+            raise RuntimeError("the attacker's node fails")
+        return Message(RecordDict(changed), reply_to=msg)
+
+    return app
+
+
+def federation(cfg, make_attacker, extra: dict[int, tuple[ClientApp, dict]] | None = None) -> LocalGrid:
+    """Partitions 0..K-2 honest on nodes 1..K-1; partition K-1 the attacker, on node K."""
+    run_config = run_config_for(cfg)
+    k = cfg.clients
+    nodes = {
+        pid + 1: (honest(run_config), {records.PARTITION_ID: pid, records.NUM_PARTITIONS: k}) for pid in range(k - 1)
+    }
+    nodes[k] = (make_attacker(run_config), {records.PARTITION_ID: k - 1, records.NUM_PARTITIONS: k})
+    return LocalGrid(nodes | (extra or {}))
+
+
+def table(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "checkpoint.safetensors")), load_file(str(b / "checkpoint.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_malformed_replies_are_rejected_and_the_honest_result_is_unchanged(make_config, tmp_path) -> None:
+    kinds = list(KINDS)
+    random.Random(7).shuffle(kinds)  # one kind per round, in a random order
+    cfg = make_config("clients=3", "clients_per_round=3", f"rounds={len(kinds)}", f"output_dir={tmp_path / 'fuzz'}")
+    # Two more nodes: one claims a partition another node holds, one a partition outside the federation.
+    dup = (honest(run_config_for(cfg)), {records.PARTITION_ID: 0, records.NUM_PARTITIONS: 3})
+    far = (honest(run_config_for(cfg)), {records.PARTITION_ID: 99, records.NUM_PARTITIONS: 3})
+    grid = federation(cfg, lambda rc: attacker(rc, lambda rnd, r: KINDS[kinds[rnd - 1]](r)), {8: dup, 9: far})
+    fuzz = run_server(grid, cfg)
+
+    ref_cfg = make_config("clients=3", "clients_per_round=3", f"rounds={len(kinds)}", f"output_dir={tmp_path / 'ref'}")
+    ref = run_server(federation(ref_cfg, lambda rc: attacker(rc, lambda rnd, r: None)), ref_cfg)
+
+    rows, ref_rows = table(fuzz), table(ref)
+    assert len(rows) == len(kinds) + 1  # every round completed
+    assert [r["replies_rejected"] for r in rows[1:]] == ["1"] * len(kinds)
+    for column in ("test_accuracy", "test_loss", "train_loss"):
+        assert [r[column] for r in rows] == [r[column] for r in ref_rows], column
+    assert same_tensors(fuzz, ref)  # the honest result, bit for bit
+    log = (fuzz / "server.log").read_text()
+    for rnd, kind in enumerate(kinds, start=1):
+        assert f"round {rnd}: rejected the reply of partition 2 (node 3)" in log, kind
+    assert "node 8 claims partition 0, which node 1 holds; left out" in log
+    assert "node 9 claims partition 99, outside 0..2; left out" in log
+
+
+def _shifted(norm: float, count: int | None) -> Callable[[int, Records], Records]:
+    """The attacker's payload moved by a fixed direction of L2 norm ``norm``; it claims ``count`` examples."""
+
+    def corrupt(rnd: int, r: Records) -> Records:
+        arrays = _arrays(r)
+        total = sum(a.size for a in arrays.values())
+        shifted = {k: a + np.float32(norm / np.sqrt(total)) for k, a in arrays.items()}
+        r = r | {records.ARRAYS: ArrayRecord({k: Array(v) for k, v in shifted.items()})}
+        return _with_metrics(r, num_examples=count) if count is not None else r
+
+    return corrupt
+
+
+def test_an_inflated_example_count_does_not_capture_the_model(make_config, tmp_path) -> None:
+    """The attack that used to make the global adapter the attacker's (1e9 examples, inside the norm
+    bound): the server weights by its own partition table, so the claim changes nothing."""
+    runs = {}
+    for name, count in (("inflated", 10**9), ("truthful", None)):
+        cfg = make_config("clients=5", "clients_per_round=5", "rounds=2", "server.max_update_norm=2",
+                          f"output_dir={tmp_path / name}")  # fmt: skip
+        corrupt = _shifted(1.9, count)
+        runs[name] = run_server(federation(cfg, lambda rc, corrupt=corrupt: attacker(rc, corrupt)), cfg)
+    assert same_tensors(runs["inflated"], runs["truthful"])
+    assert "partition 4 claims 1000000000 examples; weighted as" in (runs["inflated"] / "server.log").read_text()
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
+def test_robust_aggregation_keeps_one_attacker_in_five_within_the_honest_range(
+    make_config, tmp_path, aggregation
+) -> None:
+    """A hundredfold update, no clip: the global adapter stays within the honest clients' per-coordinate range."""
+    seen: list[dict[str, np.ndarray]] = []
+
+    def recording(run_config):
+        inner = honest(run_config)
+        app = ClientApp()
+
+        @app.query()
+        def _query(msg, context):
+            return inner(msg, context)
+
+        @app.train()
+        def _train(msg, context):
+            reply = inner(msg, context)
+            seen.append(_arrays(dict(reply.content.items())))
+            return reply
+
+        return app
+
+    def hundredfold(rnd: int, r: Records) -> Records:
+        return _with_arrays(r, lambda a: a.update({k: v * 100 for k, v in a.items()}))
+
+    cfg = make_config("clients=5", "clients_per_round=5", "rounds=1", "strategy=ffa_lora", "server.update_clip=null",
+                      f"server.aggregation={aggregation}", f"output_dir={tmp_path}")  # fmt: skip
+    run_config = run_config_for(cfg)
+    nodes = {
+        pid + 1: (recording(run_config), {records.PARTITION_ID: pid, records.NUM_PARTITIONS: 5}) for pid in range(4)
+    }
+    nodes[5] = (attacker(run_config, hundredfold), {records.PARTITION_ID: 4, records.NUM_PARTITIONS: 5})
+    out = run_server(LocalGrid(nodes), cfg)
+    state = load_file(str(out / "checkpoint.safetensors"))
+    assert len(seen) == 4
+    for key in seen[0]:
+        honest_values = np.stack([s[key] for s in seen])
+        got = state[key].numpy()
+        assert (got >= honest_values.min(0) - 1e-6).all() and (got <= honest_values.max(0) + 1e-6).all(), key

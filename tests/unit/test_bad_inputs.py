@@ -1,0 +1,89 @@
+"""Every bad data file and every setting that would mean nothing: exit 2 with one line naming the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.compose import compose
+from fedlora.config import ConfigError
+from fedlora.data import load_splits
+
+GOOD = "text,label\n" + "".join(f"text number {i},{i % 3}\n" for i in range(30))
+
+
+def run(capsys, *overrides: str) -> str:
+    assert main(["simulate", "--dry-run", "model=tiny", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"text,label\n", "has a header but no rows"),
+        (b"text,label\na,1\nb,\nc,0\n", "1 record(s) have no 'label' (first: record 2)"),
+        ("text,label\nd\xe9j\xe0 vu,1\nb,0\n".encode("latin-1"), "is not utf-8 text (byte 0xe9 at offset 12, line 2)"),
+        (b"text,label\n" + b"same,1\n" * 20, "1 label(s) [1]; a classifier needs at least 2"),
+        (b'text,label\n"unclosed,1\n', "cannot be read"),
+    ],
+    ids=["empty", "header only", "empty label", "not utf-8", "one class", "broken quoting"],
+)
+def test_bad_data_files_exit_2_with_one_line(tmp_path: Path, capsys, content: bytes, message: str) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_bytes(content)
+    err = run(capsys, "data=files", f"data.path={path}")
+    assert (message in err and str(path) in err) or "label(s)" in message
+
+
+def test_train_and_test_files_with_different_columns(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train.csv").write_text(GOOD)
+    (tmp_path / "test.csv").write_text("sentence,label\na,1\n")
+    assert "have different columns" in run(capsys, "data=files", f"data.path={tmp_path}")
+
+
+def test_latin1_reads_with_data_encoding(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_bytes(("text,label\n" + "".join(f"d\xe9j\xe0 {i},{i % 2}\n" for i in range(20))).encode("latin-1"))
+    cfg, _ = compose(["data=files", f"data.path={path}", "data.encoding=latin-1"])
+    splits = load_splits(cfg.data, seed=0)
+    assert "déjà" in splits.train["text"][0] and splits.label_names == ("0", "1")
+
+
+def test_a_changed_file_is_never_served_stale(tmp_path: Path) -> None:
+    """Same size, same modification time, other labels: read again, not from a cache."""
+    import os
+
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
+    stat = path.stat()
+    cfg, _ = compose(["data=files", f"data.path={path}", "data.test_fraction=0.5"])
+    assert load_splits(cfg.data, seed=0).label_names == ("a", "b")
+    path.write_text("text,label\n" + "".join(f"t{i},{'xy'[i % 2]}\n" for i in range(20)))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_splits(cfg.data, seed=0).label_names == ("x", "y")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lr=inf"], "train.lr must be a finite number, got inf"),
+        (["train.lr=nan"], "train.lr must be"),
+        (["privacy.epsilon=0.5"], "privacy.epsilon has no effect: this run is not private"),
+        (["+privacy.foo=1"], "unknown config key 'privacy.foo'"),
+        (["lora.target_modules=[query,nothere]"], "['nothere'] match no module"),
+        (["train.max_seq_len=100000"], "exceeds the model's maximum of 512 positions"),
+    ],
+)
+def test_settings_that_would_mean_nothing_are_refused(capsys, overrides, message) -> None:
+    assert message in run(capsys, *overrides)
+
+
+def test_dp_keys_are_fine_with_dp() -> None:
+    assert compose(["privacy=dp", "privacy.epsilon=0.5"])[0].privacy.epsilon == 0.5
+    with pytest.raises(ConfigError):
+        compose(["privacy=none", "privacy.delta=1e-6"])

@@ -63,6 +63,8 @@ def make_certificates(folder: Path, *, hosts: Sequence[str] = ("127.0.0.1", "loc
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)  # it signs certificates, nothing else
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         _write(folder / CA_KEY, pem_key(ca_key), private=True)
@@ -87,7 +89,10 @@ def make_certificates(folder: Path, *, hosts: Sequence[str] = ("127.0.0.1", "loc
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=365))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)  # ECDHE key agreement, signatures
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         _write(folder / SERVER_KEY, pem_key(key), private=True)
@@ -95,6 +100,17 @@ def make_certificates(folder: Path, *, hosts: Sequence[str] = ("127.0.0.1", "loc
 
     for i in range(nodes):
         make_node_key(folder / f"node-{i}")
+
+
+def _key_usage(*, cert_sign: bool):
+    """KeyUsage of the CA (certificate and CRL signing) or of a TLS server (digital signature)."""
+    from cryptography import x509
+
+    return x509.KeyUsage(
+        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
 
 
 def certificate_files(folder: Path, *, nodes: int = 0) -> dict[Path, bool]:
@@ -150,7 +166,7 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> None:
 
 # -- the Flower command lines -----------------------------------------------------------
 def superlink_command(
-    certs: Path, *, host: str = "0.0.0.0", port: int = SUPERLINK_PORT, database: Path | None = None
+    certs: Path, *, host: str = "127.0.0.1", port: int = SUPERLINK_PORT, database: Path | None = None
 ) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication; one port serves all its APIs.
 
@@ -194,12 +210,31 @@ def supernode_command(
     if num_partitions is not None:
         node_config.append(f"num-partitions={num_partitions}")
     if data_path:
-        node_config.append(f'data-path="{data_path}"')
+        node_config.append(f"data-path={node_config_string(data_path)}")
     argv = ["flower-supernode", "--superlink", superlink]
     argv += ["--root-certificates", str(ca)] if ca is not None else []
     argv += ["--auth-supernode-private-key", str(key)]
     argv += ["--node-config", " ".join(node_config), "--port", str(port)]
     return argv + (["--max-retries", str(max_retries)] if max_retries is not None else [])
+
+
+def node_config_string(value: str) -> str:
+    """``value`` as a TOML string that Flower's ``--node-config`` parser reads back exactly.
+
+    Flower matches ``'...'`` or ``"..."`` without escapes, then reads TOML: a plain value
+    goes in ``"..."``; one with ``"`` or ``\\`` in a literal ``'...'`` (backslashes kept as
+    they are); one with ``'`` and ``\\`` in ``"..."`` with TOML escapes. A value holding
+    both quotes, or control characters, cannot be carried.
+    """
+    if any(ord(c) < 32 for c in value) or ("'" in value and '"' in value):
+        raise ConfigError(
+            f"--data-path {value!r}: Flower's node config cannot carry quotes of both kinds or control characters"
+        )
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\") + '"'
 
 
 def register_command(public_key: Path, *, connection: str = CONNECTION) -> list[str]:

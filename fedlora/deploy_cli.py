@@ -34,7 +34,11 @@ def add_parser(sub: Any) -> None:
     certs.set_defaults(handler=certificates)
     link = steps.add_parser("superlink", help="start flower-superlink with TLS and --enable-supernode-auth")
     link.add_argument("--certs", type=Path, required=True, help="the folder of `fedlora deploy certs`")
-    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument(
+        "--host", default="127.0.0.1",
+        help="the address to listen on (default: this machine only); nodes on other hosts need one they reach, "
+        "e.g. this machine's address or 0.0.0.0: the Control API is then reachable there too",
+    )  # fmt: skip
     link.add_argument("--port", type=int, default=8000)
     link.add_argument("--database", type=Path, default=None, help="keep the SuperLink's state in this file")
     link.set_defaults(handler=superlink)
@@ -115,7 +119,25 @@ def superlink(args: argparse.Namespace) -> int:
     names = (deploy.CA_CERT, deploy.SERVER_CERT, deploy.SERVER_KEY)
     require_files(*(args.certs / name for name in names), hint=" (make it with: fedlora deploy certs)")
     argv = deploy.superlink_command(args.certs, host=args.host, port=args.port, database=args.database)
+    if not ipaddress_is_loopback(args.host):
+        console.print(
+            f"[yellow]note:[/] {args.host}:{args.port} also serves Flower's Control API, which in Flower 1.41 "
+            "(without its enterprise OIDC plugin) lets whoever reaches the port and trusts the CA submit runs: "
+            "open the port only to the node hosts and yourself (firewall, private network or SSH tunnel)",
+            highlight=False,
+        )
     return execute(args, argv, replace=True)
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def connect(args: argparse.Namespace) -> int:

@@ -160,6 +160,47 @@ def test_deploy_cli_prints_commands_with_tls_and_auth(tmp_path, capsys) -> None:
     assert main(["deploy", "run", "strategy=nope", "--print"]) == 2
 
 
+@pytest.mark.parametrize(
+    "path", ["/data/a b.csv", "/data/it's.csv", "C:\\x\\y.csv", '/d/"q" x=1', "/x' partition-id=5 '", "C:\\it's"]
+)
+def test_a_data_path_cannot_inject_node_config_keys(path) -> None:
+    argv = deploy.supernode_command(superlink="h:1", ca=None, key=Path("k"), partition_id=0, data_path=path)
+    parsed = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert parsed == {"partition-id": 0, "data-path": path}
+
+
+def test_a_data_path_flower_cannot_carry_is_refused() -> None:
+    with pytest.raises(ConfigError, match="quotes of both kinds"):
+        deploy.node_config_string('it\'s "x"')
+
+
+def test_certificates_carry_key_usage(tmp_path) -> None:
+    deploy.make_certificates(tmp_path, hosts=["10.0.0.1"], nodes=0)
+    ca = x509.load_pem_x509_certificate((tmp_path / deploy.CA_CERT).read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / deploy.SERVER_CERT).read_bytes())
+    ca_usage = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ca_usage.critical and ca_usage.value.key_cert_sign and not ca_usage.value.digital_signature
+    usage = server.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_compose_gives_each_container_only_its_own_files_and_publishes_on_loopback() -> None:
+    import yaml
+
+    compose_file = yaml.safe_load((Path(__file__).parents[2] / "docker" / "compose.yaml").read_text())
+    mounts = {name: service.get("volumes", []) for name, service in compose_file["services"].items()}
+    whole = [name for name, volumes in mounts.items() if any(v.split(":")[0] == "./certs" for v in volumes)]
+    assert whole == ["certs"]  # only the job that issues them sees ca.key
+    for i in range(3):
+        assert mounts[f"supernode-{i}"] == [f"./certs/node-{i}:/certs:ro"]
+    assert "./certs/superlink:/certs:ro" in mounts["superlink"]
+    assert compose_file["services"]["superlink"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert deploy.superlink_command(Path("c"))[deploy.superlink_command(Path("c")).index("--host") + 1] == "127.0.0.1"
+
+
 # -- checkpoints and resume ---------------------------------------------------------------------
 def test_checkpoint_meta_and_metrics_resume(tmp_path) -> None:
     state = _adapter()

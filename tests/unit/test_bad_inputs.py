@@ -46,6 +46,31 @@ def test_train_and_test_files_with_different_columns(tmp_path: Path, capsys) -> 
     assert "have different columns" in run(capsys, "data=files", f"data.path={tmp_path}")
 
 
+def test_an_unreadable_file_exits_2(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train.csv").mkdir()  # found as the train split, but it cannot be read as a file
+    (tmp_path / "test.csv").write_text(GOOD)
+    assert "train.csv cannot be read" in run(capsys, "data=files", f"data.path={tmp_path}")
+
+
+def test_a_run_that_aggregated_nothing_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    import fedlora.flower.simulation
+    from fedlora.stopping import Signals
+
+    def nothing_accepted(cfg, **_):  # every reply of every round rejected
+        from fedlora.metrics import MetricsLog, RoundStats, columns, round_row
+
+        log = MetricsLog(Path(cfg.output_dir) / "metrics.csv", columns(cfg.privacy, ()))
+        for r in range(cfg.rounds + 1):
+            stats = RoundStats(replies_expected=2, replies_received=2, replies_rejected=2) if r else None
+            log.append(round_row(r, {"test_accuracy": 0.25, "test_loss": 1.3}, stats, privacy=cfg.privacy, wall_s=0.1))
+        log.close()
+        return Signals()
+
+    monkeypatch.setattr(fedlora.flower.simulation, "run_flower_simulation", nothing_accepted)
+    assert main(["simulate", "model=tiny", "rounds=2", f"output_dir={tmp_path}"]) == 1
+    assert "no round aggregated anything" in capsys.readouterr().err
+
+
 def test_latin1_reads_with_data_encoding(tmp_path: Path) -> None:
     path = tmp_path / "mine.csv"
     path.write_bytes(("text,label\n" + "".join(f"d\xe9j\xe0 {i},{i % 2}\n" for i in range(20))).encode("latin-1"))

@@ -10,6 +10,7 @@ are exactly what the apps return.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -50,3 +51,16 @@ class LocalGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def run_in_process(cfg) -> Path:
+    """``cfg``'s run on the real ServerApp and one fedlora ClientApp per partition, in this process."""
+    from fedlora.appconfig import run_config_for
+    from fedlora.flower import records
+    from fedlora.flower.client_app import make_client_app
+    from fedlora.flower.server_app import run_server
+
+    app = make_client_app(run_config_for(cfg))
+    config = {records.NUM_PARTITIONS: cfg.clients}
+    nodes = {pid + 1: (app, {records.PARTITION_ID: pid, **config}) for pid in range(cfg.clients)}
+    return run_server(LocalGrid(nodes), cfg)

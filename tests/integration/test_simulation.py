@@ -1,4 +1,9 @@
-"""Real Flower simulations (Ray backend) of the tiny model: outputs, accounting, reproducibility."""
+"""Real Flower simulations (Ray backend) of the tiny model: outputs, accounting, reproducibility.
+
+Where a test repeats one check over strategies or runs, one case goes through Ray and the
+others run the same ServerApp and ClientApps in-process (:func:`tests.local_grid.run_in_process`):
+the rounds, messages and accounting are the same, without a Ray start per case.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
+from fedlora.compose import compose
 from fedlora.schedule import sample_partitions
+from tests.local_grid import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +33,14 @@ TINY_RUN = [
     "train.local_steps=2",
     "train.batch_size=8",
 ]
+
+
+def simulate(overrides: list[str], out: Path, *, ray: bool) -> None:
+    """``fedlora simulate`` (Ray), or the same apps in-process."""
+    if ray:
+        assert main(["simulate", *overrides, f"output_dir={out}"]) == 0
+    else:
+        run_in_process(compose([*overrides, f"output_dir={out}"])[0])
 
 
 def rows(folder: Path) -> list[dict[str, str]]:
@@ -130,7 +145,7 @@ FORMULAS = {
 
 @pytest.mark.parametrize("strategy", sorted(FORMULAS))
 def test_each_exact_strategy_runs_and_sends_what_its_formula_says(strategy: str, tmp_path: Path) -> None:
-    assert main(["simulate", *TINY_RUN, f"strategy={strategy}", f"output_dir={tmp_path}"]) == 0
+    simulate([*TINY_RUN, f"strategy={strategy}"], tmp_path, ray=strategy == "fed_sb")
     table = rows(tmp_path)
     (up, up_arrays), (down, down_arrays) = FORMULAS[strategy]
     for row in table[1:]:
@@ -195,7 +210,7 @@ def test_lora_fair_logs_its_correction_next_to_fedavg(tmp_path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "fedsvd", "fed_sb", "flora", "lora_fair", "fedex"])
 def test_every_strategy_runs_with_dp_sgd_within_its_budget(strategy: str, tmp_path: Path) -> None:
     run = [*TINY_RUN, f"strategy={strategy}", "privacy=dp", "privacy.epsilon=2"]
-    assert main(["simulate", *run, f"output_dir={tmp_path}"]) == 0
+    simulate(run, tmp_path, ray=strategy == "fed_sb")
     table = rows(tmp_path)
     for row in table[1:]:
         assert row["refused"] == "0" and row["replies_received"] == "3"
@@ -230,7 +245,7 @@ def test_dp_runs_draw_private_noise_and_plain_runs_repeat_exactly(tmp_path: Path
     for name, extra in (("a", []), ("b", []), ("c", ["privacy.unsafe_seeded_randomness=true"]),
                         ("d", ["privacy.unsafe_seeded_randomness=true"])):  # fmt: skip
         outs[name] = tmp_path / name
-        assert main(["simulate", *dp, *extra, f"output_dir={outs[name]}"]) == 0
+        simulate([*dp, *extra], outs[name], ray=name == "a")
     a, b, c, d = (adapter_of(outs[n]) for n in "abcd")
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(c[k], d[k]) for k in c)

@@ -8,9 +8,7 @@ to recompute in every process and identical everywhere for a given seed.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,10 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
 
+from fedlora.files import load_files
 from fedlora.groups import ConfigError, DataConfig, PartitionConfig
 
 log = logging.getLogger(__name__)
-
-_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | No
     if cfg.name == "synthetic" and cfg.path is None and cfg.hub_name is None:
         raw = synthetic_topics(cfg.synthetic_train, cfg.synthetic_test, seed=seed)
     elif cfg.path is not None:
-        raw = _load_files(cfg, seed=seed)
+        raw = load_files(cfg, seed=seed)
     else:
         raw = load_dataset(cfg.hub_name)  # needs the network; fails clearly when offline
         raw = DatasetDict({"train": raw[cfg.train_split], "test": raw[cfg.test_split]})
@@ -65,91 +62,11 @@ def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | No
     return Splits(train, test, splits.label_names)
 
 
-def _load_files(cfg: DataConfig, *, seed: int) -> DatasetDict:
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"data.path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = {
-            split: _find_split(path, stem) for split, stem in (("train", cfg.train_split), ("test", cfg.test_split))
-        }
-    else:
-        files = {"train": path}
-    suffixes = {f.suffix.lower() for f in files.values()}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in _FORMATS:
-        raise ConfigError(f"data.path: unsupported file type(s) {sorted(suffixes)}; use {sorted(_FORMATS)}")
-    tables = {split: read_table(f, cfg) for split, f in files.items()}
-    if "test" in tables and list(tables["test"].columns) != list(tables["train"].columns):
-        raise ConfigError(
-            f"data.path: {files['train']} and {files['test']} have different columns "
-            f"({list(tables['train'].columns)} vs {list(tables['test'].columns)})"
-        )
-    raw = DatasetDict({split: Dataset.from_pandas(t, preserve_index=False) for split, t in tables.items()})
-    if "test" not in raw:
-        raw = raw["train"].train_test_split(test_size=cfg.test_fraction, seed=seed)
-    return raw
-
-
-def read_table(path: Path, cfg: DataConfig):
-    """One data file as a pandas DataFrame of strings, read in memory on every call.
-
-    pandas, not ``datasets.load_dataset``: the latter keeps an Arrow copy of the rows in a
-    shared cache (world-readable, and served again when the file changes but keeps its
-    modification time). Cells are strings (no "NA" -> NaN guessing); a label column of
-    whole numbers becomes integers, as before. Every problem is one line naming the file.
-    """
-    import pandas as pd
-
-    fmt = _FORMATS[path.suffix.lower()]
-    try:
-        if fmt == "parquet":
-            table = pd.read_parquet(path)
-        else:
-            data = path.read_bytes()
-            try:
-                text = data.decode(cfg.encoding)
-            except UnicodeDecodeError as err:
-                line = data[: err.start].count(b"\n") + 1
-                raise ConfigError(
-                    f"data file {path} is not {cfg.encoding} text (byte {data[err.start]:#04x} at offset {err.start}, "
-                    f"line {line}); set data.encoding (e.g. data.encoding=latin-1)"
-                ) from None
-            if fmt == "csv":
-                table = pd.read_csv(
-                    io.StringIO(text), sep=cfg.delimiter or ("\t" if path.suffix.lower() == ".tsv" else ","),
-                    dtype=str, keep_default_na=False, na_filter=False,
-                    quoting=csv.QUOTE_MINIMAL if cfg.quoting else csv.QUOTE_NONE,
-                )  # fmt: skip
-            else:
-                lines = path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("[")
-                table = pd.read_json(io.StringIO(text), lines=lines, dtype=False)
-    except pd.errors.EmptyDataError:
-        raise ConfigError(f"data file {path} is empty") from None
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise ConfigError(f"data file {path} cannot be read: {str(err).splitlines()[0]}") from None
-    if len(table) == 0:
-        raise ConfigError(f"data file {path} has a header but no rows")
-    for column in table.columns:
-        if (missing := table[column].isna()).any():  # JSON or Parquet nulls
-            first = int(missing.argmax()) + 1
-            raise ConfigError(f"data file {path}: column {column!r} has empty values (first: record {first})")
-    label = cfg.label_column
-    if label in table.columns:
-        labels = table[label].astype(str).str.strip()
-        if (empty := labels == "").any():
-            first = int(empty.argmax()) + 1
-            count = int(empty.sum())
-            raise ConfigError(f"data file {path}: {count} record(s) have no {label!r} (first: record {first})")
-        if labels.str.fullmatch(r"-?\d+").all():
-            table[label] = labels.astype("int64")
-    return table
-
-
 def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]) -> Dataset:
     """All rows of a calibration file in ``cfg``'s format, labels mapped by name to ``label_names``."""
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"calibration file {path!r} does not exist (give 'clients' or a file)")
-    raw = _load_files(dataclasses.replace(cfg, path=path), seed=0)
+    raw = load_files(dataclasses.replace(cfg, path=path), seed=0)
     splits = _normalise(raw, cfg)
     rows = concatenate_datasets([splits.train, splits.test])
     return _relabel(rows, splits.label_names, label_names, what="calibration")
@@ -170,13 +87,6 @@ def _map_labels(ds: Dataset, fn) -> Dataset:
     features = ds.features.copy()
     features["label"] = Value("int64")
     return ds.map(lambda row: {"label": fn(row["label"])}, features=features, keep_in_memory=True)
-
-
-def _find_split(folder: Path, stem: str) -> Path:
-    matches = sorted(p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in _FORMATS)
-    if not matches:
-        raise ConfigError(f"data.path {str(folder)!r} has no {stem}.* file ({'/'.join(sorted(_FORMATS))})")
-    return matches[0]
 
 
 def _normalise(raw: DatasetDict, cfg: DataConfig) -> Splits:

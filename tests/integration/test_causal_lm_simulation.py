@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.appconfig import run_config_for
 from fedlora.cli import main
 from fedlora.compose import compose
-from fedlora.flower import records
-from fedlora.flower.client_app import make_client_app
-from fedlora.flower.server_app import run_server
 from strategies import STRATEGIES
-from tests.local_grid import LocalGrid
+from tests.local_grid import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +35,7 @@ def test_every_strategy_fine_tunes_a_causal_lm(strategy: str, tmp_path: Path) ->
     if strategy == "fedavg":
         assert main(["simulate", *RUN, f"strategy={strategy}", f"output_dir={tmp_path}"]) == 0
     else:
-        cfg, _ = compose([*RUN, f"strategy={strategy}", f"output_dir={tmp_path}"])
-        app = make_client_app(run_config_for(cfg))
-        nodes = {pid + 1: (app, {records.PARTITION_ID: pid, records.NUM_PARTITIONS: 2}) for pid in range(2)}
-        run_server(LocalGrid(nodes), cfg)
+        run_in_process(compose([*RUN, f"strategy={strategy}", f"output_dir={tmp_path}"])[0])
     table = rows(tmp_path)
     assert [r["replies_received"] for r in table[1:]] == ["2", "2"]
     assert all(r["test_accuracy"] and float(r["test_perplexity"]) > 1 for r in table)

@@ -16,23 +16,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedlora.appconfig import run_config_for
 from fedlora.cli import main
 from fedlora.config import RunFailed
-from fedlora.flower import client_app, records
-from fedlora.flower.server_app import run_server
 from fedlora.launch import check_aggregated
 from tests.conftest import TINY
-from tests.local_grid import LocalGrid
+from tests.local_grid import run_in_process
 
 RUN = [*TINY, "clients=2", "clients_per_round=2", "rounds=2"]
 
 
 def local_run(make_config, out: Path, *extra: str) -> Path:
-    cfg = make_config("clients=2", "clients_per_round=2", "rounds=2", f"output_dir={out}", *extra)
-    app = client_app.make_client_app(run_config_for(cfg))
-    nodes = {pid + 1: (app, {records.PARTITION_ID: pid, records.NUM_PARTITIONS: 2}) for pid in range(2)}
-    return run_server(LocalGrid(nodes), cfg)
+    return run_in_process(make_config("clients=2", "clients_per_round=2", "rounds=2", f"output_dir={out}", *extra))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

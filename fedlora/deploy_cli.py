@@ -59,6 +59,7 @@ def add_parser(sub: Any) -> None:
     node.add_argument("--num-partitions", type=int, default=None, help="parts of the data (1: all this node's)")
     node.add_argument("--data-path", default=None, help="this machine's data file or folder")
     node.add_argument("--port", type=int, default=9094, help="the node's local ClientApp API port")
+    node.add_argument("--max-retries", type=int, default=None, help="give up after this many failed connections")
     node.set_defaults(handler=supernode)
     run = steps.add_parser("run", help="submit a run: Hydra overrides -> the App's run config -> flwr run")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -170,6 +171,7 @@ def supernode(args: argparse.Namespace) -> int:
         num_partitions=args.num_partitions,
         data_path=args.data_path,
         port=args.port,
+        max_retries=args.max_retries,
     )
     return execute(args, argv, replace=True)
 

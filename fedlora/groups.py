@@ -155,6 +155,9 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast of the forward pass (CUDA only; refused on CPU)
     max_seq_len: int = 64
     head: str = "train"  # train: averaged like the adapters; freeze: seeded init, never sent
+    # tau of the client loss CE(logits + tau log pi_k), pi_k the client's own label frequencies (logit
+    # adjustment against label skew); None: 1 for classification without DP, else 0 (RunConfig resolves it)
+    logit_adjustment: Optional[float] = None
     eval_batch_size: int = 64
     eval_every: int = 1  # central evaluation every k rounds (and always after the last); 0: never
 
@@ -174,6 +177,9 @@ class TrainConfig:
         require(0.0 <= self.momentum < 1.0, "train.momentum must be in [0, 1)")
         require(self.max_seq_len >= 8, "train.max_seq_len must be >= 8")
         require(self.head in HEAD_MODES, f"train.head must be one of {list(HEAD_MODES)}")
+        require(
+            self.logit_adjustment is None or self.logit_adjustment >= 0, "train.logit_adjustment must be >= 0 or null"
+        )
         require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
         require(self.eval_every >= 0, "train.eval_every must be >= 0")
 
@@ -258,7 +264,9 @@ class ServerConfig:
 
     A round aggregates the replies that arrive within ``round_timeout`` seconds and
     pass validation, if there are at least ``min_replies`` of them; otherwise the
-    global adapter is left unchanged for that round. A reply is rejected when its
+    global adapter is left unchanged for that round. The run waits ``node_timeout`` s for
+    every client's node, then starts with those connected if they are ``min_nodes`` or
+    more (null: all); the others join when they connect. A reply is rejected when its
     tensors do not have the keys and shapes the strategy expects from that client,
     hold NaN or Inf, or (with ``max_update_norm``) when the L2 norm of what it
     changes, over all its tensors, exceeds that bound. ``resume``: continue from
@@ -275,6 +283,7 @@ class ServerConfig:
     min_replies: int = 1
     round_timeout: float = 3600.0
     node_timeout: float = 600.0
+    min_nodes: Optional[int] = None
     max_update_norm: Optional[float] = None
     update_clip: Optional[float] = 10.0
     max_weight_ratio: float = 10.0
@@ -296,6 +305,8 @@ class ServerConfig:
         require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
         require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
         require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
+        require(self.min_nodes is None or self.min_nodes >= 1, f"server.min_nodes must be >= 1 or null, got "
+                f"{self.min_nodes}")  # fmt: skip
         require(
             self.update_clip is None or self.update_clip >= 1,
             f"server.update_clip must be >= 1 (a multiple of the round's median update norm) or null, "

@@ -95,6 +95,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         received = records.from_record(msg.content[records.ARRAYS])
         received |= fixed_tensors(msg, context)
         base = base_delta(msg, context, scaling=worker.strategy.scaling)
+        if base is not None:  # the server checks that this node trained on its base weights
+            metrics[records.BASE_DIGEST] = records.digest_number(base)
         payload, num_examples, result = worker.train_round(
             pid, received, server_round=server_round, base=base, history=history
         )

@@ -23,10 +23,14 @@ class FederationError(RuntimeError):
     """The nodes the run needs did not connect: one line says how many did and what to change."""
 
 
+JOIN_TIMEOUT_S = 30.0  # how long a round waits for newly connected nodes to say their partition
+JOIN_ASKS = 3  # a node that never answers is asked in this many rounds, then left out
 SETTLE_S = 10.0  # no new node for this long: look at whether the connected nodes are the whole federation
 
 
-def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[dict[int, int], int, set[int]]:
+def discover_partitions(
+    grid: Grid, *, expected: int, timeout: float, min_nodes: int | None = None
+) -> tuple[dict[int, int], int, set[int]]:
     """(partition id -> node id, the federation's number of clients, the partitions whose nodes train on
     their own data file), asking each connected node once.
 
@@ -34,7 +38,8 @@ def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[d
     its own number of SuperNodes (2 by default), each told its partition id and the number
     of partitions M: when the nodes connected for ``SETTLE_S`` seconds are exactly such a
     federation (M nodes, ids 0..M-1, all saying M), the run goes on with ``clients=M``.
-    After ``timeout`` seconds without enough nodes, :class:`FederationError`.
+    After ``timeout`` seconds the run starts with the nodes connected if they are at least
+    ``min_nodes`` (None: all ``expected``), else :class:`FederationError`.
     """
     deadline = time.monotonic() + timeout
     count, changed, told = -1, time.monotonic(), 0.0
@@ -47,7 +52,7 @@ def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[d
             log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
             told = now
         if node_ids and now - changed >= SETTLE_S:
-            found, parts, own = _ask_partitions(grid, node_ids, timeout=timeout, expected=None)
+            found, parts, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=None)
             size = _whole_federation(found, parts)
             if size:
                 log.warning(
@@ -56,6 +61,15 @@ def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[d
                 )  # fmt: skip
                 return found, size, own
             changed = now  # ask again only after the next quiet spell
+        if now > deadline and node_ids and len(node_ids) >= (min_nodes or expected):
+            found, _, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+            missing = sorted(set(range(expected)) - set(found))
+            log.warning(
+                "partition(s) %s have no node after server.node_timeout=%g s: starting with %d of %d nodes "
+                "(server.min_nodes=%d); a missing partition is skipped when sampled and joins when its node connects",
+                missing, timeout, len(found), expected, min_nodes,
+            )  # fmt: skip
+            return found, expected, own
         if now > deadline:
             raise FederationError(
                 f"only {len(node_ids)} of {expected} client nodes connected within server.node_timeout={timeout:g} s; "
@@ -63,9 +77,26 @@ def discover_partitions(grid: Grid, *, expected: int, timeout: float) -> tuple[d
                 f"$FLWR_HOME/config.toml) or run with clients={len(node_ids) or 1}"
             )
         time.sleep(1.0)
-    found, parts, own = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+    found, parts, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
     own |= {pid for pid, n in parts.items() if n != expected}  # split otherwise than the server's table
+    if missing := sorted(set(range(expected)) - set(found)):
+        log.warning("partition(s) %s have no node that answered; they join when their node connects", missing)
     return found, expected, own
+
+
+def ask_new_nodes(
+    grid: Grid, node_ids: list[int], *, expected: int, taken: set[int], timeout: float
+) -> tuple[dict[int, int], set[int], set[int]]:
+    """(partition id -> node id, own-data partitions, the node ids that answered) of nodes that connected
+    after the run started, for partitions that no node holds yet (a claim on a taken one is left out)."""
+    try:
+        found, parts, own, answered = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+    except FederationError:
+        return {}, set(), set()
+    for pid in sorted(set(found) & taken):
+        log.warning("node %d claims partition %d, which a node of this run holds; left out", found.pop(pid), pid)
+    own |= {pid for pid, n in parts.items() if n != expected}
+    return found, own & set(found), answered
 
 
 def _whole_federation(found: dict[int, int], parts: dict[int, int]) -> int:
@@ -78,22 +109,26 @@ def _whole_federation(found: dict[int, int], parts: dict[int, int]) -> int:
 
 def _ask_partitions(
     grid: Grid, node_ids: list[int], *, timeout: float, expected: int | None
-) -> tuple[dict[int, int], dict[int, int], set[int]]:
+) -> tuple[dict[int, int], dict[int, int], set[int], set[int]]:
     """(partition id -> node id, partition id -> the num-partitions its node config says where it says,
-    the partitions whose nodes say they train on their own data).
+    the partitions whose nodes say they train on their own data, the node ids that answered at all).
 
     A node whose answer is malformed, names a partition outside 0..expected-1 (when
     ``expected`` is given) or one another node already claimed is left out and logged.
     """
     messages = [
-        Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+        Message(
+            RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY, ttl=timeout
+        )
         for n in node_ids
     ]
     found: dict[int, int] = {}
     parts: dict[int, int] = {}
     own: set[int] = set()
+    answered: set[int] = set()
     for reply in sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda m: m.metadata.src_node_id):
         node = reply.metadata.src_node_id
+        answered.add(node)
         if reply.has_error():
             log.warning("node %d did not say its partition: %s", node, reply.error.reason)
             continue
@@ -117,4 +152,4 @@ def _ask_partitions(
                 own.add(pid)
     if not found:
         raise FederationError("no node answered the partition query with a valid partition id")
-    return found, parts, own
+    return found, parts, own, answered

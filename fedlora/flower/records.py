@@ -33,6 +33,7 @@ FOLD_DENSE = "fold-dense"
 FOLD_ENTRY = "fold-{}"  # the factors folded in round (version) i + 1
 BASE_DELTA = "base-delta"  # a node's D and its version, in its context.state
 BASE_VERSION = "base-version"
+BASE_DIGEST = "base-digest"  # a reply's fingerprint of the D it trained on (digest_number), checked by the server
 # DP-SGD: a client's accountant history in its node state; what it reports each round
 PRIVACY = "privacy"
 EPSILON = "epsilon"
@@ -101,3 +102,8 @@ def ledger_record(history: list[Step]) -> ConfigRecord:
 def ledger_history(record: ConfigRecord) -> list[Step]:
     """Inverse of :func:`ledger_record`."""
     return list(zip(record["noise"], record["rate"], record["steps"], strict=True))
+
+
+def digest_number(tensors: Tensors) -> int:
+    """:func:`digest` as a 52-bit integer: a metric that survives a float64 round trip exactly."""
+    return int(digest(tensors)[:13], 16)

@@ -21,7 +21,14 @@ from fedlora.flower import records
 from fedlora.lora import Tensors
 
 RECORDS = {records.METRICS, records.ARRAYS, records.PRIVACY}
-METRIC_KEYS = {records.PARTITION_ID, records.NUM_EXAMPLES, records.TRAIN_LOSS, records.EPSILON, records.REFUSED}
+METRIC_KEYS = {
+    records.PARTITION_ID,
+    records.NUM_EXAMPLES,
+    records.TRAIN_LOSS,
+    records.EPSILON,
+    records.REFUSED,
+    records.BASE_DIGEST,
+}
 LEDGER_KEYS = {"noise", "rate", "steps"}
 
 
@@ -37,6 +44,7 @@ class Reply:
     epsilon: float | None = None
     refused: bool = False
     ledger: list[Step] | None = None
+    base_digest: int | None = None  # the fingerprint of the base-weight delta D it trained on
 
 
 class Malformed(ValueError):
@@ -90,6 +98,7 @@ def _parse(m: Message, *, private: bool) -> Reply:
         epsilon=epsilon,
         refused=refused,
         ledger=ledger,
+        base_digest=_integer(metrics, records.BASE_DIGEST),
     )
 
 

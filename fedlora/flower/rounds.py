@@ -37,6 +37,7 @@ from fedlora.accounting import Step
 from fedlora.config import RunConfig
 from fedlora.flower import records
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
+from fedlora.flower.discovery import JOIN_ASKS, JOIN_TIMEOUT_S, ask_new_nodes
 from fedlora.flower.replies import Reply
 from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
@@ -73,13 +74,16 @@ class FlowerRounds:
         *,
         label_names: tuple[str, ...],
         known_sizes: dict[int, int] | None = None,
+        own_data: set[int] | None = None,
         on_progress: Progress | None = None,
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
         self.strategy = protocol.strategy
         self.strategy.combine = robust.combiner(cfg.server.aggregation, trim=cfg.server.trim_fraction)
-        self.known_sizes = dict(known_sizes or {})  # partition -> its size, where the server's table applies
+        own = own_data or set()
+        # partition -> its size, where the server's table applies (not to a node's own data file)
+        self.known_sizes = {pid: n for pid, n in (known_sizes or {}).items() if pid not in own}
         self.state = state
         self.nodes = {pid: NodeState(node) for pid, node in sorted(nodes_by_partition.items())}
         self.absent_ledgers: dict[int, list[Step]] = {}  # of partitions with no node in this run (a resume)
@@ -89,11 +93,35 @@ class FlowerRounds:
         self.label_names = list(label_names)
         self.on_progress = on_progress  # (replies so far, messages) within a round
         self._fixed_digest = ""
+        self._asked: dict[int, int] = {}  # late node id -> partition queries sent to it (JOIN_ASKS: no more)
+        self._digest_of: tuple[int, int] = (-1, 0)  # (D's version, its digest_number)
 
     def sample(self, server_round: int) -> list[int]:
-        """Partition ids to train this round: seeded by (seed, round), sorted."""
+        """Partition ids to train this round: seeded by (seed, round), sorted; the same schedule whichever
+        nodes are connected (a partition without a node is skipped as offline)."""
         cfg = self.cfg
-        return sample_partitions(list(self.nodes), cfg.sampled_per_round, seed=cfg.seed, server_round=server_round)
+        everyone = list(range(cfg.clients))
+        return sample_partitions(everyone, cfg.sampled_per_round, seed=cfg.seed, server_round=server_round)
+
+    def admit(self, grid: Grid, server_round: int) -> None:
+        """Take in nodes that connected since the run started (or did not answer then), for partitions
+        that have none yet; one that never answers is asked in ``JOIN_ASKS`` rounds at most."""
+        if len(self.nodes) == self.cfg.clients:
+            return
+        known = {n.node_id for n in self.nodes.values()}
+        new = sorted(n for n in set(grid.get_node_ids()) - known if self._asked.get(n, 0) < JOIN_ASKS)
+        if not new:
+            return
+        timeout = min(self.cfg.server.round_timeout, JOIN_TIMEOUT_S)
+        found, own, answered = ask_new_nodes(grid, new, expected=self.cfg.clients, taken=set(self.nodes),
+                                             timeout=timeout)  # fmt: skip
+        for pid, node in sorted(found.items()):
+            self.nodes[pid] = NodeState(node, base_version=None)
+            if pid in own:
+                self.known_sizes.pop(pid, None)
+            log.info("round %d: partition %d joined the run (node %d)", server_round, pid, node)
+        for node in new:  # an answer without a usable partition is final; silence is asked again
+            self._asked[node] = JOIN_ASKS if node in answered else self._asked.get(node, 0) + 1
 
     def ledgers(self) -> dict[int, list[Step]]:
         """Every client's latest DP accountant history (what a checkpoint keeps)."""
@@ -108,10 +136,11 @@ class FlowerRounds:
 
     # -- a training round ---------------------------------------------------------------------
     def train_round(self, grid: Grid, server_round: int) -> None:
+        self.admit(grid, server_round)
         chosen = self.sample(server_round)
         stats = self.stats[server_round] = RoundStats(replies_expected=len(chosen))
         online = set(grid.get_node_ids())
-        offline = [pid for pid in chosen if self.nodes[pid].node_id not in online]
+        offline = [pid for pid in chosen if pid not in self.nodes or self.nodes[pid].node_id not in online]
         if offline:
             log.warning("round %d: partition(s) %s sampled but their nodes are offline", server_round, offline)
         outgoing = self._train_messages(server_round, [pid for pid in chosen if pid not in offline], stats)
@@ -195,6 +224,12 @@ class FlowerRounds:
             if node.ledger is not None:
                 content[records.PRIVACY] = records.ledger_record(node.ledger)
             update = self.fold_log.update_for(node.base_version)
+            if node.base_version is None or update.end > update.start + 1:
+                log.info(
+                    "round %d: partition %d catches up on base weights: version %s -> %d (%s)", server_round, pid,
+                    "unknown" if node.base_version is None else node.base_version, update.end,
+                    "the server's D" if update.dense is not None else f"{len(update.entries)} folds",
+                )  # fmt: skip
             fold_arrays = self._fold_records(update, fold_records)
             records.put_fold_update(content, config, update, fold_arrays)
             stats.add_down(arrays_size)
@@ -204,7 +239,7 @@ class FlowerRounds:
             if carries_fixed:
                 content[records.FIXED] = fixed_record
                 stats.add_down(fixed_size)
-            message = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN)
+            message = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, ttl=self._ttl)
             outgoing.append(Outgoing(pid, message, carries_fixed=carries_fixed, base_version=update.end))
         return outgoing
 
@@ -230,15 +265,35 @@ class FlowerRounds:
         reason = reject_reason(reply.tensors or {}, expected, max_norm=self.cfg.server.max_update_norm)
         if reason is not None:
             return reason
+        if reply.base_digest is None:
+            return f"no {records.BASE_DIGEST} (the fingerprint of the base weights it trained on)"
+        if reply.base_digest != self._base_digest():
+            return (
+                f"it trained on other base weights than the server's at version {self.fold_log.version} "
+                f"(base-digest {reply.base_digest}, expected {self._base_digest()})"
+            )
         count = reply.num_examples if by_examples and reply.num_examples is not None else 1
         return Checked(reply.tensors or {}, expected, count, reply.train_loss)
+
+    @property
+    def _ttl(self) -> float:
+        """A round's messages expire with it: a node back from an outage gets the current round's, not
+        stale ones it would spend the round on."""
+        return self.cfg.server.round_timeout
+
+    def _base_digest(self) -> int:
+        """The fingerprint of the server's D (its current version), which every reply must match."""
+        version = self.fold_log.version
+        if self._digest_of[0] != version:
+            self._digest_of = (version, records.digest_number(self.fold_log.delta))
+        return self._digest_of[1]
 
     # -- round 0 of a gradient initialisation ----------------------------------------------------
     def gradient_round(self, grid: Grid, init: GradientInit, *, expected: Tensors) -> Tensors:
         """The summed base-weight gradients of the clients sampled for round 0, each over its share of
         ``init.samples`` examples, sent once (counted in round 0's stats). ``expected``: zeros shaped
         as a reply must be."""
-        chosen = self.sample(0)
+        chosen = [pid for pid in self.sample(0) if pid in self.nodes]
         stats = self.stats[0] = RoundStats(replies_expected=len(chosen))
         share = math.ceil(init.samples / len(chosen))
         config = ConfigRecord({
@@ -250,7 +305,8 @@ class FlowerRounds:
             content = RecordDict({records.CONFIG: config})
             if (ledger := self.nodes[pid].ledger) is not None:
                 content[records.PRIVACY] = records.ledger_record(ledger)
-            message = Message(content, dst_node_id=self.nodes[pid].node_id, message_type=MessageType.TRAIN)
+            message = Message(content, dst_node_id=self.nodes[pid].node_id, message_type=MessageType.TRAIN,
+                              ttl=self._ttl)  # fmt: skip
             outgoing.append(Outgoing(pid, message))
 
         def check(pid: int, reply: Reply) -> Tensors | str:

@@ -135,13 +135,15 @@ def _run_server(
 ) -> Path:
     if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
-    nodes, clients, own_data = discover_partitions(grid, expected=cfg.clients, timeout=cfg.server.node_timeout)
+    nodes, clients, own_data = discover_partitions(
+        grid, expected=cfg.clients, timeout=cfg.server.node_timeout, min_nodes=cfg.server.min_nodes
+    )
     cfg = cfg.with_clients(clients)
     worker = get_worker(cfg).warm_up()
-    known_sizes = {pid: len(worker.rows(pid)) for pid in nodes if pid not in own_data}  # the server's own table
+    known_sizes = {pid: len(worker.rows(pid)) for pid in range(clients)}  # the server's own table
     rounds = FlowerRounds(
         cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names,
-        known_sizes=known_sizes, on_progress=on_progress,
+        known_sizes=known_sizes, own_data=own_data, on_progress=on_progress,
     )  # fmt: skip
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:

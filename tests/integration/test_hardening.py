@@ -84,6 +84,10 @@ KINDS: dict[str, Callable[[Records], Records]] = {
     "unknown metric": lambda r: _with_metrics(r, accuracy=1.0),
     "a ledger in a non-DP run": lambda r: r | {records.PRIVACY: ConfigRecord({"noise": [1.0], "rate": [0.5]})},
     "an epsilon in a non-DP run": lambda r: _with_metrics(r, epsilon=0.1),
+    "no base digest": lambda r: _with_metrics(r, base_digest=None),
+    "trained on other base weights": lambda r: _with_metrics(
+        r, base_digest=r[records.METRICS][records.BASE_DIGEST] + 1
+    ),
 }
 
 

@@ -111,6 +111,7 @@ class RunConfig:
             )
         self._resolve_weighting()
         self._resolve_lr()
+        self._resolve_logit_adjustment()
         cls = get_strategy_class(self.strategy.name)
         require(
             self.server.optimizer in cls.server_optimizers,
@@ -136,6 +137,23 @@ class RunConfig:
             lr = dp or self.strategy.client_lr or DEFAULT_LR
             self.train = dataclasses.replace(self.train, lr=lr)
         require(self.train.min_lr <= self.train.lr, "train.min_lr must not exceed train.lr")
+
+    def _resolve_logit_adjustment(self) -> None:
+        """``train.logit_adjustment`` null: 1 for classification without DP (label skew is the federated
+        default), 0 otherwise; a positive value is refused under DP and for causal LMs."""
+        tau = self.train.logit_adjustment
+        if tau is None:
+            tau = 1.0 if self.task == "classification" and not self.privacy.enabled else 0.0
+            self.train = dataclasses.replace(self.train, logit_adjustment=tau)
+        require(
+            not (tau > 0 and self.privacy.enabled),
+            "train.logit_adjustment uses each client's label counts, which DP-SGD's per-example guarantee does "
+            "not cover; set train.logit_adjustment=0 with privacy=dp",
+        )
+        require(
+            not (tau > 0 and self.task != "classification"),
+            f"train.logit_adjustment is for task=classification (a label prior), not task={self.task}",
+        )
 
     def _resolve_weighting(self) -> None:
         """``strategy.weighting`` null: by example counts, or uniform under DP (counts are private data)."""

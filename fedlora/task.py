@@ -75,10 +75,32 @@ class SequenceClassification:
         return nn.CrossEntropyLoss()
 
     def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], criterion: nn.Module | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        criterion: nn.Module | None = None,
+        offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Cross-entropy of the logits, plus ``offset`` per class when given (:func:`label_offset`)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return (criterion or self.criterion())(model(**inputs).logits, batch["labels"])
+        logits = model(**inputs).logits
+        if offset is not None:
+            logits = logits + offset.to(logits.device, logits.dtype)
+        return (criterion or self.criterion())(logits, batch["labels"])
+
+    @staticmethod
+    def label_offset(labels: list[int], num_labels: int, *, tau: float) -> torch.Tensor:
+        """tau log pi, pi the add-one smoothed label frequencies of ``labels``: logit adjustment.
+
+        Training on CE(logits + tau log pi) (Menon et al., ICLR 2021; the balanced softmax at
+        tau = 1) fits the logits to p(x | y) rather than to the client's label mix, so a
+        client that holds few classes no longer drives the others' logits down, and the
+        average over clients is not pulled towards each client's majority: what plain local
+        cross-entropy does under label skew (FedLC, Zhang et al., ICML 2022, corrects the
+        same way). Evaluation uses the plain logits.
+        """
+        counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+        return (tau * torch.log((counts + 1) / (counts.sum() + num_labels))).float()
 
     def evaluation_data(
         self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...],

@@ -276,7 +276,12 @@ class Worker:
                 )
             history.append(plan.round_step)
             return result
-        return train(self.model, cycle(batches), loss_fn=self.task.loss, optimizer=optimizer)
+        loss_fn = self.task.loss
+        if tau := self.cfg.train.logit_adjustment:  # never under DP (RunConfig refuses it)
+            labels = self.client_data(partition_id)["labels"]
+            offset = self.task.label_offset(labels, len(self.splits.label_names), tau=tau)
+            loss_fn = partial(self.task.loss, offset=offset)
+        return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer)
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""

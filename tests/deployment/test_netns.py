@@ -81,14 +81,14 @@ def server_log(out: Path) -> str:
 
 # -- 1. the run equals the simulation, through a SuperLink outage longer than a heartbeat period ------
 def test_namespaced_run_survives_a_superlink_outage_and_equals_the_simulation(fed, tmp_path) -> None:
-    run = [*TINY, "clients=3", "clients_per_round=3", "rounds=3", "server.round_timeout=240"]
+    run = [*TINY, "clients=3", "clients_per_round=3", "rounds=2", "server.round_timeout=240"]
     out = tmp_path / "deployed"
     fed.submit([*run, f"output_dir={out}"])
     wait(lambda: len(table(out)) >= 2, timeout=RUN_S, what="round 1", fed=fed)
     fed.cut(netns.LINK)  # round 2's messages are waiting on the SuperLink; no node reaches it
     time.sleep(HEARTBEAT_S + 5)
     fed.restore(netns.LINK)
-    wait(lambda: finished(out, 3), timeout=RUN_S, what="the run after the outage", fed=fed)
+    wait(lambda: finished(out, 2), timeout=RUN_S, what="the run after the outage", fed=fed)
     for r in table(out)[1:]:
         assert (r["replies_expected"], r["replies_received"], r["replies_rejected"]) == ("3", "3", "0"), r
     cfg, _ = compose([*run, f"output_dir={tmp_path / 'reference'}"])
@@ -127,10 +127,10 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     fed.cut("node-2")
     fed.start_node(2)  # up, but behind a dead link: it never reaches the SuperLink
     out = tmp_path / "flora"
-    fed.submit([*TINY, "strategy=flora", "clients=3", "clients_per_round=3", "rounds=6", "server.round_timeout=40",
+    fed.submit([*TINY, "strategy=flora", "clients=3", "clients_per_round=3", "rounds=5", "server.round_timeout=40",
                 "server.node_timeout=20", "server.min_nodes=2", f"output_dir={out}"])  # fmt: skip
-    wait(lambda: len(table(out)) >= 2, timeout=RUN_S, what="round 1", fed=fed)
-    fed.restore("node-2")
+    wait(lambda: "have no node after server.node_timeout" in server_log(out), timeout=RUN_S, what="the start")
+    fed.restore("node-2")  # the run goes on without it; it joins once it reaches the SuperLink
     joined = wait(lambda: re.search(r"round (\d+): partition 2 joined the run", server_log(out)), timeout=RUN_S,
                   what="partition 2 to join", fed=fed)  # fmt: skip
     cut_round = int(joined.group(1))  # node-1 has taken part in every round so far: cut it once it holds this one's
@@ -139,7 +139,7 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     fed.cut("node-1")
     wait(lambda: len(table(out)) > cut_round, timeout=RUN_S, what=f"round {cut_round} without node-1", fed=fed)
     fed.restore("node-1")
-    wait(lambda: (out / "adapter").is_dir() and len(table(out)) == 7, timeout=RUN_S, what="the run", fed=fed)
+    wait(lambda: (out / "adapter").is_dir() and len(table(out)) == 6, timeout=RUN_S, what="the run", fed=fed)
 
     log, metrics = server_log(out), table(out)
     first_joined = int(joined.group(1))
@@ -147,7 +147,8 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     for r in metrics[1:first_joined]:  # before it joined: the round went on with the two others
         assert (r["replies_expected"], r["replies_received"]) == ("3", "2"), r
     assert re.search(rf"round {first_joined}: partition 2 catches up on base weights: version unknown -> \d", log)
-    assert f"round {cut_round}: partition(s) [1] did not reply within server.round_timeout=40 s" in log, log
+    # Its reply is lost with the link: silence until the round's timeout, or too late for the message's TTL.
+    assert re.search(rf"round {cut_round}: partition(\(s\) \[1\] did not reply| 1 failed: .*expired)", log), log
     assert metrics[cut_round]["replies_received"] == "2", metrics[cut_round]
     # Back after the cut: node-1 gets what it missed and its reply is accepted. Every accepted reply
     # carries the digest of the base weights it trained on, equal to the server's (and so to the others').

@@ -71,6 +71,7 @@ class Worker:
         self.task = task_for(cfg.task)
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
+        self._offsets: dict[int, torch.Tensor] = {}  # partition -> its logit adjustment
         self._plans: dict[int, ClientPlan] = {}  # DP-SGD plans by partition, calibrated on first use
         self._w0: Tensors | None = None  # the base weights, kept once a base delta is first set
 
@@ -170,6 +171,14 @@ class Worker:
                 rows, self.tokenizer, max_len=self.cfg.train.max_seq_len, labels=self.splits.label_names
             )
         return self._tokenised[partition_id]
+
+    def label_offset(self, partition_id: int) -> torch.Tensor:
+        """The client's logit adjustment (``train.logit_adjustment``), computed once per process."""
+        if partition_id not in self._offsets:
+            labels = self.client_data(partition_id)["labels"]
+            tau = self.cfg.train.logit_adjustment
+            self._offsets[partition_id] = self.task.label_offset(labels, len(self.splits.label_names), tau=tau)
+        return self._offsets[partition_id]
 
     # -- loading what the server sent ------------------------------------------------------
     def load(self, received: Tensors) -> None:
@@ -277,10 +286,8 @@ class Worker:
             history.append(plan.round_step)
             return result
         loss_fn = self.task.loss
-        if tau := self.cfg.train.logit_adjustment:  # never under DP (RunConfig refuses it)
-            labels = self.client_data(partition_id)["labels"]
-            offset = self.task.label_offset(labels, len(self.splits.label_names), tau=tau)
-            loss_fn = partial(self.task.loss, offset=offset)
+        if self.cfg.train.logit_adjustment:  # never under DP (RunConfig refuses it)
+            loss_fn = partial(self.task.loss, offset=self.label_offset(partition_id))
         return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer)
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:

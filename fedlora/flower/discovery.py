@@ -62,7 +62,7 @@ def discover_partitions(
                 return found, size, own
             changed = now  # ask again only after the next quiet spell
         if now > deadline and node_ids and len(node_ids) >= (min_nodes or expected):
-            found, _, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+            found, own, _ = _ask_federation(grid, node_ids, timeout=timeout, expected=expected)
             missing = sorted(set(range(expected)) - set(found))
             log.warning(
                 "partition(s) %s have no node after server.node_timeout=%g s: starting with %d of %d nodes "
@@ -77,8 +77,7 @@ def discover_partitions(
                 f"$FLWR_HOME/config.toml) or run with clients={len(node_ids) or 1}"
             )
         time.sleep(1.0)
-    found, parts, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
-    own |= {pid for pid, n in parts.items() if n != expected}  # split otherwise than the server's table
+    found, own, _ = _ask_federation(grid, node_ids, timeout=timeout, expected=expected)
     if missing := sorted(set(range(expected)) - set(found)):
         log.warning("partition(s) %s have no node that answered; they join when their node connects", missing)
     return found, expected, own
@@ -90,13 +89,22 @@ def ask_new_nodes(
     """(partition id -> node id, own-data partitions, the node ids that answered) of nodes that connected
     after the run started, for partitions that no node holds yet (a claim on a taken one is left out)."""
     try:
-        found, parts, own, answered = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+        found, own, answered = _ask_federation(grid, node_ids, timeout=timeout, expected=expected)
     except FederationError:
         return {}, set(), set()
     for pid in sorted(set(found) & taken):
         log.warning("node %d claims partition %d, which a node of this run holds; left out", found.pop(pid), pid)
-    own |= {pid for pid, n in parts.items() if n != expected}
     return found, own & set(found), answered
+
+
+def _ask_federation(
+    grid: Grid, node_ids: list[int], *, timeout: float, expected: int
+) -> tuple[dict[int, int], set[int], set[int]]:
+    """:func:`_ask_partitions` for a federation of ``expected`` clients: (partition id -> node id, the
+    partitions trained on data other than the server's table, the node ids that answered)."""
+    found, parts, own, answered = _ask_partitions(grid, node_ids, timeout=timeout, expected=expected)
+    own |= {pid for pid, n in parts.items() if n != expected}  # split otherwise than the server's table
+    return found, own, answered
 
 
 def _whole_federation(found: dict[int, int], parts: dict[int, int]) -> int:

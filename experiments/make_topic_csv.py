@@ -5,8 +5,12 @@
 It stands in for "a user's own CSV" in the convergence checks: 14 classes, each the
 docstrings of one installed library (plotting, databases, cryptography, web servers,
 deep learning...), split into sentences of 6 to 60 words; no network, no copy of any
-data set. The file has ``text,label`` columns; ``fedlora simulate data=files
-data.path=<it>`` splits off ``data.test_fraction`` as its test set.
+data set. ``--unit docstring`` keeps each docstring's first 60 words instead (14
+libraries with 860 or more docstrings: 12,040 texts). Both are hard topic tasks: many
+texts fit several libraries (MiniLM trained centrally for 200 steps reaches 0.54 on
+the sentences, 0.57 on the docstrings). The file has ``text,label`` columns;
+``fedlora simulate data=files data.path=<it>`` splits off ``data.test_fraction`` as
+its test set.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ LIBRARIES = (
     "matplotlib", "sqlalchemy", "cryptography", "aiohttp", "torch", "pyarrow", "rich",
     "networkx", "sympy", "scipy", "pandas", "grpc", "hydra", "email",
 )  # fmt: skip
+# --unit docstring: 14 installed libraries with at least 860 docstrings of 15+ words each (12,040 texts)
+DOCSTRING_LIBRARIES = (
+    "transformers", "ray", "numpy", "sklearn", "setuptools", "pip", "sqlalchemy", "networkx", "sympy",
+    "scipy", "pandas", "matplotlib", "torch", "mlflow",
+)  # fmt: skip
 WORDS = re.compile(r"[A-Za-z][A-Za-z'-]+")
 
 
-def sentences(package: str) -> list[str]:
-    """Docstring sentences of ``package``'s modules, de-duplicated, in file order."""
+def sentences(package: str, unit: str = "sentence") -> list[str]:
+    """Docstring sentences (``unit="docstring"``: each docstring's first 60 words, at least 15) of
+    ``package``'s modules, de-duplicated, in file order."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         return []
@@ -43,6 +53,13 @@ def sentences(package: str) -> list[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node) or ""
+                if unit == "docstring":
+                    words = " ".join(doc.split()).split(" ")
+                    text = " ".join(words[:60])
+                    if len(words) >= 15 and len(WORDS.findall(text)) >= 0.6 * len(words[:60]) and text not in seen:
+                        seen.add(text)
+                        out.append(text)
+                    continue
                 for part in re.split(r"(?<=[.!?])\s+|\n\s*\n", doc):
                     text = " ".join(part.split())
                     words = WORDS.findall(text)
@@ -57,14 +74,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "topics.csv")
     parser.add_argument("--per-class", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--unit",
+        choices=("sentence", "docstring"),
+        default="sentence",
+        help="one text per docstring sentence (hard: many sentences fit any library) or per docstring",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     rows = []
-    for package in LIBRARIES:
-        found = sentences(package)
+    for package in DOCSTRING_LIBRARIES if args.unit == "docstring" else LIBRARIES:
+        found = sentences(package, args.unit)
         rng.shuffle(found)
         rows += [(text, package) for text in found[: args.per_class]]
-        print(f"{package:<13} {len(found):>6} sentences, {min(len(found), args.per_class)} kept")
+        print(f"{package:<13} {len(found):>6} {args.unit}s, {min(len(found), args.per_class)} kept")
     rng.shuffle(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:

@@ -41,29 +41,32 @@ def client_delta(cfg: PrivacyConfig, num_examples: int) -> float:
     return delta
 
 
-def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
+def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp", *, all_orders: bool = False) -> float:
     """Epsilon spent by ``history`` at ``delta``, by Opacus's accountant (0 for an empty history).
 
     RDP is evaluated at the orders 1.25, 1.5, 1.75 and 2..63 (Opacus's default has 90
     fractional orders, about 10x slower to evaluate, and a calibration needs dozens of
     evaluations per client): a valid bound, at most slightly above Opacus's default.
+    ``all_orders``: Opacus's default orders (the server's one user-level ledger can afford them).
     """
     if not history:
         return 0.0
-    return _epsilon(tuple(compress(history)), delta, accountant)
+    return _epsilon(tuple(compress(history)), delta, accountant, all_orders)
 
 
 RDP_ORDERS = (1.25, 1.5, 1.75, *range(2, 64))
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[Step, ...], delta: float, accountant: str, all_orders: bool = False) -> float:
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     from opacus.accountants import create_accountant
 
     acct = create_accountant(mechanism=accountant)
     acct.history = list(history)
+    if accountant == "rdp" and all_orders:
+        return float(acct.get_epsilon(delta=delta))
     if accountant == "rdp":
         with warnings.catch_warnings():  # at large epsilon the best order is the smallest: a looser, valid bound
             warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
@@ -94,6 +97,7 @@ class ClientPlan:
     budget: float | None  # epsilon; None: no budget, spend only reported
     init_release: bool  # it sends Fed-SB's noised init gradient before round 1
     accountant: str = "rdp"
+    all_orders: bool = False  # RDP at Opacus's default orders (see :func:`epsilon`)
 
     @property
     def round_step(self) -> Step:
@@ -109,7 +113,7 @@ class ClientPlan:
         return steps + [(sigma, self.sample_rate, self.steps)] * self.rounds
 
     def spent(self, history: Sequence[Step]) -> float:
-        return epsilon(history, self.delta, self.accountant)
+        return epsilon(history, self.delta, self.accountant, all_orders=self.all_orders)
 
     def affords(self, history: Sequence[Step], step: Step) -> bool:
         """Whether ``step`` keeps the client within its budget (always, with no budget)."""
@@ -121,13 +125,13 @@ def calibrate(plan: ClientPlan, target: float, *, tolerance: float = 0.01) -> fl
     if plan.rounds == 0 and not plan.init_release:
         return 0.0
     lo, hi = 0.0, 1.0
-    while epsilon(plan.planned(hi), plan.delta, plan.accountant) > target:
+    while plan.spent(plan.planned(hi)) > target:
         lo, hi = hi, 2 * hi
         if hi > SIGMA_MAX:
             raise ConfigError(f"privacy.epsilon={target:g} cannot be met with any noise multiplier below {SIGMA_MAX:g}")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        if epsilon(plan.planned(mid), plan.delta, plan.accountant) > target:
+        if plan.spent(plan.planned(mid)) > target:
             lo = mid
         else:
             hi = mid
@@ -148,14 +152,49 @@ def make_plan(
         init_release=init_release,
         accountant=cfg.accountant,
     )
+    return _settle(plan, cfg, f"a client with {num_examples} examples")
+
+
+def _settle(plan: ClientPlan, cfg: PrivacyConfig, whom: str) -> ClientPlan:
+    """``plan`` with its noise calibrated to ``cfg.epsilon``, or its given noise checked against it."""
     if cfg.noise_multiplier is None:
         return dataclasses.replace(plan, noise_multiplier=calibrate(plan, cfg.epsilon))
     if cfg.epsilon is not None:
-        first = [plan.init_step] if init_release else []
+        first = [plan.init_step] if plan.init_release else []
         if plan.spent([*first, plan.round_step]) > cfg.epsilon:
             raise ConfigError(
-                f"privacy.noise_multiplier={cfg.noise_multiplier:g} cannot keep a client with {num_examples} "
-                f"examples within privacy.epsilon={cfg.epsilon:g} for even one round "
+                f"privacy.noise_multiplier={cfg.noise_multiplier:g} cannot keep {whom} within "
+                f"privacy.epsilon={cfg.epsilon:g} for even one round "
                 f"(it would spend {plan.spent([*first, plan.round_step]):.3g})"
             )
     return plan
+
+
+# -- user-level DP (privacy=user): one ledger, the server's ------------------------------------
+def user_delta(cfg: PrivacyConfig, clients: int) -> float:
+    """delta for a whole client's data: ``cfg.delta`` or min(1 / (10 N), 1e-5); refuses delta >= 1 / N."""
+    delta = cfg.delta if cfg.delta is not None else min(1 / (10 * clients), 1e-5)
+    if delta >= 1 / clients:
+        raise ConfigError(
+            f"privacy.delta={delta:g} is not below 1/N = 1/{clients} for a federation of {clients} clients: "
+            "it would permit releasing one client's data outright"
+        )
+    return delta
+
+
+def user_plan(cfg: PrivacyConfig, *, clients: int, expected: float, rounds: int) -> ClientPlan:
+    """The server's plan for user-level DP-FedAvg: one Gaussian release per round at client rate
+    q = ``expected`` / ``clients`` (Poisson-sampled cohorts), sigma given or calibrated to
+    ``cfg.epsilon`` over ``rounds``; RDP at Opacus's default orders."""
+    plan = ClientPlan(
+        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier is not None else 0.0,
+        sample_rate=expected / clients,
+        steps=1,
+        rounds=rounds,
+        delta=user_delta(cfg, clients),
+        budget=cfg.epsilon,
+        init_release=False,
+        accountant=cfg.accountant,
+        all_orders=True,
+    )
+    return _settle(plan, cfg, f"the federation of {clients} clients")

@@ -91,6 +91,12 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     sweep.add_argument("--strategies", nargs="+", default=None, help="replace the grid's strategies")
     sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
+    sweep.add_argument(
+        "--level",
+        choices=["sample", "user"],
+        default=None,
+        help="the DP level of the private cells: sample (DP-SGD, privacy=dp) or user (DP-FedAvg, privacy=user)",
+    )
     sweep.set_defaults(handler=run_sweep)
     predict = sub.add_parser("predict", help="label texts with an exported model (adapter/ of a run)")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
@@ -155,6 +161,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
         args.seeds or [int(s) for s in grid_defaults["seeds"]],
         centralised=bool(grid_defaults["centralised"]),
+        level=args.level or grid_defaults["level"],
     )
     overrides = [*grid_defaults["overrides"], *args.overrides]
     compose(overrides)  # bad overrides fail here, not in every cell

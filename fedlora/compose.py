@@ -24,10 +24,19 @@ def _refuse_meaningless(cfg: RunConfig, overrides: list[str]) -> None:
     for key, value in cfg.to_flat().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-    if not cfg.privacy.enabled:
-        dp = [k for o in overrides if (k := o.partition("=")[0].lstrip("+")).startswith("privacy.")]
-        if dp:
-            raise ConfigError(f"{dp[0]} has no effect: this run is not private; add privacy=dp (or drop {dp[0]})")
+    keys = [k for o in overrides if (k := o.partition("=")[0].lstrip("+")).startswith("privacy.")]
+    if not cfg.privacy.any and keys:
+        raise ConfigError(
+            f"{keys[0]} has no effect: this run is not private; add privacy=dp or privacy=user (or drop {keys[0]})"
+        )
+    other = USER_ONLY if cfg.privacy.enabled else SAMPLE_ONLY if cfg.privacy.user_level else ()
+    for key in keys:
+        if key.removeprefix("privacy.") in other:
+            raise ConfigError(f"{key} has no effect under privacy={cfg.privacy.name} (it belongs to the other level)")
+
+
+SAMPLE_ONLY = ("max_grad_norm", "grad_sample_mode", "poisson", "max_physical_batch_size", "public_counts")
+USER_ONLY = ("clip_norm", "adaptive_clip", "target_quantile", "clip_lr", "clip_count_stddev")
 
 
 def compose(overrides: list[str]) -> tuple[RunConfig, Any]:

@@ -123,6 +123,8 @@ class RunConfig:
             f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: it combines the "
             "clients' adapters exactly (stacking or an exact residual), not by an average",
         )
+        if self.privacy.user_level:
+            self._check_user_level(cls)
         require(
             self.server.min_replies <= self.sampled_per_round,
             f"server.min_replies ({self.server.min_replies}) must not exceed the clients sampled per round "
@@ -155,12 +157,57 @@ class RunConfig:
             f"train.logit_adjustment is for task=classification (a label prior), not task={self.task}",
         )
 
+    def _check_user_level(self, cls: type) -> None:
+        """``privacy=user``: a strategy whose server step is an average, nothing else data-dependent
+        released, and a noise that the budget allows (calibrated here, so a refusal comes first)."""
+        from strategies import STRATEGIES
+
+        supported = sorted(name for name, c in STRATEGIES.items() if c.user_level_dp)
+        require(
+            cls.user_level_dp,
+            f"privacy=user is refused for strategy={cls.name}: {cls.user_dp_note} (supported: {supported})",
+        )
+        require(
+            self.server.aggregation == "mean",
+            f"server.aggregation={self.server.aggregation} is refused under privacy=user: DP-FedAvg's noise is "
+            "calibrated to a sum of clipped updates, not to a robust mean",
+        )
+        require(
+            not (self.strategy.name == "fed_sb" and getattr(self.strategy, "init_source", "") == "clients"),
+            "strategy=fed_sb with privacy=user needs strategy.init_source=<a public calibration file>: the clients' "
+            "round-0 gradients would be released outside the user-level guarantee",
+        )
+        self.user_dp_plan()  # ConfigError when the budget cannot be met
+
+    def user_dp_plan(self):
+        """privacy=user: the server's accountant plan and the update's share of the noise, (plan, z_update,
+        sigma_count); sigma_count None without adaptive clipping."""
+        from fedlora.accounting import user_plan
+        from strategies import user_dp
+
+        m = self.sampled_per_round
+        plan = user_plan(self.privacy, clients=self.clients, expected=m, rounds=self.rounds)
+        z = plan.noise_multiplier
+        count = None
+        if self.privacy.adaptive_clip:
+            count = self.privacy.clip_count_stddev or user_dp.default_count_stddev(m, z)
+        try:
+            z_update = user_dp.update_noise_multiplier(z, count)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return plan, z_update, count
+
     def _resolve_weighting(self) -> None:
         """``strategy.weighting`` null: by example counts, or uniform under DP (counts are private data)."""
         weighting, dp = self.strategy.weighting, self.privacy.enabled
         if weighting is None:
-            weighting = "uniform" if dp else "examples"
+            weighting = "uniform" if dp or self.privacy.user_level else "examples"
             self.strategy = dataclasses.replace(self.strategy, weighting=weighting)
+        require(
+            not (self.privacy.user_level and weighting == "examples"),
+            "strategy.weighting=examples is refused under privacy=user: DP-FedAvg weighs each client's clipped "
+            "update equally, which is what bounds one client's influence",
+        )
         require(
             not (dp and weighting == "examples" and not self.privacy.public_counts),
             "strategy.weighting=examples under privacy=dp would release each client's exact example count "

@@ -57,15 +57,20 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         if row.get("epsilon_max") is not None:
             parts.append(f"eps max {row['epsilon_max']:.3g}")
         parts.append(f"up {human_bytes(row['bytes_up'])} down {human_bytes(row['bytes_down'])}")
+    if row.get("clip_norm") is not None:  # privacy=user: no counts, the budget and the clip
+        parts.append(f"eps {row['epsilon']:.3g} clip {row['clip_norm']:.3g}")
     parts.append(f"{row['wall_s']:.1f} s")
     return " | ".join(parts)
 
 
 def summary_table(rows: list[dict[str, str]]) -> Table:
     table = Table(title="fedlora: rounds")
-    for name in ("round", "test acc", "test loss", "train loss", "replies", "up", "down", "wall s"):
+    eps_key = next((k for k in ("epsilon_max", "epsilon") if rows and k in rows[0]), None)
+    names = ("round", "test acc", "test loss", "train loss", "replies", "up", "down", "wall s")
+    for name in (*names, "epsilon") if eps_key else names:
         table.add_column(name, justify="right")
     for r in rows:
+        extra = (_fmt(r[eps_key], ".3g"),) if eps_key else ()
         replies = f"{r['replies_received']}/{r['replies_expected']}" if r["replies_expected"] not in ("", "0") else ""
         table.add_row(
             r["round"],
@@ -76,6 +81,7 @@ def summary_table(rows: list[dict[str, str]]) -> Table:
             human_bytes(float(r["bytes_up"])) if r["bytes_up"] not in ("", "0") else "",
             human_bytes(float(r["bytes_down"])) if r["bytes_down"] not in ("", "0") else "",
             _fmt(r["wall_s"], ".1f"),
+            *extra,
         )
     return table
 
@@ -91,6 +97,25 @@ def summary_text(metrics_csv: Path) -> str:
 
 def _fmt(value: str, spec: str) -> str:
     return format(float(value), spec) if value not in ("", None) else ""
+
+
+def show_user_privacy(worker: Any) -> None:
+    """privacy=user: the server's plan (rate, noise, clip, planned epsilon) and the noise over the signal."""
+    from fedlora.privacy import UNSAFE_WARNING
+    from fedlora.user_level import UserLevelDP
+
+    cfg = worker.cfg
+    if cfg.privacy.unsafe_seeded_randomness:
+        err_console.print(f"[bold red]warning:[/] {UNSAFE_WARNING}", highlight=False, soft_wrap=True)
+    dp = UserLevelDP(cfg)
+    randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
+    d = sum(worker.params[k].numel() for k in worker.protocol.trainable)
+    ratio = dp.z_update * d**0.5 / dp.expected
+    console.print(f"privacy=user ({cfg.privacy.accountant}): {dp.header()}; cohort and noise: {randomness}")
+    console.print(
+        f"  {d:,} numbers averaged per client; noise/signal per round {ratio:.2g} (z sqrt(d) / m: the noise norm "
+        "over the largest clipped mean; well above 1, the cohort or the rounds are too few for this budget)"
+    )
 
 
 def show_privacy(worker: Any) -> None:

@@ -141,10 +141,16 @@ def model_card(meta: dict[str, Any], base: str):
 
     run, summary, labels = meta["run"], meta["summary"], meta["labels"]
     privacy = "none"
-    if run.get("privacy.name") == "dp":
+    if run.get("privacy.name") in ("dp", "user"):
         spent = summary.get("epsilon_spent")
-        privacy = f"sample-level DP-SGD, epsilon target {run.get('privacy.epsilon') or '-'}"
-        privacy += f", spent at most {spent:.3g} (max client)" if spent is not None else ""
+        user = run.get("privacy.name") == "user"
+        level = "user-level DP-FedAvg (all of a client's data)" if user else "sample-level DP-SGD"
+        privacy = f"{level}, epsilon target {run.get('privacy.epsilon') or '-'}"
+        privacy += (
+            f", spent {'' if user else 'at most '}{spent:.3g}{'' if user else ' (max client)'}"
+            if spent is not None
+            else ""
+        )
         if run.get("privacy.unsafe_seeded_randomness"):
             privacy += " (NOT PRIVATE: seeded noise)"
     accuracy = summary.get("test_accuracy")

@@ -18,7 +18,7 @@ from strategies.server_opt import ServerOptConfig
 HEAD_MODES = ("train", "freeze")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-PRIVACY = ("none", "dp")
+PRIVACY = ("none", "dp", "user")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")  # Opacus's "ew" takes positional inputs only: not HF models
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -186,7 +186,17 @@ class TrainConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Sample-level DP-SGD on every client (Opacus): ``name=dp`` turns it on.
+    """Differential privacy: ``name=dp`` (sample-level DP-SGD on every client, Opacus) or
+    ``name=user`` (user-level DP-FedAvg on the server, :mod:`strategies.user_dp`); the two
+    levels are one choice, never combined.
+
+    ``privacy=user``: each client takes part in a round with probability q =
+    clients_per_round / clients (drawn by the server from private randomness); its update
+    (over everything the strategy averages) is clipped to ``clip_norm`` (the initial bound
+    when ``adaptive_clip``: it then follows the ``target_quantile`` of the update norms
+    at rate ``clip_lr``, from a count noised by ``clip_count_stddev``, null: max(m / 20, z));
+    the server adds Gaussian noise to the sum and divides by the expected cohort m. epsilon
+    and delta (null: min(1 / (10 N), 1e-5)) are for one whole client's data over the run.
 
     Give ``epsilon`` (the noise multiplier is then calibrated per client for all the
     rounds it is scheduled to take part in) or ``noise_multiplier`` (epsilon is then
@@ -219,6 +229,12 @@ class PrivacyConfig:
     max_physical_batch_size: Optional[int] = None
     public_counts: bool = False
     unsafe_seeded_randomness: bool = False
+    # privacy=user (user-level DP-FedAvg, strategies.user_dp): the bound on a client's update
+    clip_norm: float = 1.0
+    adaptive_clip: bool = True
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_stddev: Optional[float] = None
 
     def __post_init__(self) -> None:
         require(self.name in PRIVACY, f"unknown privacy {self.name!r}; choose from {list(PRIVACY)}")
@@ -238,11 +254,19 @@ class PrivacyConfig:
             self.max_physical_batch_size is None or self.max_physical_batch_size >= 1,
             "privacy.max_physical_batch_size must be >= 1 or null",
         )
-        if self.enabled:
+        require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        require(0 < self.target_quantile < 1, f"privacy.target_quantile must be in (0, 1), got {self.target_quantile}")
+        require(self.clip_lr >= 0, f"privacy.clip_lr must be >= 0, got {self.clip_lr}")
+        require(
+            self.clip_count_stddev is None or self.clip_count_stddev > 0,
+            f"privacy.clip_count_stddev must be > 0 or null, got {self.clip_count_stddev}",
+        )
+        if self.enabled or self.user_level:
             require(
                 self.epsilon is not None or self.noise_multiplier is not None,
-                "privacy=dp needs privacy.epsilon (a budget) or privacy.noise_multiplier",
+                f"privacy={self.name} needs privacy.epsilon (a budget) or privacy.noise_multiplier",
             )
+        if self.enabled:
             require(
                 self.poisson,
                 "privacy.poisson=false is refused under privacy=dp: the accountant assumes Poisson-sampled "
@@ -251,7 +275,18 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
+        """Sample-level DP-SGD on the clients (``privacy=dp``)."""
         return self.name == "dp"
+
+    @property
+    def user_level(self) -> bool:
+        """User-level DP-FedAvg on the server (``privacy=user``)."""
+        return self.name == "user"
+
+    @property
+    def any(self) -> bool:
+        """Either level of differential privacy."""
+        return self.enabled or self.user_level
 
 
 @dataclass

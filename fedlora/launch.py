@@ -14,6 +14,7 @@ from fedlora.appconfig import run_config_for
 from fedlora.checkpoint import write_json
 from fedlora.config import ConfigError, RunConfig, RunFailed
 from fedlora.metrics import METRICS, read_metrics
+from fedlora.metrics import summarise as summarise_metrics
 
 RowCallback = Callable[[dict[str, Any]], None]
 
@@ -96,10 +97,36 @@ def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str])
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
-    write_json(out / "run_config.json", cfg.to_flat())
+    write_json(out / "run_config.json", cfg.to_flat() | privacy_plan(cfg))
     (out / ".hydra").mkdir(exist_ok=True)
     (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(composed))
     (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+
+
+def privacy_plan(cfg: RunConfig) -> dict[str, float]:
+    """privacy=user: the resolved delta, noise multipliers and planned epsilon (``privacy.plan.*`` keys)."""
+    if not cfg.privacy.user_level:
+        return {}
+    plan, z_update, count = cfg.user_dp_plan()
+    return {
+        "privacy.plan.delta": plan.delta,
+        "privacy.plan.noise_multiplier": plan.noise_multiplier,
+        "privacy.plan.update_noise_multiplier": z_update,
+        "privacy.plan.clip_count_stddev": count,
+        "privacy.plan.client_rate": plan.sample_rate,
+        "privacy.plan.epsilon": plan.spent(plan.planned()),
+    }
+
+
+def record_spent(out: Path) -> None:
+    """run_config.json gets the epsilon the run spent (``privacy.spent.epsilon``), under user-level DP."""
+    import json
+
+    path = out / "run_config.json"
+    flat = json.loads(path.read_text())
+    if "privacy.plan.epsilon" in flat:
+        flat["privacy.spent.epsilon"] = summarise_metrics(out / METRICS)["epsilon_spent"]
+        write_json(path, flat)
 
 
 @contextmanager
@@ -176,6 +203,8 @@ def simulate(
         load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
     if cfg.privacy.enabled:
         console.show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
+    if cfg.privacy.user_level:
+        console.show_user_privacy(worker)
     if overwrite and not dry_run:
         clear_outputs(out)
     console.show_partitions(worker, out if not dry_run else None)
@@ -192,7 +221,9 @@ def simulate(
         console.err_console.print(interrupted_message(out, cfg.rounds), highlight=False, soft_wrap=True)
         return signals.exit_code
     summarise(out)
-    check_aggregated(out, cfg.server.min_replies)
+    record_spent(out)
+    if not cfg.privacy.user_level:  # a user-level round always releases its noisy mean
+        check_aggregated(out, cfg.server.min_replies)
     return 0
 
 

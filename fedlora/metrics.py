@@ -4,7 +4,9 @@ One row per round (round 0 is the model before training, plus Fed-SB's one-off
 gradient upload): central test accuracy and loss, the clients' mean training loss
 (empty under DP: a loss on private batches is never sent), replies expected,
 received and rejected, numbers and bytes up and down as sent, wall time; under DP
-the budget columns; then the strategy's own diagnostics (LoRA-FAIR's residuals).
+the budget columns (under user-level DP: epsilon, the clip and the noisy fraction of
+updates under it, and no counts, bytes or losses, which would tell the cohort); then
+the strategy's own diagnostics (LoRA-FAIR's residuals).
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ COLUMNS = (
     "wall_s",
 )
 PRIVACY_COLUMNS = ("refused", "epsilon_max", "epsilon_mean")
+USER_COLUMNS = ("epsilon", "clip_norm", "clip_fraction")  # privacy=user: spent so far, the bound, noisy share under it
+# privacy=user: what would reveal the cohort's size or its data outside the noisy mean (server.log keeps it)
+HIDDEN_UNDER_USER_DP = (
+    "train_loss", "replies_expected", "replies_received", "replies_rejected", "numbers_up", "bytes_up",
+    "numbers_down", "bytes_down",
+)  # fmt: skip
 
 
 def columns(privacy: PrivacyConfig, strategy_columns: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The run's columns: the common ones, the budget's under DP (and the NOT PRIVATE mark), the strategy's."""
-    dp = PRIVACY_COLUMNS if privacy.enabled else ()
-    unsafe = (NOT_PRIVATE_COLUMN,) if privacy.enabled and privacy.unsafe_seeded_randomness else ()
+    dp = PRIVACY_COLUMNS if privacy.enabled else USER_COLUMNS if privacy.user_level else ()
+    unsafe = (NOT_PRIVATE_COLUMN,) if privacy.any and privacy.unsafe_seeded_randomness else ()
     return (*COLUMNS, *dp, *unsafe, *strategy_columns)
 
 
@@ -104,7 +112,9 @@ def round_row(
                 "epsilon_max": max(eps) if eps else None,
                 "epsilon_mean": sum(eps) / len(eps) if eps else None,
             }
-    if privacy.enabled and privacy.unsafe_seeded_randomness:
+        if privacy.user_level:
+            row |= dict.fromkeys(HIDDEN_UNDER_USER_DP)
+    if privacy.any and privacy.unsafe_seeded_randomness:
         row[NOT_PRIVATE_COLUMN] = NOT_PRIVATE
     return row
 
@@ -164,7 +174,7 @@ def summarise(path: Path) -> dict[str, Any]:
     """A run's outcome from its metrics.csv: last test accuracy and loss, the largest epsilon spent, rounds."""
     rows = read_metrics(path)
     evaluated = [r for r in rows if r["test_accuracy"]]
-    spent = [float(r["epsilon_max"]) for r in rows if r.get("epsilon_max")]
+    spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]
     return {
         "rounds": int(rows[-1]["round"]) if rows else 0,
         "test_accuracy": float(evaluated[-1]["test_accuracy"]) if evaluated else None,

@@ -56,7 +56,7 @@ def load_cells(folder: Path) -> list[CellResult]:
         meta = json.loads(marker.read_text())
         rows = [r for r in read_metrics(marker.parent / METRICS) if r["test_accuracy"]]
         trained = [r for r in rows if int(r["round"]) > 0]
-        spent = [float(r["epsilon_max"]) for r in rows if r.get("epsilon_max")]
+        spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]
         labels = marker.parent / "adapter" / "labels.json"
         cells.append(
             CellResult(
@@ -97,7 +97,7 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
         "seeds",
         "final accuracy",
         "best accuracy",
-        "epsilon spent (max client)",
+        "epsilon spent",
         "refused rounds",
         "upload per round",
     ]
@@ -242,12 +242,20 @@ def write_report(folder: Path) -> Path:
         ("started", sweep.get("started", "?")),
         ("command", sweep.get("command", "?")),
     ]
+    levels = {c.get("level", "sample") for c in sweep.get("cells", [])} or {"sample"}
+    meaning = {
+        "sample": "sample-level DP-SGD: epsilon protects each record of a client, per client over the whole run; "
+        "'epsilon spent' is the largest epsilon any client reported",
+        "user": "user-level DP-FedAvg: epsilon protects all of one client's data over the whole run, noise added "
+        "by the server; 'epsilon spent' is the server's accountant's",
+    }
+    facts.insert(2, ("privacy level", ", ".join(sorted(levels))))
     notes = (
         f"{len(cells)} finished cells. Every cell: the command's settings with the cell's strategy, seed and "
-        "privacy. Target epsilon is per client over the whole run (sample-level DP-SGD, delta as in the run's "
-        "config); 'epsilon spent' is the largest epsilon any client reported; upload is all clients' bytes per "
-        "round, as sent. With one seed the accuracy is that run's (no spread). The centralised reference trains "
-        "plain LoRA on the pooled data, without DP, for as many optimizer steps as a federated run."
+        f"privacy. Private cells use {'; '.join(meaning[lv] for lv in sorted(levels))} (delta as in the run's "
+        "config). Upload is all clients' bytes per round, as sent (empty under user-level DP, where it would "
+        "tell the cohort's size). With one seed the accuracy is that run's (no spread). The centralised reference "
+        "trains plain LoRA on the pooled data, without DP, for as many optimizer steps as a federated run."
     )
     md = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -1,11 +1,12 @@
 """Privacy-budget sweeps: strategies x epsilon x seeds, one simulation per cell, resumable.
 
-    fedlora sweep privacy [--preset sst2] [--out sweeps/x] [<overrides>]
+    fedlora sweep privacy [--preset sst2] [--level sample|user] [--out sweeps/x] [<overrides>]
 
 The grid comes from ``conf/sweep/privacy.yaml`` (or ``privacy_<preset>.yaml``: a grid
 with its own shared ``overrides``); ``--strategies``, ``--epsilons`` (``inf``: no DP)
-and ``--seeds`` replace its lists, and command-line overrides come after the
-preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
+and ``--seeds`` replace its lists, ``--level`` its ``level`` (sample: DP-SGD on every
+client, ``privacy=dp``; user: DP-FedAvg on the server, ``privacy=user``), and
+command-line overrides come after the preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
 cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
 ``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
 centralised reference (``cells/centralised/eps-inf/seed-<s>``). A cell that finished
@@ -34,11 +35,15 @@ SWEEP = "sweep.json"
 CENTRALISED = "centralised"  # the reference cell's strategy name
 
 
+LEVELS = {"sample": "dp", "user": "user"}  # sweep level -> the privacy preset its private cells use
+
+
 @dataclass(frozen=True)
 class Cell:
     strategy: str  # or CENTRALISED
     epsilon: float  # math.inf: no DP
     seed: int
+    level: str = "sample"  # sample (DP-SGD on the clients) | user (DP-FedAvg on the server)
 
     @property
     def name(self) -> str:
@@ -55,7 +60,10 @@ class Cell:
     def overrides(self) -> list[str]:
         if self.strategy == CENTRALISED:
             return [f"seed={self.seed}"]
-        dp = ["privacy=none"] if math.isinf(self.epsilon) else ["privacy=dp", f"privacy.epsilon={self.epsilon:g}"]
+        if math.isinf(self.epsilon):
+            dp = ["privacy=none"]
+        else:
+            dp = [f"privacy={LEVELS[self.level]}", f"privacy.epsilon={self.epsilon:g}"]
         return [f"strategy={self.strategy}", f"seed={self.seed}", *dp]
 
 
@@ -83,19 +91,29 @@ def defaults(name: str, preset: str | None = None) -> dict:
     grid_ = yaml.safe_load(path.read_text())
     grid_.setdefault("overrides", [])
     grid_.setdefault("centralised", False)
+    grid_.setdefault("level", "sample")
     return grid_
 
 
-def grid(strategies: list[str], epsilons: list[float], seeds: list[int], *, centralised: bool = False) -> list[Cell]:
+def grid(
+    strategies: list[str],
+    epsilons: list[float],
+    seeds: list[int],
+    *,
+    centralised: bool = False,
+    level: str = "sample",
+) -> list[Cell]:
     from strategies import get_strategy_class
 
+    if level not in LEVELS:
+        raise ConfigError(f"unknown privacy level {level!r}; choose from {list(LEVELS)}")
     for name in strategies:
         try:
             get_strategy_class(name)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     reference = [Cell(CENTRALISED, math.inf, seed) for seed in seeds] if centralised else []
-    return reference + [Cell(s, e, seed) for s in strategies for e in epsilons for seed in seeds]
+    return reference + [Cell(s, e, seed, level) for s in strategies for e in epsilons for seed in seeds]
 
 
 def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: str = "") -> None:
@@ -129,6 +147,11 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             folder.mkdir(parents=True, exist_ok=True)
             # --overwrite: only unfinished cells run again, over what their interrupted run left
             shared = overrides if cell.private else [o for o in overrides if not o.lstrip("+").startswith("privacy.")]
+            if cell.private:  # the other level's keys mean nothing in this cell's privacy preset
+                from fedlora.compose import SAMPLE_ONLY, USER_ONLY
+
+                other = SAMPLE_ONLY if cell.level == "user" else USER_ONLY
+                shared = [o for o in shared if o.lstrip("+").partition("=")[0].removeprefix("privacy.") not in other]
             cmd = [sys.executable, "-m", "fedlora.cli", cell.command, "--overwrite", *shared, *cell.overrides()]
             started = time.perf_counter()
             with (folder / "log.txt").open("w") as log:
@@ -150,6 +173,6 @@ def summary(folder: Path) -> str:
     from fedlora.metrics import METRICS, read_metrics
 
     rows = [r for r in read_metrics(folder / METRICS) if r["test_accuracy"]]
-    eps = [float(r["epsilon_max"]) for r in rows if r.get("epsilon_max")]
+    eps = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]
     spent = f", epsilon spent {max(eps):.3g}" if eps else ""
     return f"accuracy {float(rows[-1]['test_accuracy']):.3f}{spent}" if rows else "no evaluation"

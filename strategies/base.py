@@ -173,6 +173,10 @@ class Strategy:
     server_optimizer_note: ClassVar[str] = ""
     # Whether server.aggregation (a robust mean) applies: everything the server combines is an average.
     robust_aggregation: ClassVar[bool] = True
+    # Whether privacy=user (strategies.user_dp) applies: the server step is an average of the clients'
+    # payloads, so a sum of clipped updates has sensitivity C; else why not (user_dp_note).
+    user_level_dp: ClassVar[bool] = True
+    user_dp_note: ClassVar[str] = ""
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config

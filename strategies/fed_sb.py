@@ -125,7 +125,13 @@ def lora_sb_factors(
 
 class FedSB(Strategy):
     """Train and average the r x r matrix R (R <- sum_k p_k R_k, the default ``aggregate``) between fixed,
-    LoRA-SB-initialised B and A."""
+    LoRA-SB-initialised B and A.
+
+    User-level DP (``privacy=user``): the update (R_k - R and the head's) clipped to C: sensitivity C
+    of the sum, over r^2 numbers per module, so the noise norm is sqrt(r^2 / (2 r d)) of FedAvg's for
+    the same sigma. The initialisation must come from a public calibration file
+    (``strategy.init_source``): the clients' round-0 gradients are outside the user-level guarantee.
+    """
 
     name = "fed_sb"
     config_class = FedSBConfig

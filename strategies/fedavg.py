@@ -12,6 +12,10 @@ from strategies.base import Strategy
 
 class FedAvg(Strategy):
     """Example-weighted mean of every tensor the clients send (the interface's default ``aggregate``):
-    B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k, and dense modules alike."""
+    B_bar = sum_k p_k B_k, A_bar = sum_k p_k A_k, and dense modules alike.
+
+    User-level DP (``privacy=user``): each client's update (A_k - A, B_k - B, the head's) is
+    clipped to C as one vector; adding or removing a client moves their sum by at most C.
+    """
 
     name = "fedavg"

@@ -32,6 +32,11 @@ class FedEx(Strategy):
     name = "fedex"
     server_optimizers = ("none",)
     robust_aggregation = False  # it folds every client's exact B_k A_k residual: a robust mean breaks it
+    user_level_dp = False
+    user_dp_note = (
+        "fedex folds the residual sum_k p_k B_k A_k - B_bar A_bar, a product of each client's factors whose "
+        "sensitivity the clipped mean does not bound"
+    )
     server_optimizer_note = (
         "fedex folds the exact residual of the average into W0; "
         "a server step on A and B would leave that residual inexact"

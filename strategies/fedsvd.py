@@ -55,7 +55,11 @@ def refactorise(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class FedSVD(FFALora):
     """FFA-LoRA's B-only training (B_bar, the default ``aggregate``), then an SVD refactorisation of B_bar A
-    on the server (``refine``, after a server optimiser's step)."""
+    on the server (``refine``, after a server optimiser's step).
+
+    User-level DP (``privacy=user``): B_bar is FFA-LoRA's noisy mean (sensitivity C of the sum of
+    clipped updates of B and the head); the refactorisation only post-processes it.
+    """
 
     name = "fedsvd"
     config_class = FedSVDConfig

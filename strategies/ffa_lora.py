@@ -37,7 +37,11 @@ class FFALoraConfig(StrategyConfig):
 
 
 class FFALora(Strategy):
-    """Train and average B only (B <- sum_k p_k B_k, the default ``aggregate``); A frozen at a seeded draw."""
+    """Train and average B only (B <- sum_k p_k B_k, the default ``aggregate``); A frozen at a seeded draw.
+
+    User-level DP (``privacy=user``): the update (B_k - B and the head's) clipped to C: sensitivity C
+    of the sum, over half of FedAvg's dimensions, so half the noise norm for the same sigma.
+    """
 
     name = "ffa_lora"
     config_class = FFALoraConfig

@@ -79,6 +79,11 @@ class FLoRA(Strategy):
     config_class = FLoRAConfig
     server_optimizers = ("none",)
     robust_aggregation = False  # it stacks every client's adapter exactly: no average to make robust
+    user_level_dp = False
+    user_dp_note = (
+        "flora stacks every client's own factors into the base weights; a per-client release has no average "
+        "to noise once"
+    )
     server_optimizer_note = (
         "flora's server step stacks the clients' adapters and folds them into W0; "
         "it is not an average of updates for a server optimiser to step on"

@@ -122,6 +122,11 @@ class LoraFair(Strategy):
     name = "lora_fair"
     config_class = LoraFairConfig
     metric_columns = ("residual", "residual_fedavg", "cosine", "cosine_fedavg")
+    user_level_dp = False
+    user_dp_note = (
+        "lora_fair's correction reads every client's B_k A_k; after the noisy mean it has nothing to correct "
+        "towards, and a correction from the raw products would release them unprotected"
+    )
 
     def aggregate(
         self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1

@@ -44,6 +44,7 @@ from fedlora.lora import Tensors
 from fedlora.metrics import RoundStats
 from fedlora.protocol import Protocol
 from fedlora.schedule import sample_partitions
+from fedlora.user_level import UserLevelDP
 from fedlora.validation import reject_reason
 from strategies import robust
 from strategies.base import GradientInit
@@ -95,11 +96,14 @@ class FlowerRounds:
         self._fixed_digest = ""
         self._asked: dict[int, int] = {}  # late node id -> partition queries sent to it (JOIN_ASKS: no more)
         self._digest_of: tuple[int, int] = (-1, 0)  # (D's version, its digest_number)
+        self.user_dp = UserLevelDP(cfg) if cfg.privacy.user_level else None
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train this round: seeded by (seed, round), sorted; the same schedule whichever
         nodes are connected (a partition without a node is skipped as offline)."""
         cfg = self.cfg
+        if self.user_dp is not None and server_round > 0:  # Poisson cohorts, from private randomness
+            return self.user_dp.cohort(cfg.clients, server_round)
         everyone = list(range(cfg.clients))
         return sample_partitions(everyone, cfg.sampled_per_round, seed=cfg.seed, server_round=server_round)
 
@@ -131,6 +135,12 @@ class FlowerRounds:
         """Rounds ``first_round`` .. ``cfg.rounds``; ``after_round(round)`` after each (evaluation, logs)."""
         for server_round in range(first_round, self.cfg.rounds + 1):
             stopping.check()
+            if self.user_dp is not None and not self.user_dp.affords_round():
+                log.warning(
+                    "round %d: stopping before it: one more round would take epsilon from %.4g above "
+                    "privacy.epsilon=%g", server_round, self.user_dp.spent, self.cfg.privacy.epsilon,
+                )  # fmt: skip
+                return
             self.train_round(grid, server_round)
             after_round(server_round)
 
@@ -156,6 +166,9 @@ class FlowerRounds:
             check=partial(self._check, server_round=server_round),
             on_progress=self.on_progress,
         )
+        if self.user_dp is not None:
+            self._user_level_step(server_round, accepted, stats)
+            return
         needed = self.cfg.server.min_replies
         if len(accepted) < needed:
             log.warning(
@@ -173,6 +186,20 @@ class FlowerRounds:
             self.fold_log.append(factors)
         if None not in losses:
             stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
+
+    def _user_level_step(self, server_round: int, accepted: list[tuple[int, Checked]], stats: RoundStats) -> None:
+        """privacy=user: whatever replied (none included), clipped, summed, noised, divided by the expected
+        cohort; the strategy aggregates that one payload, the server optimiser and refinement post-process."""
+        assert self.user_dp is not None
+        like = self.protocol.expected_reply(0, self.state, server_round=server_round)
+        checked = [c for _, c in accepted]
+        payload = self.user_dp.round(server_round, [c.start for c in checked], [c.payload for c in checked], like)
+        one = self.strategy.weights([1])
+        target = self.strategy.aggregate(self.state, [payload], one, server_round=server_round)
+        stepped = self.server_opt.step(self.state, target, keys=payload.keys())
+        self.state, changes = self.strategy.refine(stepped, server_round=server_round)
+        self.server_opt.rebase(changes)
+        stats.report = dict(self.strategy.report) | self.user_dp.columns()
 
     def _limit(self, server_round: int, accepted: list[tuple[int, Checked]]):
         """(payloads, weights p, losses) with no client outweighing the rest (:mod:`strategies.robust`)."""

@@ -133,7 +133,7 @@ def run_log(path: Path, *, append: bool) -> Iterator[None]:
 def _run_server(
     grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None, on_progress: ProgressCallback | None
 ) -> Path:
-    if cfg.privacy.enabled and cfg.privacy.unsafe_seeded_randomness:
+    if cfg.privacy.any and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
     nodes, clients, own_data = discover_partitions(
         grid, expected=cfg.clients, timeout=cfg.server.node_timeout, min_nodes=cfg.server.min_nodes
@@ -203,6 +203,7 @@ def checkpoint_meta(rounds: FlowerRounds) -> dict[str, Any]:
         "config": resumable_settings(rounds.cfg),
         "fold_version": rounds.fold_log.version,
         "ledgers": {str(pid): [list(step) for step in history] for pid, history in rounds.ledgers().items()},
+        "user_dp": rounds.user_dp.state() if rounds.user_dp is not None else None,
     }
 
 
@@ -217,6 +218,8 @@ def resume(rounds: FlowerRounds, out: Path) -> int | None:
     rounds.fold_log.restore({k: v for k, v in tensors.items() if k.role is Role.BASE}, meta["fold_version"] or 0)
     if (out / SERVER_OPTIMIZER).exists():
         rounds.server_opt.load_state_tensors(load_file(str(out / SERVER_OPTIMIZER)))
+    if rounds.user_dp is not None and meta.get("user_dp"):
+        rounds.user_dp.restore(meta["user_dp"])
     for pid, history in meta["ledgers"].items():
         ledger = [tuple(step) for step in history]
         if int(pid) in rounds.nodes:

@@ -8,6 +8,7 @@ the rounds, messages and accounting are the same, without a Ray start per case.
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,26 @@ def test_dp_runs_draw_private_noise_and_plain_runs_repeat_exactly(tmp_path: Path
     assert all(torch.equal(c[k], d[k]) for k in c)
     assert all(r["privacy_warning"].startswith("NOT PRIVATE") for r in rows(outs["c"]))
     assert "privacy_warning" not in rows(outs["a"])[0]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsvd", "fed_sb"])  # ffa_lora: fedsvd without its refine
+def test_user_level_dp_runs_within_its_budget_and_releases_no_counts(strategy: str, tmp_path: Path) -> None:
+    """privacy=user end to end: epsilon per round, growing and within the budget, the clip in metrics.csv;
+    nothing that tells the cohort (counts, bytes, client losses); the plan and the spend in run_config.json.
+    Fed-SB initialises from a public calibration file (its clients' gradients would not be covered)."""
+    run = [*TINY_RUN, f"strategy={strategy}", "privacy=user", "privacy.epsilon=3", "rounds=3"]
+    if strategy == "fed_sb":
+        calib = tmp_path / "public.csv"
+        calib.write_text("text,label\n" + "goal match team,sports\nrain storm wind,weather\nrecipe chef,food\n" * 4)
+        run.append(f"strategy.init_source={calib}")
+    simulate(run, tmp_path / "out", ray=strategy == "fedavg")
+    table = rows(tmp_path / "out")
+    spent = [float(r["epsilon"]) for r in table[1:]]
+    assert spent == sorted(spent) and spent[0] > 0 and spent[-1] <= 3.0
+    assert all(float(r["clip_norm"]) > 0 for r in table[1:])
+    for column in ("train_loss", "replies_expected", "replies_received", "numbers_up", "bytes_up", "bytes_down"):
+        assert all(r[column] == "" for r in table[1:]), column
+    if strategy == "fedavg":  # through the CLI: run_config.json has the plan and what was spent
+        config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+        assert config["privacy.plan.delta"] == 1e-5 and config["privacy.plan.epsilon"] <= 3.0
+        assert config["privacy.spent.epsilon"] == pytest.approx(spent[-1], rel=1e-5)

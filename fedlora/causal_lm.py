@@ -229,20 +229,7 @@ class CausalLM:
 
     def _ranking_accuracy(self, model: nn.Module, data: Evaluation, device: torch.device) -> float:
         """Share of prompts whose true label word (with end-of-sequence) is the most likely of the label words."""
-        pairs = [(i, k) for i in range(len(data.prompts)) for k in range(len(data.candidates))]
-        scores = torch.full((len(data.prompts), len(data.candidates)), -math.inf)
-        for start in range(0, len(pairs), data.batch_size):
-            chunk = pairs[start : start + data.batch_size]
-            seqs = [data.prompts[i] + data.candidates[k] for i, k in chunk]
-            width = max(map(len, seqs))
-            ids = torch.tensor([s + [data.pad_id] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            for row, (i, k) in enumerate(chunk):
-                start_at = len(data.prompts[i])
-                tokens = torch.tensor(data.candidates[k], device=device)
-                positions = torch.arange(start_at - 1, start_at - 1 + len(tokens), device=device)
-                scores[i, k] = float(logprobs[row, positions, tokens].sum())
+        scores = ranking_scores(model, data, device)
         return float((scores.argmax(1) == torch.tensor(data.truth)).float().mean()) if data.truth else math.nan
 
     def _generation_accuracy(self, model: nn.Module, data: Evaluation, device: torch.device) -> float:
@@ -255,6 +242,46 @@ class CausalLM:
             total += 1
             correct += int(normalise(answer) == normalise(data.labels[data.truth[i]]))
         return correct / total if total else math.nan
+
+
+def ranking_scores(model: nn.Module, data: Evaluation, device: torch.device) -> torch.Tensor:
+    """log p(candidate | prompt) for every prompt and label word, (prompts, candidates).
+
+    Each batch of prompts runs once, left-padded (positions counted from each prompt's
+    first real token, as without padding), keeping its key-value cache; each candidate
+    then continues that cache with its tokens but the last, and the cache is cropped
+    back to the prompts. The prompt, most of the tokens, is computed once instead of
+    once per label word.
+    """
+    n = len(data.prompts)
+    scores = torch.empty((n, len(data.candidates)), dtype=torch.float64)
+    for start in range(0, n, data.batch_size):
+        prompts = data.prompts[start : start + data.batch_size]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[data.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True)  # fmt: skip
+        cache, first = out.past_key_values, out.logits[:, -1].double().log_softmax(-1)
+        lengths = mask.sum(-1, keepdim=True)
+        for k, candidate in enumerate(data.candidates):
+            total = first[:, candidate[0]].clone()
+            if len(candidate) > 1:
+                fed = torch.tensor(candidate[:-1], device=device).expand(len(prompts), -1)
+                steps = fed.shape[1]
+                cont = model(
+                    input_ids=fed,
+                    attention_mask=torch.cat([mask, torch.ones_like(fed)], dim=1),
+                    position_ids=lengths + torch.arange(steps, device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logprobs = cont.logits.double().log_softmax(-1)
+                wanted = torch.tensor(candidate[1:], device=device).expand(len(prompts), -1)
+                total += logprobs.gather(-1, wanted[..., None]).squeeze(-1).sum(-1)
+                cache.crop(-steps)  # back to the prompts for the next candidate (transformers 5: tokens removed)
+            scores[start : start + len(prompts), k] = total.cpu()
+    return scores
 
 
 def generate_ids(model: nn.Module, ids: torch.Tensor, *, max_new_tokens: int, eos: int) -> list[int]:

@@ -146,13 +146,7 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             folder = out / "cells" / cell.name
             folder.mkdir(parents=True, exist_ok=True)
             # --overwrite: only unfinished cells run again, over what their interrupted run left
-            shared = overrides if cell.private else [o for o in overrides if not o.lstrip("+").startswith("privacy.")]
-            if cell.private:  # the other level's keys mean nothing in this cell's privacy preset
-                from fedlora.compose import SAMPLE_ONLY, USER_ONLY
-
-                other = SAMPLE_ONLY if cell.level == "user" else USER_ONLY
-                shared = [o for o in shared if o.lstrip("+").partition("=")[0].removeprefix("privacy.") not in other]
-            cmd = [sys.executable, "-m", "fedlora.cli", cell.command, "--overwrite", *shared, *cell.overrides()]
+            cmd = [sys.executable, "-m", "fedlora.cli", cell.command, "--overwrite", *cell_overrides(cell, overrides)]
             started = time.perf_counter()
             with (folder / "log.txt").open("w") as log:
                 done = subprocess.run([*cmd, f"output_dir={folder}"], stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -166,6 +160,22 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             progress.advance(task)
             if plain:
                 console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}")
+
+
+def cell_overrides(cell: Cell, overrides: list[str]) -> list[str]:
+    """The sweep's shared overrides as this cell can take them (no privacy keys without DP, none of the other
+    level's), then the cell's own."""
+    from fedlora.compose import SAMPLE_ONLY, USER_ONLY
+
+    def key(override: str) -> str:
+        return override.lstrip("+").partition("=")[0]
+
+    if not cell.private:
+        shared = [o for o in overrides if not key(o).startswith("privacy.")]
+    else:
+        other = SAMPLE_ONLY if cell.level == "user" else USER_ONLY
+        shared = [o for o in overrides if key(o).removeprefix("privacy.") not in other]
+    return [*shared, *cell.overrides()]
 
 
 def summary(folder: Path) -> str:

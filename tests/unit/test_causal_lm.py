@@ -76,13 +76,14 @@ class Forced(torch.nn.Module):
         super().__init__()
         self.answer, self.vocab = answer, vocab
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None):
         nxt = {a: b for a, b in zip(self.answer, self.answer[1:], strict=False)}
         logits = torch.full((*input_ids.shape, self.vocab), -30.0)
         for b in range(input_ids.shape[0]):
             for t in range(input_ids.shape[1]):
                 logits[b, t, nxt.get(int(input_ids[b, t]), self.answer[0])] = 0.0
-        return type("Out", (), {"logits": logits, "past_key_values": None})()
+        cache = type("Cache", (), {"crop": lambda self, tokens: None})()  # a bigram keeps no context
+        return type("Out", (), {"logits": logits, "past_key_values": cache})()
 
 
 def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_forced(worker: Worker) -> None:
@@ -93,6 +94,23 @@ def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_for
     generated = CausalLM()._generation_accuracy(model, data, torch.device("cpu"))
     share = sum(t == forced_label for t in data.truth) / len(data.truth)
     assert scores == pytest.approx(share) and generated == pytest.approx(share)
+
+
+def test_cached_ranking_scores_equal_each_sequence_scored_whole(worker: Worker) -> None:
+    """The prompt-once, left-padded, cached scores equal log p(candidate | prompt) from one unpadded forward
+    of prompt + candidate, for prompts of different lengths in one batch."""
+    from fedlora.causal_lm import ranking_scores
+
+    data: Evaluation = worker.test_batches
+    assert len({len(p) for p in data.prompts}) > 1 and max(map(len, data.candidates)) > 1
+    model = worker.model.eval()
+    with torch.no_grad():
+        cached = ranking_scores(model, data, torch.device("cpu"))
+        for i, prompt in enumerate(data.prompts):
+            for k, candidate in enumerate(data.candidates):
+                logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0].double().log_softmax(-1)
+                whole = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(candidate))
+                assert float(cached[i, k]) == pytest.approx(whole, abs=1e-4), (i, k)
 
 
 @pytest.mark.parametrize(

@@ -144,3 +144,22 @@ def test_simulate_help_lists_the_chosen_strategy_s_keys_and_every_strategy_s_own
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 1}
     assert "init_source=clients" in lines["fed_sb"] and "client_ranks=" in lines["flora"]
     assert "alpha=64.0 refactor_every=1" in lines["fedsvd"] and "client_lr=" in lines["fedavg"]
+
+
+def test_every_sweep_preset_composes_in_every_cell() -> None:
+    """conf/sweep/*.yaml: each cell's overrides (the preset's, filtered for the cell, then its own) compose."""
+    import importlib.resources
+
+    from fedlora.sweep import cell_overrides, defaults, grid, parse_epsilon
+
+    presets = [p.name[:-5] for p in (importlib.resources.files("conf") / "sweep").iterdir() if p.name.endswith(".yaml")]
+    assert "privacy_sst2" in presets
+    for stem in presets:
+        name, _, preset = stem.partition("_")
+        spec = defaults(name, preset or None)
+        cells = grid(list(spec["strategies"]), [parse_epsilon(e) for e in spec["epsilons"]], list(spec["seeds"]),
+                     centralised=spec["centralised"], level=spec["level"])  # fmt: skip
+        for cell in cells:
+            if cell.command == "simulate":
+                cfg, _ = compose(cell_overrides(cell, list(spec["overrides"])))
+                assert cfg.strategy.name == cell.strategy and cfg.privacy.any == cell.private

@@ -32,12 +32,15 @@ SIGMA_MAX = 1e4
 
 def client_delta(cfg: PrivacyConfig, num_examples: int) -> float:
     """The client's delta: ``cfg.delta`` or min(1 / (10 n), 1e-5); refuses delta >= 1 / n."""
-    delta = cfg.delta if cfg.delta is not None else min(1 / (10 * num_examples), 1e-5)
-    if delta >= 1 / num_examples:
-        raise ConfigError(
-            f"privacy.delta={delta:g} is not below 1/n = 1/{num_examples} for a client with {num_examples} "
-            "examples: it would permit releasing a record outright"
-        )
+    return _delta(cfg, num_examples, f"n = 1/{num_examples} for a client with {num_examples} examples",
+                  "a record")  # fmt: skip
+
+
+def _delta(cfg: PrivacyConfig, count: int, what: str, unit: str) -> float:
+    """``cfg.delta`` or min(1 / (10 count), 1e-5), refused when not below 1 / count (``count`` records or clients)."""
+    delta = cfg.delta if cfg.delta is not None else min(1 / (10 * count), 1e-5)
+    if delta >= 1 / count:
+        raise ConfigError(f"privacy.delta={delta:g} is not below 1/{what}: it would permit releasing {unit} outright")
     return delta
 
 
@@ -173,13 +176,7 @@ def _settle(plan: ClientPlan, cfg: PrivacyConfig, whom: str) -> ClientPlan:
 # -- user-level DP (privacy=user): one ledger, the server's ------------------------------------
 def user_delta(cfg: PrivacyConfig, clients: int) -> float:
     """delta for a whole client's data: ``cfg.delta`` or min(1 / (10 N), 1e-5); refuses delta >= 1 / N."""
-    delta = cfg.delta if cfg.delta is not None else min(1 / (10 * clients), 1e-5)
-    if delta >= 1 / clients:
-        raise ConfigError(
-            f"privacy.delta={delta:g} is not below 1/N = 1/{clients} for a federation of {clients} clients: "
-            "it would permit releasing one client's data outright"
-        )
-    return delta
+    return _delta(cfg, clients, f"N = 1/{clients} for a federation of {clients} clients", "one client's data")
 
 
 def user_plan(cfg: PrivacyConfig, *, clients: int, expected: float, rounds: int) -> ClientPlan:

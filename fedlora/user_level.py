@@ -49,18 +49,19 @@ class UserLevelDP:
         self.rounds_charged = 0
         self.last_bound = privacy.clip_norm  # the bound the last round clipped to
         self.last_fraction: float | None = None
-        self._generators: dict[int, torch.Generator] = {}
+        self._generator: tuple[int, torch.Generator] | None = None  # (round, its generator)
 
     # -- randomness ---------------------------------------------------------------------------
     def generator(self, server_round: int) -> torch.Generator:
         """The round's generator (cohort, then noise, then the count's noise): private unless unsafe."""
-        if server_round not in self._generators:
+        if self._generator is None or self._generator[0] != server_round:
             if self.cfg.privacy.unsafe_seeded_randomness:
                 log.warning(UNSAFE_WARNING)
-                self._generators = {server_round: generator(Stream.UNSAFE_DP, self.cfg.seed, server_round=server_round)}
+                rng = generator(Stream.UNSAFE_DP, self.cfg.seed, server_round=server_round)
             else:
-                self._generators = {server_round: private_generator()}
-        return self._generators[server_round]
+                rng = private_generator()
+            self._generator = (server_round, rng)
+        return self._generator[1]
 
     def cohort(self, clients: int, server_round: int) -> list[int]:
         """Each of ``clients`` partitions in independently with probability q (Poisson sampling)."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.lora import AdapterKey, Tensors
+from fedlora.lora import Tensors
 
 
 def update_of(payload: Tensors, start: Tensors) -> Tensors:
@@ -127,12 +127,3 @@ class AdaptiveClip:
         below = (centred + noise) / expected + 0.5
         self.bound *= math.exp(-self.lr * (below - self.quantile))
         return below
-
-
-def keys_of(payloads: Sequence[Tensors]) -> list[AdapterKey]:
-    """The keys every payload shares (one list for the round)."""
-    keys = sorted(payloads[0]) if payloads else []
-    for payload in payloads[1:]:
-        if sorted(payload) != keys:
-            raise ValueError("payloads hold different tensors")
-    return keys

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from fedlora.accounting import Step, compress
 from fedlora.config import RunConfig
 from fedlora.lora import Tensors
 from fedlora.privacy import UNSAFE_WARNING, private_generator
@@ -46,7 +48,8 @@ class UserLevelDP:
             lr=privacy.clip_lr if privacy.adaptive_clip else 0.0,
             count_stddev=self.count_stddev or 0.0,
         )
-        self.rounds_charged = 0
+        # the rounds charged, as run: a resume with more rounds recalibrates z, the past keeps its own
+        self.ledger: list[Step] = []
         self.last_bound = privacy.clip_norm  # the bound the last round clipped to
         self.last_fraction: float | None = None
         self._generator: tuple[int, torch.Generator] | None = None  # (round, its generator)
@@ -70,16 +73,21 @@ class UserLevelDP:
 
     # -- the budget ---------------------------------------------------------------------------
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(self.plan.noise_multiplier, self.rate, self.rounds_charged)] if self.rounds_charged else []
+    def step(self) -> Step:
+        """One round's release: (z, q, 1)."""
+        return (self.plan.noise_multiplier, self.rate, 1)
 
     @property
     def spent(self) -> float:
-        return self.plan.spent(self.history)
+        return self.plan.spent(self.ledger)
 
     def affords_round(self) -> bool:
         """Whether one more round keeps the run within ``privacy.epsilon`` (always, with no budget)."""
-        return self.plan.affords(self.history, (self.plan.noise_multiplier, self.rate, 1))
+        return self.plan.affords(self.ledger, self.step)
+
+    def charge(self) -> None:
+        """Record one round's release."""
+        self.ledger = compress([*self.ledger, self.step])
 
     # -- a round ------------------------------------------------------------------------------
     def round(
@@ -99,7 +107,7 @@ class UserLevelDP:
         )
         self.last_bound = self.clip.bound
         self.last_fraction = self.clip.step(norms, expected=self.expected, generator=rng)
-        self.rounds_charged += 1
+        self.charge()
         return user_dp.apply(like, mean)
 
     def columns(self) -> dict[str, float | None]:
@@ -111,11 +119,11 @@ class UserLevelDP:
         }
 
     # -- checkpoints --------------------------------------------------------------------------
-    def state(self) -> dict[str, float]:
-        return {"rounds_charged": self.rounds_charged, "clip": self.clip.bound}
+    def state(self) -> dict[str, Any]:
+        return {"ledger": [list(step) for step in self.ledger], "clip": self.clip.bound}
 
-    def restore(self, state: dict[str, float]) -> None:
-        self.rounds_charged = int(state["rounds_charged"])
+    def restore(self, state: dict[str, Any]) -> None:
+        self.ledger = [(float(z), float(q), int(n)) for z, q, n in state["ledger"]]
         self.clip.bound = float(state["clip"])
 
     def header(self) -> str:

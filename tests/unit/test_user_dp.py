@@ -116,11 +116,28 @@ def test_training_stops_before_the_budget_is_exceeded() -> None:
     dp = UserLevelDP(cfg)
     done = 0
     while dp.affords_round():
-        dp.rounds_charged += 1
+        dp.charge()
         done += 1
         assert dp.spent <= 0.68
     assert done == 3
     assert dp.plan.spent([(2.0, 0.1, 4)]) > 0.68
+
+
+def test_a_resume_with_more_rounds_keeps_the_noise_its_past_rounds_ran_with() -> None:
+    """The ledger holds what was released. A run planned for 5 rounds spends its budget in them; resumed with
+    rounds=20 it calibrates a larger z, yet its past stays at the smaller one, so no round is afforded (charging
+    the past at the new z would have claimed budget left and exceeded epsilon)."""
+    base = ["model=tiny", "privacy=user", "privacy.epsilon=4", "clients=100", "clients_per_round=10"]
+    first = UserLevelDP(compose([*base, "rounds=5"])[0])
+    for _ in range(5):
+        first.charge()
+    resumed = UserLevelDP(compose([*base, "rounds=20"])[0])
+    resumed.restore(first.state())
+    assert resumed.plan.noise_multiplier > first.plan.noise_multiplier
+    assert resumed.ledger == [(first.plan.noise_multiplier, 0.1, 5)]
+    assert resumed.spent == first.spent <= 4.0
+    assert resumed.plan.spent([(resumed.plan.noise_multiplier, 0.1, 5)]) < 3.0  # what the old record claimed
+    assert not resumed.affords_round()
 
 
 def test_cohorts_are_poisson_and_private() -> None:

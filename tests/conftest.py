@@ -20,6 +20,11 @@ TINY = ["model=tiny", "data.synthetic_train=200", "data.synthetic_test=64", "tra
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest-xdist: share the cores between the workers instead of oversubscribing them
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     import datasets
     import transformers
 

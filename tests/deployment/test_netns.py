@@ -23,7 +23,9 @@ from fedlora.compose import compose
 from tests.deployment.test_deployment import assert_same_run, finished, rows
 from tests.local_grid import run_in_process
 
-pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+# One group: these tests share the netns addresses and are timed against heartbeats, so they run one at a time
+# on one pytest-xdist worker, next to the CPU-bound tests on the other.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
 
 TINY = ["model=tiny", "data.synthetic_train=600", "data.synthetic_test=200", "train.local_steps=4"]
 RUN_S = 480  # bound on one run with outages (each costs a round timeout or a reconnection)
@@ -149,8 +151,8 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     assert re.search(rf"round {first_joined}: partition 2 catches up on base weights: version unknown -> \d", log)
     # Its reply is lost with the link: silence until the round's timeout, the message's TTL running out,
     # or the SuperLink declaring the node unavailable after two missed heartbeats, whichever comes first.
-    assert re.search(rf"round {cut_round}: partition(\(s\) \[1\] did not reply| 1 failed: .*(expired|Node Unavailable))",
-                     log), log  # fmt: skip
+    lost = rf"round {cut_round}: partition(\(s\) \[1\] did not reply| 1 failed: .*(expired|Node Unavailable))"
+    assert re.search(lost, log), log
     assert metrics[cut_round]["replies_received"] == "2", metrics[cut_round]
     # Back after the cut: node-1 gets what it missed and its reply is accepted. Every accepted reply
     # carries the digest of the base weights it trained on, equal to the server's (and so to the others').

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from fedlora.cli import main
 from tests.deployment.federation import ROOT, Federation, Process, wait_for, wait_for_port
 
-# One group: these tests share the netns addresses and are timed against heartbeats, so they run one at a time
-# on one pytest-xdist worker, next to the CPU-bound tests on the other.
-pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
+# One pytest-xdist group: these tests are timed against round timeouts and heartbeats, so they run one at a
+# time on one worker; tests/deployment/test_netns.py is another group, the CPU-bound tests go around them.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("loopback")]
 
 TINY = ["model=tiny", "data.synthetic_train=600", "data.synthetic_test=200", "train.local_steps=4"]
 RUN_S = 420  # bound on one run of a few rounds with the tiny model on two cores

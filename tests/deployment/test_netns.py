@@ -23,9 +23,9 @@ from fedlora.compose import compose
 from tests.deployment.test_deployment import assert_same_run, finished, rows
 from tests.local_grid import run_in_process
 
-# One group: these tests share the netns addresses and are timed against heartbeats, so they run one at a time
-# on one pytest-xdist worker, next to the CPU-bound tests on the other.
-pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
+# One pytest-xdist group: the tests share one federation (a module fixture) at fixed addresses, in order, so
+# they run on one worker; tests/deployment/test_deployment.py is another group.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("netns")]
 
 TINY = ["model=tiny", "data.synthetic_train=600", "data.synthetic_test=200", "train.local_steps=4"]
 RUN_S = 480  # bound on one run with outages (each costs a round timeout or a reconnection)
@@ -129,7 +129,7 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     fed.cut("node-2")
     fed.start_node(2)  # up, but behind a dead link: it never reaches the SuperLink
     out = tmp_path / "flora"
-    fed.submit([*TINY, "strategy=flora", "clients=3", "clients_per_round=3", "rounds=5", "server.round_timeout=40",
+    fed.submit([*TINY, "strategy=flora", "clients=3", "clients_per_round=3", "rounds=5", "server.round_timeout=60",
                 "server.node_timeout=20", "server.min_nodes=2", f"output_dir={out}"])  # fmt: skip
     wait(lambda: "have no node after server.node_timeout" in server_log(out), timeout=RUN_S, what="the start")
     fed.restore("node-2")  # the run goes on without it; it joins once it reaches the SuperLink

@@ -153,7 +153,7 @@ def run_centralised(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from fedlora.report import write_report
-    from fedlora.sweep import defaults, grid, parse_epsilon, run_cells
+    from fedlora.sweep import cell_overrides, defaults, grid, parse_epsilon, run_cells
 
     grid_defaults = defaults(args.name, args.preset)
     cells = grid(
@@ -164,7 +164,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         level=args.level or grid_defaults["level"],
     )
     overrides = [*grid_defaults["overrides"], *args.overrides]
-    compose(overrides)  # bad overrides fail here, not in every cell
+    for cell in cells:  # bad overrides fail here, not in every cell (each cell as it will run: no privacy keys
+        compose(cell_overrides(cell, overrides))  # where it is not private, none of the other DP level's)
     out = (args.out or Path("sweeps") / (f"{args.name}_{args.preset}" if args.preset else args.name)).resolve()
     run_cells(cells, overrides, out)
     console.print(f"report: {write_report(out)}")

@@ -146,20 +146,29 @@ def test_simulate_help_lists_the_chosen_strategy_s_keys_and_every_strategy_s_own
     assert "alpha=64.0 refactor_every=1" in lines["fedsvd"] and "client_lr=" in lines["fedavg"]
 
 
-def test_every_sweep_preset_composes_in_every_cell() -> None:
-    """conf/sweep/*.yaml: each cell's overrides (the preset's, filtered for the cell, then its own) compose."""
+def test_every_sweep_preset_starts_and_composes_in_every_cell(tmp_path, monkeypatch) -> None:
+    """conf/sweep/*.yaml through `fedlora sweep`: the command accepts the preset (it composes every cell, the
+    centralised one included, before running any), and each cell has its strategy and privacy level."""
     import importlib.resources
 
-    from fedlora.sweep import cell_overrides, defaults, grid, parse_epsilon
+    import fedlora.report
+    import fedlora.sweep
+    from fedlora.sweep import cell_overrides
 
+    started: list[tuple[list, list]] = []
+    monkeypatch.setattr(fedlora.sweep, "run_cells", lambda cells, overrides, out: started.append((cells, overrides)))
+    monkeypatch.setattr(fedlora.report, "write_report", lambda out: out / "report.html")
     presets = [p.name[:-5] for p in (importlib.resources.files("conf") / "sweep").iterdir() if p.name.endswith(".yaml")]
     assert "privacy_sst2" in presets
     for stem in presets:
         name, _, preset = stem.partition("_")
-        spec = defaults(name, preset or None)
-        cells = grid(list(spec["strategies"]), [parse_epsilon(e) for e in spec["epsilons"]], list(spec["seeds"]),
-                     centralised=spec["centralised"], level=spec["level"])  # fmt: skip
+        assert main(["sweep", name, *(["--preset", preset] if preset else []), "--out", str(tmp_path / stem)]) == 0
+        cells, overrides = started.pop()
+        assert any(cell.command == "centralised" for cell in cells) == (preset == "sst2")
         for cell in cells:
+            cfg, _ = compose(cell_overrides(cell, overrides))
             if cell.command == "simulate":
-                cfg, _ = compose(cell_overrides(cell, list(spec["overrides"])))
                 assert cfg.strategy.name == cell.strategy and cfg.privacy.any == cell.private
+    # An override no cell can take stops the sweep before its first cell.
+    assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "bad"), "train.lr=-1"]) == 2
+    assert not started

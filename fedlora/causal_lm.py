@@ -85,7 +85,7 @@ class CausalLMLoss(nn.Module):
 class Evaluation:
     """What a causal LM is evaluated on: response batches, and (with labels) ranking and generation inputs."""
 
-    batches: list[dict[str, torch.Tensor]]  # prompt + true response, for loss and perplexity
+    batches: list[dict[str, torch.Tensor]]  # prompt + response, for loss and perplexity (without labels)
     prompts: list[list[int]]  # the rendered prompts' ids (with labels)
     truth: list[int]  # each prompt's true label
     candidates: list[list[int]]  # each label word's ids, end-of-sequence included
@@ -191,10 +191,14 @@ class CausalLM:
     def evaluation_data(
         self, data: Dataset, tokenizer: Any, *, max_len: int, labels: tuple[str, ...], batch_size: int
     ) -> Evaluation:
-        tokenized = self.tokenize(data, tokenizer, max_len=max_len, labels=labels)
-        collate = self.collate(tokenizer)
-        batches = [collate([tokenized[j] for j in range(i, min(i + batch_size, len(tokenized)))])
-                   for i in range(0, len(tokenized), batch_size)]  # fmt: skip
+        batches = []
+        if not labels:  # with labels the response loss comes from the ranking's scores (the same forward pass)
+            tokenized = self.tokenize(data, tokenizer, max_len=max_len, labels=labels)
+            collate = self.collate(tokenizer)
+            batches = [collate([tokenized[j] for j in range(i, min(i + batch_size, len(tokenized)))])
+                       for i in range(0, len(tokenized), batch_size)]  # fmt: skip
+        else:
+            self.check_room(tokenizer, labels=labels, max_len=max_len)
         prompts, truth = [], []
         if labels:
             for row in data:
@@ -210,27 +214,39 @@ class CausalLM:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Evaluation, device: torch.device) -> dict[str, float]:
+        """Response loss and perplexity; with labels, ranking accuracy (every prompt) and generation accuracy.
+
+        With labels the response is the true label word and end-of-sequence, which is one of the
+        ranked candidates: its loss (the mean of its tokens' negative log-likelihoods, as in training)
+        is read off the ranking's scores instead of a second forward pass over every prompt.
+        """
         was_training = model.training
         model.eval()
-        criterion = CausalLMLoss()
-        criterion.reduction = "none"
-        losses = []
-        for batch in data.batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            losses.append(criterion(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                    batch["labels"]))  # fmt: skip
-        loss = float(torch.cat(losses).mean()) if losses else math.nan
-        out = {"loss": loss, "test_perplexity": math.exp(loss) if loss < 50 else math.inf}
+        out: dict[str, float] = {}
         if data.labels:
-            out["accuracy"] = self._ranking_accuracy(model, data, device)
+            scores = ranking_scores(model, data, device)
+            truth = torch.tensor(data.truth, dtype=torch.long)
+            lengths = torch.tensor([len(c) for c in data.candidates], dtype=torch.float64)
+            true_scores = scores.gather(1, truth[:, None]).squeeze(1) if len(truth) else scores[:0, 0]
+            loss = float((-true_scores / lengths[truth]).mean()) if len(truth) else math.nan
+            out["accuracy"] = self.ranking_accuracy(scores, data.truth)
             out["test_generation_accuracy"] = self._generation_accuracy(model, data, device)
+        else:
+            criterion = CausalLMLoss()
+            criterion.reduction = "none"
+            losses = []
+            for batch in data.batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                losses.append(criterion(logits, batch["labels"]))
+            loss = float(torch.cat(losses).mean()) if losses else math.nan
         model.train(was_training)
-        return out
+        return {"loss": loss, "test_perplexity": math.exp(loss) if loss < 50 else math.inf, **out}
 
-    def _ranking_accuracy(self, model: nn.Module, data: Evaluation, device: torch.device) -> float:
+    @staticmethod
+    def ranking_accuracy(scores: torch.Tensor, truth: list[int]) -> float:
         """Share of prompts whose true label word (with end-of-sequence) is the most likely of the label words."""
-        scores = ranking_scores(model, data, device)
-        return float((scores.argmax(1) == torch.tensor(data.truth)).float().mean()) if data.truth else math.nan
+        return float((scores.argmax(1) == torch.tensor(truth)).float().mean()) if truth else math.nan
 
     def _generation_accuracy(self, model: nn.Module, data: Evaluation, device: torch.device) -> float:
         """Greedy answers to the first ``GENERATE`` prompts, normalised, against the true label word."""

@@ -3,6 +3,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from opacus import GradSampleModule
 
 from fedlora import lora
-from fedlora.causal_lm import CausalLM, Evaluation, question, render
+from fedlora.causal_lm import CausalLM, CausalLMLoss, Evaluation, question, ranking_scores, render
 from fedlora.compose import compose
 from fedlora.export import export_adapter, load_exported
 from fedlora.worker import Worker
@@ -90,7 +91,7 @@ def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_for
     data: Evaluation = worker.test_batches
     forced_label = 1
     model = Forced(data.candidates[forced_label], len(worker.tokenizer))
-    scores = CausalLM()._ranking_accuracy(model, data, torch.device("cpu"))
+    scores = CausalLM.ranking_accuracy(ranking_scores(model, data, torch.device("cpu")), data.truth)
     generated = CausalLM()._generation_accuracy(model, data, torch.device("cpu"))
     share = sum(t == forced_label for t in data.truth) / len(data.truth)
     assert scores == pytest.approx(share) and generated == pytest.approx(share)
@@ -99,8 +100,6 @@ def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_for
 def test_cached_ranking_scores_equal_each_sequence_scored_whole(worker: Worker) -> None:
     """The prompt-once, left-padded, cached scores equal log p(candidate | prompt) from one unpadded forward
     of prompt + candidate, for prompts of different lengths in one batch."""
-    from fedlora.causal_lm import ranking_scores
-
     data: Evaluation = worker.test_batches
     assert len({len(p) for p in data.prompts}) > 1 and max(map(len, data.candidates)) > 1
     model = worker.model.eval()
@@ -111,6 +110,23 @@ def test_cached_ranking_scores_equal_each_sequence_scored_whole(worker: Worker) 
                 logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0].double().log_softmax(-1)
                 whole = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(candidate))
                 assert float(cached[i, k]) == pytest.approx(whole, abs=1e-4), (i, k)
+
+
+def test_labelled_test_loss_read_off_the_ranking_equals_the_response_loss_of_a_forward_pass(worker: Worker) -> None:
+    """With labels, evaluation runs the prompts once: the response loss it reports (the true label word's
+    mean token NLL from the ranking's cached scores) equals the training loss on prompt + true response."""
+    data: Evaluation = worker.test_batches
+    assert data.truth and not data.batches  # no second pass is prepared
+    tokenized = worker.task.tokenize(worker.splits.test, worker.tokenizer, max_len=worker.cfg.train.max_seq_len,
+                                     labels=worker.splits.label_names)  # fmt: skip
+    batch = worker.task.collate(worker.tokenizer)(list(tokenized))
+    model = worker.model.eval()
+    with torch.no_grad():
+        expected = float(CausalLMLoss()(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                        .logits, batch["labels"]))  # fmt: skip
+    result = worker.task.evaluate(model, data, torch.device("cpu"))
+    assert result["loss"] == pytest.approx(expected, rel=1e-4)
+    assert result["test_perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop a real ``fedlora simulate`` within seconds, leave no process, and can be resumed."""
+"""Ctrl-C and SIGTERM stop a real ``fedlora simulate`` at its next wait, leave no process, and can be resumed."""
 
 from __future__ import annotations
 
@@ -63,13 +63,14 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path: Path, signum: i
         time.sleep(0.2)  # round 1 is done: Ray and its workers are up, round 2 is running
     below = descendants(proc.pid)
     assert below  # Ray's processes
-    sent = time.monotonic()
+    seen = len((out / "metrics.csv").read_text().splitlines()) - 2  # the last finished round
     proc.send_signal(signum)
     try:
-        assert proc.wait(timeout=10) == code
+        # a bound against a hang, not a speed test: a busy machine (a deployment test on the other
+        # worker) has taken more than 10 s to shut Ray down
+        assert proc.wait(timeout=90) == code
     finally:
         proc.kill()
-    assert time.monotonic() - sent < 10
     output = proc.stdout.read() if proc.stdout else ""
     assert "interrupted after round" in output and "server.resume=true" in output, output
     # Nothing left behind: Ray's workers exit once their raylet is gone, which takes a few seconds when
@@ -82,6 +83,9 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path: Path, signum: i
     with (out / "metrics.csv").open() as f:
         rounds = [int(r["round"]) for r in csv.DictReader(f)]
     assert rounds == list(range(rounds[-1] + 1))  # whole rows, no gap
+    # it stopped at the server's next wait: at most the round running when the signal came (and one
+    # more that finished between reading the file and sending) was written, not the other 40-odd
+    assert rounds[-1] <= seen + 2, (seen, rounds[-1])
     # resumable: it continues after the last finished round
     assert main(["simulate", *RUN, f"rounds={rounds[-1] + 1}", "server.resume=true", f"output_dir={out}"]) == 0
     with (out / "metrics.csv").open() as f:

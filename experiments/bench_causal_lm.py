@@ -18,7 +18,7 @@ A finished run (its adapter written) is not run again, so the script can be resu
     python experiments/bench_causal_lm.py --strategies fedavg fedsvd
     # what passed 0.85 (docs/results.md): lr 5e-3, cosine over 10 rounds, about 36 min a run
     python experiments/bench_causal_lm.py --measure-rounds 0 --strategies \
-        --variants "fedavg-cos-r10=strategy=fedavg,train.lr=0.005,train.lr_schedule=cosine,rounds=10,train.eval_every=10"
+        --variants "cos10=strategy=fedavg,train.lr=0.005,train.lr_schedule=cosine,rounds=10,train.eval_every=10"
     python experiments/bench_causal_lm.py --strategies fedavg --variants "fedavg-lr1e-3=strategy=fedavg,train.lr=0.001"
 """
 

@@ -100,6 +100,7 @@ class ClientPlan:
     budget: float | None  # epsilon; None: no budget, spend only reported
     init_release: bool  # it sends Fed-SB's noised init gradient before round 1
     accountant: str = "rdp"
+    prior_noise: float | None = None  # each round also releases noised label counts (logit adjustment) at this z
     all_orders: bool = False  # RDP at Opacus's default orders (see :func:`epsilon`)
 
     @property
@@ -110,17 +111,26 @@ class ClientPlan:
     def init_step(self) -> Step:
         return (self.noise_multiplier, 1.0, 1)
 
+    @property
+    def round_steps(self) -> list[Step]:
+        """What one round charges: its DP-SGD steps, and the noised label counts when there are any."""
+        return self._round(self.noise_multiplier)
+
+    def _round(self, sigma: float) -> list[Step]:
+        prior = [(self.prior_noise, 1.0, 1)] if self.prior_noise else []  # one record moves one count by 1
+        return [(sigma, self.sample_rate, self.steps), *prior]
+
     def planned(self, noise_multiplier: float | None = None) -> list[Step]:
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         steps = [(sigma, 1.0, 1)] if self.init_release else []
-        return steps + [(sigma, self.sample_rate, self.steps)] * self.rounds
+        return steps + self._round(sigma) * self.rounds
 
     def spent(self, history: Sequence[Step]) -> float:
         return epsilon(history, self.delta, self.accountant, all_orders=self.all_orders)
 
-    def affords(self, history: Sequence[Step], step: Step) -> bool:
-        """Whether ``step`` keeps the client within its budget (always, with no budget)."""
-        return self.budget is None or self.spent([*history, step]) <= self.budget
+    def affords(self, history: Sequence[Step], *steps: Step) -> bool:
+        """Whether ``steps`` keep the client within its budget (always, with no budget)."""
+        return self.budget is None or self.spent([*history, *steps]) <= self.budget
 
 
 def calibrate(plan: ClientPlan, target: float, *, tolerance: float = 0.01) -> float:
@@ -142,9 +152,17 @@ def calibrate(plan: ClientPlan, target: float, *, tolerance: float = 0.01) -> fl
 
 
 def make_plan(
-    cfg: PrivacyConfig, *, num_examples: int, batch_size: int, steps: int, rounds: int, init_release: bool
+    cfg: PrivacyConfig,
+    *,
+    num_examples: int,
+    batch_size: int,
+    steps: int,
+    rounds: int,
+    init_release: bool,
+    label_prior: bool = False,
 ) -> ClientPlan:
-    """A client's plan: sigma given, or calibrated to ``cfg.epsilon`` over its scheduled rounds."""
+    """A client's plan: sigma given, or calibrated to ``cfg.epsilon`` over its scheduled rounds (with
+    ``label_prior``, each round also releases the label counts noised by ``cfg.label_noise``)."""
     plan = ClientPlan(
         noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier is not None else 0.0,
         sample_rate=1 / math.ceil(num_examples / batch_size),
@@ -154,6 +172,7 @@ def make_plan(
         budget=cfg.epsilon,
         init_release=init_release,
         accountant=cfg.accountant,
+        prior_noise=cfg.label_noise if label_prior else None,
     )
     return _settle(plan, cfg, f"a client with {num_examples} examples")
 
@@ -164,11 +183,11 @@ def _settle(plan: ClientPlan, cfg: PrivacyConfig, whom: str) -> ClientPlan:
         return dataclasses.replace(plan, noise_multiplier=calibrate(plan, cfg.epsilon))
     if cfg.epsilon is not None:
         first = [plan.init_step] if plan.init_release else []
-        if plan.spent([*first, plan.round_step]) > cfg.epsilon:
+        if plan.spent([*first, *plan.round_steps]) > cfg.epsilon:
             raise ConfigError(
                 f"privacy.noise_multiplier={cfg.noise_multiplier:g} cannot keep {whom} within "
                 f"privacy.epsilon={cfg.epsilon:g} for even one round "
-                f"(it would spend {plan.spent([*first, plan.round_step]):.3g})"
+                f"(it would spend {plan.spent([*first, *plan.round_steps]):.3g})"
             )
     return plan
 

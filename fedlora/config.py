@@ -141,17 +141,13 @@ class RunConfig:
         require(self.train.min_lr <= self.train.lr, "train.min_lr must not exceed train.lr")
 
     def _resolve_logit_adjustment(self) -> None:
-        """``train.logit_adjustment`` null: 1 for classification without DP (label skew is the federated
-        default), 0 otherwise; a positive value is refused under DP and for causal LMs."""
+        """``train.logit_adjustment`` null: 1 for classification (label skew is the federated default), 0 for
+        causal LMs. Under DP the client's label counts are noised before use (``privacy.label_noise``) and
+        the release is charged to its budget every round."""
         tau = self.train.logit_adjustment
         if tau is None:
-            tau = 1.0 if self.task == "classification" and not self.privacy.enabled else 0.0
+            tau = 1.0 if self.task == "classification" else 0.0
             self.train = dataclasses.replace(self.train, logit_adjustment=tau)
-        require(
-            not (tau > 0 and self.privacy.enabled),
-            "train.logit_adjustment uses each client's label counts, which DP-SGD's per-example guarantee does "
-            "not cover; set train.logit_adjustment=0 with privacy=dp",
-        )
         require(
             not (tau > 0 and self.task != "classification"),
             f"train.logit_adjustment is for task=classification (a label prior), not task={self.task}",

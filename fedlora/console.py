@@ -152,6 +152,11 @@ def show_privacy(worker: Any) -> None:
         f"noise/signal per step {min(ratio):.2g}..{max(ratio):.2g} (sigma sqrt(d) / batch: the noise norm over the "
         "largest clipped mean; well above 1, few steps learn nothing)"
     )
+    if cfg.train.logit_adjustment:
+        console.print(
+            f"  logit adjustment (tau {cfg.train.logit_adjustment:g}) from label counts + N(0, "
+            f"{cfg.privacy.label_noise:g}^2), drawn and charged each round (privacy.label_noise)"
+        )
 
 
 def show_partitions(worker: Any, out: Path | None) -> None:

@@ -216,6 +216,10 @@ class PrivacyConfig:
     ``public_counts``: the clients' example counts are public knowledge, so DP
     replies may carry them for ``strategy.weighting=examples`` (default: they do not,
     and clients are weighted uniformly).
+    ``label_noise``: with ``train.logit_adjustment`` under DP the client's label prior
+    comes from its label counts plus Gaussian noise of this std (one record changes one
+    count by 1: the noise multiplier of that release), drawn afresh and charged to its
+    ledger every round it trains.
     """
 
     name: str = "none"
@@ -228,6 +232,7 @@ class PrivacyConfig:
     poisson: bool = True
     max_physical_batch_size: Optional[int] = None
     public_counts: bool = False
+    label_noise: float = 50.0
     unsafe_seeded_randomness: bool = False
     # privacy=user (user-level DP-FedAvg, strategies.user_dp): the bound on a client's update
     clip_norm: float = 1.0
@@ -254,6 +259,7 @@ class PrivacyConfig:
             self.max_physical_batch_size is None or self.max_physical_batch_size >= 1,
             "privacy.max_physical_batch_size must be >= 1 or null",
         )
+        require(self.label_noise > 0, f"privacy.label_noise must be > 0, got {self.label_noise}")
         require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         require(0 < self.target_quantile < 1, f"privacy.target_quantile must be in (0, 1), got {self.target_quantile}")
         require(self.clip_lr >= 0, f"privacy.clip_lr must be >= 0, got {self.clip_lr}")

@@ -89,7 +89,14 @@ class SequenceClassification:
         return (criterion or self.criterion())(logits, batch["labels"])
 
     @staticmethod
-    def label_offset(labels: list[int], num_labels: int, *, tau: float) -> torch.Tensor:
+    def label_offset(
+        labels: list[int],
+        num_labels: int,
+        *,
+        tau: float,
+        noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """tau log pi, pi the add-one smoothed label frequencies of ``labels``: logit adjustment.
 
         Training on CE(logits + tau log pi) (Menon et al., ICLR 2021; the balanced softmax at
@@ -98,8 +105,14 @@ class SequenceClassification:
         average over clients is not pulled towards each client's majority: what plain local
         cross-entropy does under label skew (FedLC, Zhang et al., ICML 2022, corrects the
         same way). Evaluation uses the plain logits.
+
+        Under DP (``noise_std`` > 0) the counts get N(0, noise_std^2) noise from ``generator``
+        first (a Gaussian release: one record moves one count by 1) and are floored at 0.
         """
         counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+        if noise_std > 0:
+            noise = torch.normal(0.0, noise_std, (num_labels,), generator=generator, dtype=torch.float64)
+            counts = (counts + noise).clamp(min=0.0)
         return (tau * torch.log((counts + 1) / (counts.sum() + num_labels))).float()
 
     def evaluation_data(

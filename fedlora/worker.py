@@ -223,6 +223,7 @@ class Worker:
                 steps=local_steps(self.cfg.train, n),
                 rounds=rounds_taken(self.cfg, partition_id),
                 init_release=init is not None and init.from_clients and partition_id in scheduled(self.cfg, 0),
+                label_prior=bool(self.cfg.train.logit_adjustment),
             )
         return self._plans[partition_id]
 
@@ -269,6 +270,16 @@ class Worker:
                 raise ValueError("privacy=dp needs the client's accountant history")
             plan, privacy = self.privacy_plan(partition_id), self.cfg.privacy
             unsafe_seed = seed_of(Stream.UNSAFE_DP, self.cfg.seed, server_round=server_round, client=partition_id)
+            g = dp_generator(privacy, unsafe_seed)
+            offset = None
+            if self.cfg.train.logit_adjustment:  # the prior from noised counts, a release charged below
+                offset = self.task.label_offset(
+                    self.client_data(partition_id)["labels"],
+                    len(self.splits.label_names),
+                    tau=self.cfg.train.logit_adjustment,
+                    noise_std=privacy.label_noise,
+                    generator=g,
+                )
             with dp_sgd(
                 self.model,
                 optimizer,
@@ -277,16 +288,15 @@ class Worker:
                 max_grad_norm=privacy.max_grad_norm,
                 grad_sample_mode=privacy.grad_sample_mode,
                 criterion=self.task.criterion(),
-                generator=dp_generator(privacy, unsafe_seed),
+                generator=g,
                 max_physical_batch_size=privacy.max_physical_batch_size,
             ) as (model, dp_optimizer, loader, criterion):
-                result = train(
-                    model, cycle(loader), loss_fn=partial(self.task.loss, criterion=criterion), optimizer=dp_optimizer
-                )
-            history.append(plan.round_step)
+                loss_fn = partial(self.task.loss, criterion=criterion, offset=offset)
+                result = train(model, cycle(loader), loss_fn=loss_fn, optimizer=dp_optimizer)
+            history.extend(plan.round_steps)
             return result
         loss_fn = self.task.loss
-        if self.cfg.train.logit_adjustment:  # never under DP (RunConfig refuses it)
+        if self.cfg.train.logit_adjustment:
             loss_fn = partial(self.task.loss, offset=self.label_offset(partition_id))
         return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer)
 

@@ -82,7 +82,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     content = RecordDict({records.METRICS: metrics})
     if ledger is not None:
         plan = worker.privacy_plan(pid)
-        if not plan.affords(ledger.history, plan.init_step if init else plan.round_step):
+        if not plan.affords(ledger.history, *([plan.init_step] if init else plan.round_steps)):
             content[records.PRIVACY] = records.ledger_record(ledger.history)
             metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
             metrics[records.EPSILON] = plan.spent(ledger.history)

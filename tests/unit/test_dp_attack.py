@@ -130,8 +130,10 @@ def round_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, floa
     rate = 1 / math.ceil(n / cfg.train.batch_size)
     expected = int(n * rate)
     observed = {k: -expected * (payload[k] - start[k]) / cfg.train.lr for k in keys}
-    # The attacker regenerates the unsafe client's draws: the loader's base seed, the Poisson mask, the noise.
+    # The attacker regenerates the unsafe client's draws: the noise on its label counts (logit adjustment),
+    # the loader's base seed, the Poisson mask, the gradient noise.
     g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=1, client=PID))
+    torch.normal(0.0, cfg.privacy.label_noise, (len(worker.splits.label_names),), generator=g, dtype=torch.float64)
     torch.empty((), dtype=torch.int64).random_(generator=g)
     torch.rand(n, generator=g)
     guess = {k: observed[k] - torch.normal(0, SIGMA, observed[k].shape, generator=g) for k in keys}

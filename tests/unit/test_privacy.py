@@ -75,7 +75,9 @@ def test_dp_sgd_adds_noise_and_charges_the_ledger(make_config, mode: str) -> Non
     history: list = []
     private = round_from_start(worker, history)
     assert any(not torch.allclose(private[k], plain[k], atol=1e-4) for k in plain)
-    assert history == [worker.privacy_plan(3).round_step]
+    plan = worker.privacy_plan(3)
+    assert history == plan.round_steps  # the DP-SGD steps, then the noised label counts (logit adjustment)
+    assert history[1] == (dp.privacy.label_noise, 1.0, 1)
     assert all(not hasattr(p, "grad_sample") for p in worker.model.parameters())  # Opacus is gone afterwards
 
 
@@ -233,4 +235,5 @@ def test_a_dp_round_charges_one_accountant_step_per_logical_batch(make_config) -
     start = worker.protocol.download(worker.initial_state())
     _, _, result = worker.train_round(3, start, server_round=1, history=history)
     plan = worker.privacy_plan(3)
-    assert result.steps == cfg.train.local_steps and history == [(plan.noise_multiplier, plan.sample_rate, 2)]
+    assert result.steps == cfg.train.local_steps
+    assert history == [(plan.noise_multiplier, plan.sample_rate, 2), (cfg.privacy.label_noise, 1.0, 1)]  # + prior

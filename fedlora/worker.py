@@ -291,7 +291,9 @@ class Worker:
                 generator=g,
                 max_physical_batch_size=privacy.max_physical_batch_size,
             ) as (model, dp_optimizer, loader, criterion):
-                loss_fn = partial(self.task.loss, criterion=criterion, offset=offset)
+                loss_fn = partial(self.task.loss, criterion=criterion)
+                if offset is not None:  # classification only (causal LMs have no label prior)
+                    loss_fn = partial(loss_fn, offset=offset)
                 result = train(model, cycle(loader), loss_fn=loss_fn, optimizer=dp_optimizer)
             history.extend(plan.round_steps)
             return result

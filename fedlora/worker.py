@@ -172,11 +172,19 @@ class Worker:
             )
         return self._tokenised[partition_id]
 
-    def label_offset(self, partition_id: int) -> torch.Tensor:
-        """The client's logit adjustment (``train.logit_adjustment``), computed once per process."""
+    def label_offset(self, partition_id: int, *, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The client's logit adjustment (``train.logit_adjustment``; None when off). Exact counts are
+        computed once per process; under DP (``generator`` given) they are noised afresh each call."""
+        tau = self.cfg.train.logit_adjustment
+        if not tau:
+            return None
+        if generator is not None:
+            labels, noise = self.client_data(partition_id)["labels"], self.cfg.privacy.label_noise
+            return self.task.label_offset(
+                labels, len(self.splits.label_names), tau=tau, noise_std=noise, generator=generator
+            )
         if partition_id not in self._offsets:
             labels = self.client_data(partition_id)["labels"]
-            tau = self.cfg.train.logit_adjustment
             self._offsets[partition_id] = self.task.label_offset(labels, len(self.splits.label_names), tau=tau)
         return self._offsets[partition_id]
 
@@ -271,15 +279,7 @@ class Worker:
             plan, privacy = self.privacy_plan(partition_id), self.cfg.privacy
             unsafe_seed = seed_of(Stream.UNSAFE_DP, self.cfg.seed, server_round=server_round, client=partition_id)
             g = dp_generator(privacy, unsafe_seed)
-            offset = None
-            if self.cfg.train.logit_adjustment:  # the prior from noised counts, a release charged below
-                offset = self.task.label_offset(
-                    self.client_data(partition_id)["labels"],
-                    len(self.splits.label_names),
-                    tau=self.cfg.train.logit_adjustment,
-                    noise_std=privacy.label_noise,
-                    generator=g,
-                )
+            offset = self.label_offset(partition_id, generator=g)  # noised counts: charged below
             with dp_sgd(
                 self.model,
                 optimizer,
@@ -291,16 +291,16 @@ class Worker:
                 generator=g,
                 max_physical_batch_size=privacy.max_physical_batch_size,
             ) as (model, dp_optimizer, loader, criterion):
-                loss_fn = partial(self.task.loss, criterion=criterion)
-                if offset is not None:  # classification only (causal LMs have no label prior)
-                    loss_fn = partial(loss_fn, offset=offset)
-                result = train(model, cycle(loader), loss_fn=loss_fn, optimizer=dp_optimizer)
+                result = train(model, cycle(loader), loss_fn=self._loss(criterion, offset), optimizer=dp_optimizer)
             history.extend(plan.round_steps)
             return result
-        loss_fn = self.task.loss
-        if self.cfg.train.logit_adjustment:
-            loss_fn = partial(self.task.loss, offset=self.label_offset(partition_id))
+        loss_fn = self._loss(None, self.label_offset(partition_id))
         return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer)
+
+    def _loss(self, criterion, offset: torch.Tensor | None):
+        """The task's training loss, with the label offset when there is one (causal LMs take none)."""
+        loss = partial(self.task.loss, criterion=criterion)
+        return loss if offset is None else partial(loss, offset=offset)
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""

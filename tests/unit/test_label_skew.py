@@ -14,6 +14,19 @@ from fedlora.task import SequenceClassification
 from fedlora.worker import Worker
 
 
+def record_offsets(monkeypatch) -> list[torch.Tensor | None]:
+    """The label offset of every training loss computed from now on (None: plain cross-entropy)."""
+    seen: list[torch.Tensor | None] = []
+    plain_loss = SequenceClassification.loss
+
+    def recording(self, model, batch, criterion=None, offset=None):
+        seen.append(offset)
+        return plain_loss(self, model, batch, criterion, offset)
+
+    monkeypatch.setattr(SequenceClassification, "loss", recording)
+    return seen
+
+
 def test_offset_is_tau_log_of_the_smoothed_label_frequencies() -> None:
     offset = SequenceClassification.label_offset([0, 0, 0, 1], 3, tau=0.5)
     want = [0.5 * math.log(4 / 7), 0.5 * math.log(2 / 7), 0.5 * math.log(1 / 7)]  # add-one: absent labels stay finite
@@ -64,14 +77,7 @@ def test_under_dp_each_round_trains_on_a_fresh_noised_prior_and_charges_it(make_
         "privacy.unsafe_seeded_randomness=true", "strategy.weighting=uniform",
     )  # fmt: skip
     worker = Worker(cfg, num_partitions=4)
-    seen: list[torch.Tensor | None] = []
-    plain_loss = SequenceClassification.loss
-
-    def recording(self, model, batch, criterion=None, offset=None):
-        seen.append(offset)
-        return plain_loss(self, model, batch, criterion, offset)
-
-    monkeypatch.setattr(SequenceClassification, "loss", recording)
+    seen = record_offsets(monkeypatch)
     received = worker.protocol.download(worker.initial_state())
     pid = next(p for p in range(4) if worker.privacy_plan(p).rounds >= 2)  # one the schedule samples twice
     plan, history, offsets = worker.privacy_plan(pid), [], []
@@ -90,14 +96,7 @@ def test_under_dp_each_round_trains_on_a_fresh_noised_prior_and_charges_it(make_
 def test_each_client_trains_with_its_own_label_offset_and_evaluation_is_plain(make_config, monkeypatch) -> None:
     cfg = make_config("partition=dirichlet", "partition.alpha=0.3", "clients=4", "train.logit_adjustment=0.7")
     worker = Worker(cfg, num_partitions=4)
-    seen: list[torch.Tensor | None] = []
-    plain_loss = SequenceClassification.loss
-
-    def recording(self, model, batch, criterion=None, offset=None):
-        seen.append(offset)
-        return plain_loss(self, model, batch, criterion, offset)
-
-    monkeypatch.setattr(SequenceClassification, "loss", recording)
+    seen = record_offsets(monkeypatch)
     received = worker.protocol.download(worker.initial_state())
     for pid in (0, 1):
         seen.clear()

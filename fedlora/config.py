@@ -102,6 +102,10 @@ class RunConfig:
             not (self.task == "causal_lm" and self.privacy.enabled and self.privacy.grad_sample_mode == "ghost"),
             "privacy.grad_sample_mode=ghost is not supported for task=causal_lm (use hooks or functorch)",
         )
+        require(
+            not (self.task == "causal_lm" and self.model.pooling != "cls"),
+            f"model.pooling={self.model.pooling} is for encoder classifiers; task=causal_lm has no pooling",
+        )
         for name in self.trackers:
             require(name in TRACKERS, f"unknown tracker {name!r}; choose from {list(TRACKERS)}")
             module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[name]

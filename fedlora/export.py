@@ -35,6 +35,7 @@ from fedlora.folding import FoldLog, numbers
 from fedlora.groups import ModelConfig
 from fedlora.lora import LORA_ROLES, Role, Tensors
 from fedlora.model import build_peft_model, resolve_path
+from fedlora.pooling import use_pooling
 from fedlora.worker import Worker
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -155,9 +156,10 @@ def model_card(meta: dict[str, Any], base: str):
             privacy += " (NOT PRIVATE: seeded noise)"
     accuracy = summary.get("test_accuracy")
     pretrained = meta["model"]["pretrained"]
+    mean_pooled = meta["model"].get("pooling", "cls") == "mean"
     load = (
         "from fedlora.export import load_exported\nmodel = load_exported('{folder}')  # base, labels and head\n"
-        if meta["export"] == "lora"
+        if meta["export"] == "lora" or mean_pooled
         else "from transformers import AutoModelForSequenceClassification\n"
         "model = AutoModelForSequenceClassification.from_pretrained('{folder}')\n"
     )
@@ -165,9 +167,14 @@ def model_card(meta: dict[str, Any], base: str):
         "\nWith peft alone (the head has its own size, so give it):\n\n```python\n"
         "from peft import AutoPeftModelForSequenceClassification\n"
         f"model = AutoPeftModelForSequenceClassification.from_pretrained('{{folder}}', num_labels={len(labels)})\n```\n"
-        if meta["export"] == "lora" and pretrained
+        if meta["export"] == "lora" and pretrained and not mean_pooled
         else ""
     )
+    if mean_pooled:
+        auto = (
+            "\nThe head reads the mean of the token states (model.pooling=mean), not the [CLS] pooler that "
+            "transformers' own classes build: load it with `load_exported`, which sets the pooling.\n"
+        )
     data = ModelCardData(
         library_name="peft" if meta["export"] == "lora" else "transformers",
         base_model=base if pretrained else None,
@@ -235,7 +242,8 @@ def load_exported(folder: str | Path, *, base: nn.Module | None = None) -> nn.Mo
             from transformers import AutoModelForCausalLM
 
             return AutoModelForCausalLM.from_pretrained(str(folder))
-        return AutoModelForSequenceClassification.from_pretrained(str(folder))
+        merged = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        return use_pooling(merged, meta.get("model", {}).get("pooling", "cls"))
     if base is None:
         base = rebuild_base(folder)
     return PeftModel.from_pretrained(base, str(folder))
@@ -251,10 +259,11 @@ def rebuild_base(folder: Path) -> nn.Module:
     task = task_for(meta.get("task", "classification"))
     with torch.random.fork_rng(devices=[]):  # a random init draws as the run did
         torch.manual_seed(meta["seed"])
-        return task.build(
+        base = task.build(
             model_folder(model), labels=tuple(meta["labels"]), pretrained=model.pretrained,
             architecture=model.architecture,
         )  # fmt: skip
+    return use_pooling(base, model.pooling)
 
 
 __all__ = ["export_adapter", "load_exported", "rebuild_base", "register_in_hf_cache"]

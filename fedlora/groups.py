@@ -58,9 +58,11 @@ class ModelConfig:
     architecture: Dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (CUDA only; refused on CPU)
+    pooling: str = "cls"  # cls: the encoder's [CLS] pooler | mean: masked mean of the token states (fedlora.pooling)
 
     def __post_init__(self) -> None:
         require(bool(self.path), "model.path must not be empty")
+        require(self.pooling in ("cls", "mean"), f"model.pooling={self.pooling!r}: expected cls or mean")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 from fedlora.groups import ConfigError, LoraConfig, ModelConfig
+from fedlora.pooling import use_pooling
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def build_peft_model(
             base = task.build(path, labels=labels, pretrained=model.pretrained, architecture=extra)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path {model.path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+        use_pooling(base, model.pooling)
         if model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = list(lora.target_modules)

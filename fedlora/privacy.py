@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -81,6 +81,7 @@ def dp_sgd(
     generator: torch.Generator,
     poisson: bool = True,
     max_physical_batch_size: int | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, Any]]:
     """Opacus around one round: (private model, DP optimizer, Poisson loader, criterion).
 
@@ -93,6 +94,12 @@ def dp_sgd(
     Ghost clipping returns a wrapped criterion whose ``backward`` runs both passes;
     the other modes return ``criterion`` unchanged. Opacus's hooks are removed on
     exit, so the worker's cached model is a plain peft model again.
+
+    With ``max_physical_batch_size``, Opacus's ``BatchMemoryManager`` cuts each logical
+    batch into physical batches; given the examples' token ``lengths``, each logical
+    batch is first ordered by length (:class:`LengthSorted`), so that a physical batch
+    holds texts of similar lengths and pads little. The logical batch, its clipped sum
+    and its noise are unchanged: only the work of padding goes.
     """
     from opacus import PrivacyEngine
 
@@ -127,12 +134,41 @@ def dp_sgd(
             else:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+                logical = rest[-1]
+                if lengths is not None:
+                    logical = torch.utils.data.DataLoader(
+                        logical.dataset,
+                        batch_sampler=LengthSorted(logical.batch_sampler, lengths),
+                        collate_fn=logical.collate_fn,
+                        generator=logical.generator,
+                    )
                 with BatchMemoryManager(
-                    data_loader=rest[-1], max_physical_batch_size=max_physical_batch_size, optimizer=dp_optimizer
+                    data_loader=logical, max_physical_batch_size=max_physical_batch_size, optimizer=dp_optimizer
                 ) as physical:
                     yield private, dp_optimizer, physical, private_criterion
         finally:
             private._close()
+
+
+class LengthSorted(torch.utils.data.Sampler[list[int]]):
+    """The batches of ``batches`` (index lists), each ordered by the examples' ``lengths``, shortest first.
+
+    Opacus's ``BatchMemoryManager`` cuts a logical batch into consecutive physical batches,
+    each padded to its longest text. On SST-2's training phrases (13 tokens on average) a
+    random physical batch of 32 pads to about 35 tokens; ordered by length, about 15.
+    A logical batch is a set (one clipped sum, one noise draw), so its order changes nothing
+    the accounting or the update depends on.
+    """
+
+    def __init__(self, batches: Iterable[list[int]], lengths: Sequence[int]) -> None:
+        self.batches, self.lengths = batches, lengths
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield sorted(batch, key=self.lengths.__getitem__)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def poisson_subsample(num_examples: int, rate: float, *, generator: torch.Generator) -> list[int]:

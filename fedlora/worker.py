@@ -72,6 +72,7 @@ class Worker:
         self.device = device_for_worker()
         self._tokenised: dict[int, object] = {}
         self._offsets: dict[int, torch.Tensor] = {}  # partition -> its logit adjustment
+        self._lengths: dict[int, list[int]] = {}  # partition -> token count of each example
         self._plans: dict[int, ClientPlan] = {}  # DP-SGD plans by partition, calibrated on first use
         self._w0: Tensors | None = None  # the base weights, kept once a base delta is first set
 
@@ -171,6 +172,12 @@ class Worker:
                 rows, self.tokenizer, max_len=self.cfg.train.max_seq_len, labels=self.splits.label_names
             )
         return self._tokenised[partition_id]
+
+    def lengths(self, partition_id: int) -> list[int]:
+        """The token count of each of the client's examples (cached): physical batches group similar lengths."""
+        if partition_id not in self._lengths:
+            self._lengths[partition_id] = [len(ids) for ids in self.client_data(partition_id)["input_ids"]]
+        return self._lengths[partition_id]
 
     def label_offset(self, partition_id: int, *, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """The client's logit adjustment (``train.logit_adjustment``; None when off). Exact counts are
@@ -290,6 +297,7 @@ class Worker:
                 criterion=self.task.criterion(),
                 generator=g,
                 max_physical_batch_size=privacy.max_physical_batch_size,
+                lengths=self.lengths(partition_id),
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(model, cycle(loader), loss_fn=self._loss(criterion, offset), optimizer=dp_optimizer)
             history.extend(plan.round_steps)

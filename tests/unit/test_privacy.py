@@ -12,7 +12,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedlora import lora
 from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
 from fedlora.config import ConfigError, PrivacyConfig
-from fedlora.privacy import clip_and_noise, dp_sgd
+from fedlora.privacy import LengthSorted, clip_and_noise, dp_sgd
 from fedlora.task import SequenceClassification
 from fedlora.train import cycle, train_steps
 from fedlora.worker import Worker
@@ -197,10 +197,11 @@ def test_bad_privacy_input_is_one_clear_config_error(make_config, overrides: lis
 
 
 def test_a_logical_batch_is_the_sum_of_its_physical_batches_and_one_accountant_step(make_config) -> None:
-    """Batches of 16 cut into physical batches of 4 (Opacus's BatchMemoryManager) give the update of
-    one batch of 16 with the noise off; the optimizer steps, and the ledger counts, logical batches."""
+    """Batches of 16 cut into physical batches of 4 (Opacus's BatchMemoryManager), in the loader's order
+    or ordered by length first, give the update of one batch of 16 with the noise off; the optimizer
+    steps, and the ledger counts, logical batches."""
 
-    def round_with(physical: int | None) -> tuple[dict, int]:
+    def round_with(physical: int | None, by_length: bool = False) -> tuple[dict, int]:
         worker = Worker(make_config("data.synthetic_train=320", "train.batch_size=16"), num_partitions=10)
         for module in worker.model.modules():  # dropout draws per physical batch: the batches must see the same
             if isinstance(module, torch.nn.Dropout):
@@ -212,6 +213,7 @@ def test_a_logical_batch_is_the_sum_of_its_physical_batches_and_one_accountant_s
             worker.model, optimizer, worker.shuffled(worker.client_data(3), seed=7), noise_multiplier=0.0,
             max_grad_norm=0.05, grad_sample_mode="hooks", criterion=TASK.criterion(),
             generator=torch.Generator().manual_seed(0), poisson=False, max_physical_batch_size=physical,
+            lengths=worker.lengths(3) if by_length else None,
         ) as (model, dp_optimizer, loader, criterion):  # fmt: skip
             result = train_steps(
                 model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer,
@@ -221,11 +223,21 @@ def test_a_logical_batch_is_the_sum_of_its_physical_batches_and_one_accountant_s
 
     whole, steps_whole = round_with(None)
     split, steps_split = round_with(4)
-    assert steps_whole == steps_split == 2  # logical steps, though the split round saw 8 physical batches
+    by_length, steps_by_length = round_with(4, by_length=True)
+    assert steps_whole == steps_split == steps_by_length == 2  # logical steps, though 8 physical batches
     start = Worker(make_config("data.synthetic_train=320"), num_partitions=10).initial_state()
     moved = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in whole))
-    differ = math.sqrt(sum(float((split[k] - whole[k]).square().sum()) for k in whole))
-    assert moved > 0 and differ < 1e-3 * moved  # float32 summation order only
+    for other in (split, by_length):
+        differ = math.sqrt(sum(float((other[k] - whole[k]).square().sum()) for k in whole))
+        assert moved > 0 and differ < 1e-3 * moved  # float32 summation order only
+
+
+def test_length_sorted_batches_keep_each_logical_batch_and_order_it_by_length() -> None:
+    lengths = [5, 1, 9, 3, 7, 2]
+    batches = [[0, 2, 4], [], [5, 1, 3, 0]]
+    sorted_batches = list(LengthSorted(batches, lengths))
+    assert [sorted(b) for b in sorted_batches] == [sorted(b) for b in batches]
+    assert sorted_batches == [[0, 4, 2], [], [1, 5, 3, 0]]
 
 
 def test_a_dp_round_charges_one_accountant_step_per_logical_batch(make_config) -> None:

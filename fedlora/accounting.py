@@ -8,7 +8,7 @@ from the history (sigma, q, steps).
 
 - ``privacy.epsilon`` set: sigma is calibrated per client so that all the rounds the
   seeded schedule samples it for (``fedlora.schedule``), plus Fed-SB's one-off
-  gradient release if it sends one (one step at rate 1), spend at most epsilon.
+  gradient release if it sends one (one step at its Poisson rate), spend at most epsilon.
 - A client keeps its history between rounds (in its node state, not in the worker
   process, which may be rebuilt) and refuses any round that would take it above
   epsilon; from then on its data is never used again.
@@ -102,6 +102,7 @@ class ClientPlan:
     accountant: str = "rdp"
     prior_noise: float | None = None  # each round also releases noised label counts (logit adjustment) at this z
     all_orders: bool = False  # RDP at Opacus's default orders (see :func:`epsilon`)
+    init_rate: float = 1.0  # the init release's Poisson rate: its expected share / the client's examples
 
     @property
     def round_step(self) -> Step:
@@ -109,7 +110,16 @@ class ClientPlan:
 
     @property
     def init_step(self) -> Step:
-        return (self.noise_multiplier, 1.0, 1)
+        return self.init_step_at(self.init_rate)
+
+    def init_step_at(self, rate: float, sigma: float | None = None) -> Step:
+        """Fed-SB's init release as charged: one Gaussian step on a Poisson subsample at ``rate``.
+
+        The subsample takes each record independently with probability ``rate`` (the
+        share the server asked for over the client's examples, at most 1), so the
+        release is a sampled Gaussian mechanism, accounted as one DP-SGD step is.
+        """
+        return (self.noise_multiplier if sigma is None else sigma, min(1.0, rate), 1)
 
     @property
     def round_steps(self) -> list[Step]:
@@ -122,7 +132,7 @@ class ClientPlan:
 
     def planned(self, noise_multiplier: float | None = None) -> list[Step]:
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-        steps = [(sigma, 1.0, 1)] if self.init_release else []
+        steps = [self.init_step_at(self.init_rate, sigma)] if self.init_release else []
         return steps + self._round(sigma) * self.rounds
 
     def spent(self, history: Sequence[Step]) -> float:
@@ -160,9 +170,12 @@ def make_plan(
     rounds: int,
     init_release: bool,
     label_prior: bool = False,
+    init_share: int | None = None,
 ) -> ClientPlan:
     """A client's plan: sigma given, or calibrated to ``cfg.epsilon`` over its scheduled rounds (with
-    ``label_prior``, each round also releases the label counts noised by ``cfg.label_noise``)."""
+    ``label_prior``, each round also releases the label counts noised by ``cfg.label_noise``; with
+    ``init_release``, Fed-SB's init gradient over a Poisson subsample of expected size ``init_share``,
+    all of its examples when None)."""
     plan = ClientPlan(
         noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier is not None else 0.0,
         sample_rate=1 / math.ceil(num_examples / batch_size),
@@ -173,6 +186,7 @@ def make_plan(
         init_release=init_release,
         accountant=cfg.accountant,
         prior_noise=cfg.label_noise if label_prior else None,
+        init_rate=1.0 if init_share is None else min(1.0, init_share / num_examples),
     )
     return _settle(plan, cfg, f"a client with {num_examples} examples")
 

@@ -10,7 +10,7 @@ state (the strategy's ``initialise``: sign, SVD, factors).
 Under DP a client's share is a release: a Poisson subsample of its data drawn with
 private randomness (each record in independently, so one record changes one term),
 each example's gradient clipped to ``privacy.max_grad_norm``, Gaussian noise added,
-charged to its ledger (:mod:`fedlora.privacy`).
+charged to its ledger as one sampled-Gaussian step at the subsample's rate (:mod:`fedlora.privacy`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def client_share(
         raise ValueError("privacy=dp needs the client's accountant history")
     plan = worker.privacy_plan(partition_id)
     g = dp_generator(cfg.privacy, seed_of(Stream.UNSAFE_DP, cfg.seed, client=partition_id))
-    rows = data.select(poisson_subsample(len(data), min(1.0, num_examples / len(data)), generator=g))
+    rate = min(1.0, num_examples / len(data))
+    rows = data.select(poisson_subsample(len(data), rate, generator=g))
     torch.manual_seed(seed)  # dropout, as in training
     batches = DataLoader(rows, batch_size=1, collate_fn=worker.task.collate(worker.tokenizer))
     weights = lora.base_weights(worker.model)
@@ -71,7 +72,7 @@ def client_share(
             noise_multiplier=plan.noise_multiplier,
             generator=g,
         )
-    history.append(plan.init_step)
+    history.append(plan.init_step_at(rate))  # a sampled Gaussian mechanism at the subsample's rate
     return out
 
 

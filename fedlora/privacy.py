@@ -8,8 +8,9 @@ Fed-SB's LoRA-SB gradient (round 0) is a release too (``fedlora.gradient_init``)
 examples are a Poisson subsample of the client's data (:func:`poisson_subsample`:
 each record in independently, so adding or removing one record changes one term of
 the sum), each example's gradient of the base weights is clipped to C and the sum
-gets N(0, sigma^2 C^2) noise (:func:`clip_and_noise`); it is charged as one step at
-rate 1 (no subsampling amplification is claimed).
+gets N(0, sigma^2 C^2) noise (:func:`clip_and_noise`): a sampled Gaussian mechanism,
+charged as one step at the subsample's rate (the share the server asked for over the
+client's examples, at most 1), exactly as a DP-SGD step is.
 
 Randomness. Everything the guarantee rests on (the noise, the Poisson batch masks,
 the init subsample) comes from :func:`private_generator`: a torch generator seeded

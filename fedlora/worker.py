@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from functools import cached_property, partial
 from typing import Any
 
@@ -231,13 +232,15 @@ class Worker:
         """This client's DP-SGD plan (noise calibrated once per process; only with ``privacy=dp``)."""
         if partition_id not in self._plans:
             n, init = len(self.rows(partition_id)), self.strategy.gradient_init
+            round_zero = scheduled(self.cfg, 0)  # the server splits the init's examples among them
             self._plans[partition_id] = make_plan(
                 self.cfg.privacy,
                 num_examples=n,
                 batch_size=self.cfg.train.batch_size,
                 steps=local_steps(self.cfg.train, n),
                 rounds=rounds_taken(self.cfg, partition_id),
-                init_release=init is not None and init.from_clients and partition_id in scheduled(self.cfg, 0),
+                init_release=init is not None and init.from_clients and partition_id in round_zero,
+                init_share=math.ceil(init.samples / len(round_zero)) if init is not None else None,
                 label_prior=bool(self.cfg.train.logit_adjustment),
             )
         return self._plans[partition_id]

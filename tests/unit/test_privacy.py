@@ -9,10 +9,11 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedlora import lora
+from fedlora import gradient_init, lora
 from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
 from fedlora.config import ConfigError, PrivacyConfig
 from fedlora.privacy import LengthSorted, clip_and_noise, dp_sgd
+from fedlora.schedule import scheduled
 from fedlora.task import SequenceClassification
 from fedlora.train import cycle, train_steps
 from fedlora.worker import Worker
@@ -249,3 +250,21 @@ def test_a_dp_round_charges_one_accountant_step_per_logical_batch(make_config) -
     plan = worker.privacy_plan(3)
     assert result.steps == cfg.train.local_steps
     assert history == [(plan.noise_multiplier, plan.sample_rate, 2), (cfg.privacy.label_noise, 1.0, 1)]  # + prior
+
+
+def test_fed_sb_s_init_release_is_charged_at_its_poisson_rate(make_config) -> None:
+    """The init gradient sums a Poisson subsample (each record in with probability share / n): a sampled
+    Gaussian mechanism, charged at that rate, planned so, and at the rate of what the server really asks."""
+    cfg = make_config("strategy=fed_sb", "privacy=dp", "privacy.epsilon=8", "data.synthetic_train=320",
+                      "strategy.init_samples=6")  # fmt: skip
+    worker = Worker(cfg, num_partitions=cfg.clients)
+    round_zero = scheduled(cfg, 0)
+    pid, share = round_zero[0], math.ceil(6 / len(round_zero))
+    plan, n = worker.privacy_plan(pid), len(worker.rows(pid))
+    assert plan.init_release and plan.init_rate == pytest.approx(share / n) and 0 < share / n < 1
+    assert plan.planned()[0] == plan.init_step == (plan.noise_multiplier, share / n, 1)
+    assert plan.spent([plan.init_step]) < plan.spent([plan.init_step_at(1.0)])  # amplification by subsampling
+    for asked, rate in ((share, share / n), (10 * n, 1.0)):  # what the server asks is what the client charges
+        history: list = []
+        gradient_init.client_share(worker, pid, num_examples=asked, history=history)
+        assert history == [(plan.noise_multiplier, pytest.approx(rate), 1)]

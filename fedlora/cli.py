@@ -92,6 +92,12 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
     sweep.add_argument(
+        "--centralised",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with (or without) the centralised reference cell (default: the grid's)",
+    )
+    sweep.add_argument(
         "--level",
         choices=["sample", "user"],
         default=None,
@@ -160,7 +166,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         args.strategies or list(grid_defaults["strategies"]),
         [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
         args.seeds or [int(s) for s in grid_defaults["seeds"]],
-        centralised=bool(grid_defaults["centralised"]),
+        centralised=bool(grid_defaults["centralised"] if args.centralised is None else args.centralised),
         level=args.level or grid_defaults["level"],
     )
     overrides = [*grid_defaults["overrides"], *args.overrides]

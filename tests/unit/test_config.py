@@ -169,6 +169,11 @@ def test_every_sweep_preset_starts_and_composes_in_every_cell(tmp_path, monkeypa
             cfg, _ = compose(cell_overrides(cell, overrides))
             if cell.command == "simulate":
                 assert cfg.strategy.name == cell.strategy and cfg.privacy.any == cell.private
+    # A part of a sweep: without the reference cell, or with it where the grid has none.
+    assert main(["sweep", "privacy", "--preset", "sst2", "--no-centralised", "--out", str(tmp_path / "p")]) == 0
+    assert not any(cell.command == "centralised" for cell in started.pop()[0])
+    assert main(["sweep", "privacy", "--centralised", "--epsilons", "inf", "--out", str(tmp_path / "q")]) == 0
+    assert [cell.command for cell in started.pop()[0]].count("centralised") == 1
     # An override no cell can take stops the sweep before its first cell.
     assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "bad"), "train.lr=-1"]) == 2
     assert not started

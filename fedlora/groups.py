@@ -147,6 +147,9 @@ class TrainConfig:
     local_steps: Optional[int] = 10
     local_epochs: Optional[int] = None
     batch_size: int = 16
+    # compute each batch in length-ordered micro-batches of at most this many examples, accumulating
+    # their gradients: the same update with less padding (under DP: privacy.max_physical_batch_size, or this)
+    micro_batch_size: Optional[int] = None
     optimizer: str = "adamw"  # adamw | sgd, fresh each round
     lr: Optional[float] = None  # None: the strategy's recommended client lr (its config's client_lr)
     lr_schedule: str = "constant"  # constant | cosine (over rounds, to min_lr)
@@ -171,6 +174,7 @@ class TrainConfig:
         require((self.local_steps or 1) >= 1, "train.local_steps must be >= 1")
         require((self.local_epochs or 1) >= 1, "train.local_epochs must be >= 1")
         require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        require(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
         require(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}")
         require(self.lr is None or self.lr > 0, "train.lr must be > 0 (or null: the strategy's default)")
         require(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}")

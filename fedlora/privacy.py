@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedlora.groups import PrivacyConfig
+from fedlora.train import LengthSorted
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def dp_sgd(
 
     With ``max_physical_batch_size``, Opacus's ``BatchMemoryManager`` cuts each logical
     batch into physical batches; given the examples' token ``lengths``, each logical
-    batch is first ordered by length (:class:`LengthSorted`), so that a physical batch
+    batch is first ordered by length (:class:`fedlora.train.LengthSorted`), so that a physical batch
     holds texts of similar lengths and pads little. The logical batch, its clipped sum
     and its noise are unchanged: only the work of padding goes.
     """
@@ -149,27 +150,6 @@ def dp_sgd(
                     yield private, dp_optimizer, physical, private_criterion
         finally:
             private._close()
-
-
-class LengthSorted(torch.utils.data.Sampler[list[int]]):
-    """The batches of ``batches`` (index lists), each ordered by the examples' ``lengths``, shortest first.
-
-    Opacus's ``BatchMemoryManager`` cuts a logical batch into consecutive physical batches,
-    each padded to its longest text. On SST-2's training phrases (13 tokens on average) a
-    random physical batch of 32 pads to about 35 tokens; ordered by length, about 15.
-    A logical batch is a set (one clipped sum, one noise draw), so its order changes nothing
-    the accounting or the update depends on.
-    """
-
-    def __init__(self, batches: Iterable[list[int]], lengths: Sequence[int]) -> None:
-        self.batches, self.lengths = batches, lengths
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches:
-            yield sorted(batch, key=self.lengths.__getitem__)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def poisson_subsample(num_examples: int, rate: float, *, generator: torch.Generator) -> list[int]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,42 @@ class LocalResult:
 
     steps: int
     mean_loss: float
+
+
+class LengthSorted(torch.utils.data.Sampler[list[int]]):
+    """The batches of ``batches`` (index lists), each ordered by the examples' ``lengths``, shortest first.
+
+    A batch cut into consecutive pieces (DP's physical batches, :class:`MicroBatches`) pads
+    each piece to its longest text: on SST-2's training phrases (13 tokens on average) a
+    random piece of 32 pads to about 35 tokens, a length-ordered one to about 15. A batch
+    is a set (one mean gradient; under DP one clipped sum and one noise draw), so its
+    order changes nothing the update or the accounting depends on.
+    """
+
+    def __init__(self, batches: Iterable[list[int]], lengths: Sequence[int]) -> None:
+        self.batches, self.lengths = batches, lengths
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield sorted(batch, key=self.lengths.__getitem__)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class MicroBatches:
+    """Each batch of ``batches`` (lists of examples) as its length-ordered micro-batches of at most
+    ``size`` examples, collated, for :func:`train_steps` to accumulate: the batch's mean gradient
+    with less padding (each micro-batch pads to its own longest text)."""
+
+    def __init__(self, batches: Iterable[list[dict[str, Any]]], *, size: int,
+                 collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]) -> None:  # fmt: skip
+        self.batches, self.size, self.collate = batches, size, collate
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        for batch in self.batches:
+            rows = sorted(batch, key=lambda row: len(row["input_ids"]))
+            yield [self.collate(rows[i : i + self.size]) for i in range(0, len(rows), self.size)]
 
 
 def cycle(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -41,13 +78,25 @@ def train_steps(
     ``after_step`` runs after every optimizer step (e.g. to re-apply a rank mask). A DP
     optimizer under Opacus's ``BatchMemoryManager`` skips its step on every physical batch
     but a logical batch's last: only steps taken are counted, so ``steps`` are logical.
+    A batch given as a list of micro-batches (:class:`MicroBatches`) is one step: each
+    micro-batch's mean loss is weighted by its share of the batch's examples before its
+    backward pass, so the gradients add up to the batch's mean gradient.
     """
     model.train()
     total, seen, taken = 0.0, 0, 0
     while taken < steps:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        loss = loss_fn(model, batch)
-        loss.backward()
+        item = next(batches)
+        parts = item if isinstance(item, list) else [item]
+        examples = sum(len(part["input_ids"]) for part in parts)
+        loss = 0.0
+        for part in parts:
+            part = {k: v.to(device, non_blocking=True) for k, v in part.items()}
+            piece = loss_fn(model, part)
+            if len(parts) > 1:
+                share = len(part["input_ids"]) / examples
+                piece = piece * share
+            piece.backward()  # (under DP with ghost clipping, Opacus's loss object: it runs both passes)
+            loss += piece.item()
         optimizer.step()
         skipped = getattr(optimizer, "_is_last_step_skipped", False)  # Opacus's DPOptimizer, mid logical batch
         optimizer.zero_grad(set_to_none=True)
@@ -55,7 +104,7 @@ def train_steps(
             taken += 1
             if after_step is not None:
                 after_step()
-        total += loss.item()
+        total += loss
         seen += 1
     return LocalResult(steps=taken, mean_loss=total / seen)
 

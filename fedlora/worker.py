@@ -33,7 +33,7 @@ from fedlora.protocol import Protocol
 from fedlora.schedule import rounds_taken, scheduled
 from fedlora.seeds import Stream, generator, seed_of
 from fedlora.task import task_for
-from fedlora.train import LocalResult, cycle, local_steps, make_optimizer, round_lr, train_steps
+from fedlora.train import LocalResult, MicroBatches, cycle, local_steps, make_optimizer, round_lr, train_steps
 from strategies import Strategy, get_strategy_class
 
 log = logging.getLogger(__name__)
@@ -217,16 +217,22 @@ class Worker:
             weight.copy_(w0 + delta[key].to(w0.device) if key in delta else w0)
 
     # -- one client round ------------------------------------------------------------------
-    def shuffled(self, data, *, seed: int) -> DataLoader:
-        """Training batches in a seeded order; also seeds dropout, which draws from torch's global generator."""
+    def shuffled(self, data, *, seed: int, micro: bool = False) -> DataLoader | MicroBatches:
+        """Training batches in a seeded order; also seeds dropout, which draws from torch's global generator.
+
+        ``micro`` (with ``train.micro_batch_size``): the same batches, each as its length-ordered
+        micro-batches (:class:`MicroBatches`)."""
         torch.manual_seed(seed)
-        return DataLoader(
+        pieces = self.cfg.train.micro_batch_size if micro else None
+        collate = self.task.collate(self.tokenizer)
+        batches = DataLoader(
             data,
             batch_size=self.cfg.train.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
-            collate_fn=self.task.collate(self.tokenizer),
+            collate_fn=collate if pieces is None else list,
         )
+        return batches if pieces is None else MicroBatches(batches, size=pieces, collate=collate)
 
     def privacy_plan(self, partition_id: int) -> ClientPlan:
         """This client's DP-SGD plan (noise calibrated once per process; only with ``privacy=dp``)."""
@@ -267,7 +273,8 @@ class Worker:
         mask.apply(self.params)
         lora.set_trainable(self.params, self.protocol.trainable)
         seed = seed_of(Stream.LOCAL_BATCHES, self.cfg.seed, server_round=server_round, client=partition_id)
-        batches = self.shuffled(data, seed=seed)
+        private = self.cfg.privacy.enabled  # DP-SGD cuts its Poisson batches itself (privacy.max_physical_batch_size)
+        batches = self.shuffled(data, seed=seed, micro=not private)
         lr = round_lr(self.cfg.train, server_round, self.cfg.rounds)
         optimizer = make_optimizer(self.cfg.train, [self.params[k] for k in sorted(self.protocol.trainable)], lr=lr)
         train = partial(
@@ -299,7 +306,7 @@ class Worker:
                 grad_sample_mode=privacy.grad_sample_mode,
                 criterion=self.task.criterion(),
                 generator=g,
-                max_physical_batch_size=privacy.max_physical_batch_size,
+                max_physical_batch_size=privacy.max_physical_batch_size or self.cfg.train.micro_batch_size,
                 lengths=self.lengths(partition_id),
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(model, cycle(loader), loss_fn=self._loss(criterion, offset), optimizer=dp_optimizer)

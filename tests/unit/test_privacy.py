@@ -12,10 +12,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedlora import gradient_init, lora
 from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
 from fedlora.config import ConfigError, PrivacyConfig
-from fedlora.privacy import LengthSorted, clip_and_noise, dp_sgd
+from fedlora.privacy import clip_and_noise, dp_sgd
 from fedlora.schedule import scheduled
 from fedlora.task import SequenceClassification
-from fedlora.train import cycle, train_steps
+from fedlora.train import LengthSorted, cycle, train_steps
 from fedlora.worker import Worker
 
 TASK = SequenceClassification()

@@ -113,9 +113,9 @@ class RunConfig:
                 importlib.util.find_spec(module) is not None,
                 f"trackers=[{name}] needs the {module} package: pip install 'fedlora[tracking]'",
             )
+        self._resolve_logit_adjustment()
         self._resolve_weighting()
         self._resolve_lr()
-        self._resolve_logit_adjustment()
         cls = get_strategy_class(self.strategy.name)
         require(
             self.server.optimizer in cls.server_optimizers,
@@ -198,10 +198,18 @@ class RunConfig:
         return plan, z_update, count
 
     def _resolve_weighting(self) -> None:
-        """``strategy.weighting`` null: by example counts, or uniform under DP (counts are private data)."""
+        """``strategy.weighting`` null: by example counts, or uniform where no count may leave a client.
+
+        Under ``privacy=dp`` a client's exact count is private (one record changes it), but with
+        logit adjustment each round already releases its label counts noised (charged to its
+        ledger), and their sum is a noised example count the client may send at no further cost:
+        weighting by it is the default. Without logit adjustment (and without
+        ``privacy.public_counts``) the weighting is uniform."""
         weighting, dp = self.strategy.weighting, self.privacy.enabled
+        noised_counts = dp and bool(self.train.logit_adjustment) and self.privacy.label_noise > 0
         if weighting is None:
-            weighting = "uniform" if dp or self.privacy.user_level else "examples"
+            counts = not dp or self.privacy.public_counts or noised_counts
+            weighting = "examples" if counts and not self.privacy.user_level else "uniform"
             self.strategy = dataclasses.replace(self.strategy, weighting=weighting)
         require(
             not (self.privacy.user_level and weighting == "examples"),
@@ -209,9 +217,10 @@ class RunConfig:
             "update equally, which is what bounds one client's influence",
         )
         require(
-            not (dp and weighting == "examples" and not self.privacy.public_counts),
-            "strategy.weighting=examples under privacy=dp would release each client's exact example count "
-            "unprotected; use strategy.weighting=uniform, or declare the counts public with privacy.public_counts=true",
+            not (dp and weighting == "examples" and not self.privacy.public_counts and not noised_counts),
+            "strategy.weighting=examples under privacy=dp needs a protected count: the noised label counts of "
+            "logit adjustment (train.logit_adjustment > 0), or counts declared public (privacy.public_counts=true); "
+            "or use strategy.weighting=uniform",
         )
 
     @property

@@ -134,6 +134,9 @@ def show_privacy(worker: Any) -> None:
     planned = [epsilon(p.planned(), p.delta, p.accountant) for p in active]
     budget = f"epsilon <= {cfg.privacy.epsilon:g}" if cfg.privacy.epsilon is not None else "no budget"
     randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
+    weighting = cfg.strategy.weighting
+    if weighting == "examples":
+        weighting += " (declared public)" if cfg.privacy.public_counts else " (noised label counts)"
     # Per step the mean of clipped gradients has norm <= C; the noise on it has norm sigma C sqrt(d) / B.
     d = sum(worker.params[k].numel() for k in worker.protocol.trainable)
     ratio = [p.noise_multiplier * d**0.5 / (p.sample_rate * len(worker.rows(pid))) for pid, p in enumerate(plans)
@@ -143,7 +146,7 @@ def show_privacy(worker: Any) -> None:
         f"{min(sigmas):.3g}..{max(sigmas):.3g}, clip {cfg.privacy.max_grad_norm:g}, delta "
         f"{min(p.delta for p in active):.2g}..{max(p.delta for p in active):.2g}, "
         f"{min(p.rounds for p in active)}..{max(p.rounds for p in active)} rounds per client, "
-        f"planned epsilon {min(planned):.3g}..{max(planned):.3g}; weighting {cfg.strategy.weighting}; "
+        f"planned epsilon {min(planned):.3g}..{max(planned):.3g}; weighting {weighting}; "
         f"noise and sampling: {randomness}"
     )
     console.print(

@@ -89,7 +89,25 @@ class SequenceClassification:
         return (criterion or self.criterion())(logits, batch["labels"])
 
     @staticmethod
+    def label_counts(
+        labels: list[int], num_labels: int, *, noise_std: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """How many of ``labels`` have each class (float64); under DP (``noise_std`` > 0) plus N(0, noise_std^2)
+        noise from ``generator`` (a Gaussian release: one record moves one count by 1), floored at 0."""
+        counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+        if noise_std > 0:
+            noise = torch.normal(0.0, noise_std, (num_labels,), generator=generator, dtype=torch.float64)
+            counts = (counts + noise).clamp(min=0.0)
+        return counts
+
+    @staticmethod
+    def prior_offset(counts: torch.Tensor, *, tau: float) -> torch.Tensor:
+        """tau log pi, pi the add-one smoothed frequencies of the class ``counts``."""
+        return (tau * torch.log((counts + 1) / (counts.sum() + len(counts)))).float()
+
+    @classmethod
     def label_offset(
+        cls,
         labels: list[int],
         num_labels: int,
         *,
@@ -106,14 +124,10 @@ class SequenceClassification:
         cross-entropy does under label skew (FedLC, Zhang et al., ICML 2022, corrects the
         same way). Evaluation uses the plain logits.
 
-        Under DP (``noise_std`` > 0) the counts get N(0, noise_std^2) noise from ``generator``
-        first (a Gaussian release: one record moves one count by 1) and are floored at 0.
+        Under DP (``noise_std`` > 0) the counts are noised first (:meth:`label_counts`).
         """
-        counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
-        if noise_std > 0:
-            noise = torch.normal(0.0, noise_std, (num_labels,), generator=generator, dtype=torch.float64)
-            counts = (counts + noise).clamp(min=0.0)
-        return (tau * torch.log((counts + 1) / (counts.sum() + num_labels))).float()
+        counts = cls.label_counts(labels, num_labels, noise_std=noise_std, generator=generator)
+        return cls.prior_offset(counts, tau=tau)
 
     def evaluation_data(
         self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...],

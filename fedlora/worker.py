@@ -180,21 +180,27 @@ class Worker:
             self._lengths[partition_id] = [len(ids) for ids in self.client_data(partition_id)["input_ids"]]
         return self._lengths[partition_id]
 
-    def label_offset(self, partition_id: int, *, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """The client's logit adjustment (``train.logit_adjustment``; None when off). Exact counts are
-        computed once per process; under DP (``generator`` given) they are noised afresh each call."""
+    def label_offset(self, partition_id: int) -> torch.Tensor | None:
+        """The client's logit adjustment from its exact label counts (``train.logit_adjustment``; None when
+        off), computed once per process. Under DP see :meth:`noised_prior`."""
         tau = self.cfg.train.logit_adjustment
         if not tau:
             return None
-        if generator is not None:
-            labels, noise = self.client_data(partition_id)["labels"], self.cfg.privacy.label_noise
-            return self.task.label_offset(
-                labels, len(self.splits.label_names), tau=tau, noise_std=noise, generator=generator
-            )
         if partition_id not in self._offsets:
             labels = self.client_data(partition_id)["labels"]
             self._offsets[partition_id] = self.task.label_offset(labels, len(self.splits.label_names), tau=tau)
         return self._offsets[partition_id]
+
+    def noised_prior(self, partition_id: int, generator: torch.Generator) -> tuple[torch.Tensor | None, int | None]:
+        """Under DP: this round's label counts noised by ``privacy.label_noise`` from ``generator`` (a release,
+        charged with the round); (the logit adjustment they give, the example count they sum to, at least 1).
+        (None, None) when logit adjustment is off."""
+        tau = self.cfg.train.logit_adjustment
+        if not tau:
+            return None, None
+        labels, noise = self.client_data(partition_id)["labels"], self.cfg.privacy.label_noise
+        counts = self.task.label_counts(labels, len(self.splits.label_names), noise_std=noise, generator=generator)
+        return self.task.prior_offset(counts, tau=tau), max(1, round(float(counts.sum())))
 
     # -- loading what the server sent ------------------------------------------------------
     def load(self, received: Tensors) -> None:
@@ -259,12 +265,14 @@ class Worker:
         server_round: int,
         base: Tensors | None = None,
         history: list[Step] | None = None,
-    ) -> tuple[Tensors, int, LocalResult]:
+    ) -> tuple[Tensors, int | None, LocalResult]:
         """Load ``received`` (and base delta ``base``), train on the partition; (payload, num_examples, result).
 
         With ``privacy=dp`` the round is DP-SGD and ``history`` (the client's accountant
         history, kept by the caller between rounds) is extended by this round's steps;
-        the caller checks the budget first (:meth:`ClientPlan.affords`).
+        the caller checks the budget first (:meth:`ClientPlan.affords`). ``num_examples`` is
+        then the sum of the round's noised label counts (None without logit adjustment),
+        unless ``privacy.public_counts`` declares the exact count public.
         """
         data = self.client_data(partition_id)
         self.set_base(base or {})
@@ -284,19 +292,20 @@ class Worker:
             after_step=partial(mask.apply, self.params),
         )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-            result = self._train(train, optimizer, batches, partition_id, server_round, history)
+            result, noised_count = self._train(train, optimizer, batches, partition_id, server_round, history)
         trained = lora.read({k: self.params[k] for k in self.protocol.trainable})  # copy only what was trained
-        return self.strategy.payload(mask.view(trained)), len(data), result
+        exact = not private or self.cfg.privacy.public_counts
+        return self.strategy.payload(mask.view(trained)), len(data) if exact else noised_count, result
 
-    def _train(self, train, optimizer, batches, partition_id: int, server_round: int, history) -> LocalResult:
-        """The round's steps: plain, or DP-SGD (Opacus) charging ``history``."""
+    def _train(self, train, optimizer, batches, partition_id: int, server_round: int, history):
+        """The round's steps: plain, or DP-SGD (Opacus) charging ``history``; (result, noised example count)."""
         if self.cfg.privacy.enabled:
             if history is None:
                 raise ValueError("privacy=dp needs the client's accountant history")
             plan, privacy = self.privacy_plan(partition_id), self.cfg.privacy
             unsafe_seed = seed_of(Stream.UNSAFE_DP, self.cfg.seed, server_round=server_round, client=partition_id)
             g = dp_generator(privacy, unsafe_seed)
-            offset = self.label_offset(partition_id, generator=g)  # noised counts: charged below
+            offset, noised_count = self.noised_prior(partition_id, g)  # charged below
             with dp_sgd(
                 self.model,
                 optimizer,
@@ -311,9 +320,9 @@ class Worker:
             ) as (model, dp_optimizer, loader, criterion):
                 result = train(model, cycle(loader), loss_fn=self._loss(criterion, offset), optimizer=dp_optimizer)
             history.extend(plan.round_steps)
-            return result
+            return result, noised_count
         loss_fn = self._loss(None, self.label_offset(partition_id))
-        return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer)
+        return train(self.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer), None
 
     def _loss(self, criterion, offset: torch.Tensor | None):
         """The task's training loss, with the label offset when there is one (causal LMs take none)."""

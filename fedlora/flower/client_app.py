@@ -104,7 +104,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
         if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client
             metrics[records.TRAIN_LOSS] = result.mean_loss
-        if cfg.strategy.weighting == "examples":  # under DP only with privacy.public_counts
+        if cfg.strategy.weighting == "examples":  # under DP: the noised count, or the exact one if declared public
             metrics[records.NUM_EXAMPLES] = num_examples
     if ledger is not None:
         ledger.save()

@@ -60,8 +60,9 @@ def recovery(guess: dict, truth: dict) -> tuple[float, float]:
 
 def assert_nothing_unprotected(reply: Message) -> None:
     metrics = reply.content[records.METRICS]
-    assert records.TRAIN_LOSS not in metrics and records.NUM_EXAMPLES not in metrics
-    assert set(metrics) <= {records.PARTITION_ID, records.EPSILON, records.REFUSED}
+    assert records.TRAIN_LOSS not in metrics  # a loss on private batches
+    # the example count only as the sum of the noised label counts (test_a_dp_client_sends_only_...)
+    assert set(metrics) <= {records.PARTITION_ID, records.EPSILON, records.REFUSED, records.NUM_EXAMPLES}
 
 
 # -- Fed-SB's init release ---------------------------------------------------------------------
@@ -150,6 +151,23 @@ def test_the_server_cannot_strip_the_noise_of_a_dp_sgd_round(make_config, monkey
     )
     assert private < 0.6 and private_error > 1  # as far off as the noise itself
     assert seeded > 0.95 and seeded_error < 1e-5  # recovered up to float rounding
+
+
+def test_a_dp_client_sends_only_its_noised_example_count(make_config) -> None:
+    """Weighting by examples under DP: the count a client sends is the sum of its noised label counts (the
+    logit adjustment's release, already charged), never the exact one. Seeded here, so the test can redraw it."""
+    from fedlora.task import SequenceClassification
+
+    cfg = make_config(*DP, "train.local_steps=1", "privacy.unsafe_seeded_randomness=true")
+    assert cfg.strategy.weighting == "examples"
+    worker = Worker(cfg, num_partitions=cfg.clients)
+    config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.splits.label_names)}
+    reply = reply_of(cfg, config, records.to_record(worker.protocol.download(worker.initial_state())))
+    sent = reply.content[records.METRICS][records.NUM_EXAMPLES]
+    g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=1, client=PID))
+    labels = worker.client_data(PID)["labels"]
+    noised = SequenceClassification.label_counts(labels, 4, noise_std=cfg.privacy.label_noise, generator=g)
+    assert sent == max(1, round(float(noised.sum()))) and sent != len(labels)
 
 
 def test_private_generators_are_not_reproducible() -> None:

@@ -186,8 +186,8 @@ def test_a_client_refuses_the_round_that_would_exceed_its_budget() -> None:
         (["privacy=dp", "privacy.epsilon=1", "privacy.accountant=gdp"], "privacy.accountant must be one of"),
         (["privacy=dp", "privacy.epsilon=1", "privacy.poisson=false"], "privacy.poisson=false is refused under"),
         (
-            ["privacy=dp", "privacy.epsilon=1", "strategy.weighting=examples"],
-            "strategy.weighting=examples under privacy=dp would release each client's exact example count",
+            ["privacy=dp", "privacy.epsilon=1", "strategy.weighting=examples", "train.logit_adjustment=0"],
+            "strategy.weighting=examples under privacy=dp needs a protected count",
         ),
     ],
 )

@@ -220,10 +220,12 @@ class FlowerRounds:
         if self.cfg.strategy.weighting == "examples":
             known = [self.known_sizes.get(pid) for pid in pids]
             capped = robust.cap_counts(counts, known, ratio=server.max_weight_ratio)
+            noised = self.cfg.privacy.enabled and not self.cfg.privacy.public_counts  # counts off by the DP noise
             for pid, claimed, used in zip(pids, counts, capped, strict=True):
                 if used < claimed:
-                    log.warning("round %d: partition %d claims %d examples; weighted as %d", server_round, pid,
-                                claimed, used)  # fmt: skip
+                    log.log(logging.DEBUG if noised else logging.WARNING,
+                            "round %d: partition %d claims %d examples; weighted as %d", server_round, pid,
+                            claimed, used)  # fmt: skip
             counts = capped
         return payloads, self.strategy.weights(counts), [c.loss for c in checked]
 

@@ -162,12 +162,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     from fedlora.sweep import cell_overrides, defaults, grid, parse_epsilon, run_cells
 
     grid_defaults = defaults(args.name, args.preset)
+    given = {o.lstrip("+").partition("=")[0] for o in args.overrides}  # the command line's keys win over a preset's
+    per_strategy = {
+        name: [o for o in settings if o.lstrip("+").partition("=")[0] not in given]
+        for name, settings in (grid_defaults["strategy_overrides"] or {}).items()
+    }
     cells = grid(
         args.strategies or list(grid_defaults["strategies"]),
         [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
         args.seeds or [int(s) for s in grid_defaults["seeds"]],
         centralised=bool(grid_defaults["centralised"] if args.centralised is None else args.centralised),
         level=args.level or grid_defaults["level"],
+        strategy_overrides=per_strategy,
     )
     overrides = [*grid_defaults["overrides"], *args.overrides]
     for cell in cells:  # bad overrides fail here, not in every cell (each cell as it will run: no privacy keys

@@ -250,6 +250,9 @@ def write_report(folder: Path) -> Path:
         "by the server; 'epsilon spent' is the server's accountant's",
     }
     facts.insert(2, ("privacy level", ", ".join(sorted(levels))))
+    own = {c["strategy"]: c.get("settings") for c in sweep.get("cells", []) if c.get("settings")}
+    if own:  # a preset's per-strategy settings (e.g. Fed-SB's rank), after the shared ones
+        facts.append(("per strategy", "; ".join(f"{name}: {' '.join(s)}" for name, s in sorted(own.items()))))
     notes = (
         f"{len(cells)} finished cells. Every cell: the command's settings with the cell's strategy, seed and "
         f"privacy. Private cells use {'; '.join(meaning[lv] for lv in sorted(levels))} (delta as in the run's "

@@ -9,7 +9,8 @@ client, ``privacy=dp``; user: DP-FedAvg on the server, ``privacy=user``), and
 command-line overrides come after the preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
 cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
 ``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
-centralised reference (``cells/centralised/eps-inf/seed-<s>``). A cell that finished
+centralised reference (``cells/centralised/eps-inf/seed-<s>``); ``strategy_overrides`` (strategy: [overrides])
+gives a strategy its own settings, after the shared ones (a key the command line sets stays the command line's). A cell that finished
 leaves ``cell.json`` and is not run again when the sweep is restarted. The CLI writes
 the report (:mod:`fedlora.report`) at the end.
 """
@@ -44,6 +45,7 @@ class Cell:
     epsilon: float  # math.inf: no DP
     seed: int
     level: str = "sample"  # sample (DP-SGD on the clients) | user (DP-FedAvg on the server)
+    settings: tuple[str, ...] = ()  # the strategy's own overrides (the grid's strategy_overrides), after the shared
 
     @property
     def name(self) -> str:
@@ -64,7 +66,7 @@ class Cell:
             dp = ["privacy=none"]
         else:
             dp = [f"privacy={LEVELS[self.level]}", f"privacy.epsilon={self.epsilon:g}"]
-        return [f"strategy={self.strategy}", f"seed={self.seed}", *dp]
+        return [f"strategy={self.strategy}", *self.settings, f"seed={self.seed}", *dp]
 
 
 def format_epsilon(epsilon: float) -> str:
@@ -92,6 +94,7 @@ def defaults(name: str, preset: str | None = None) -> dict:
     grid_.setdefault("overrides", [])
     grid_.setdefault("centralised", False)
     grid_.setdefault("level", "sample")
+    grid_.setdefault("strategy_overrides", {})
     return grid_
 
 
@@ -102,18 +105,24 @@ def grid(
     *,
     centralised: bool = False,
     level: str = "sample",
+    strategy_overrides: dict[str, list[str]] | None = None,
 ) -> list[Cell]:
+    """The cells: the centralised reference per seed (when asked), then strategy x epsilon x seed, each strategy
+    with its own ``strategy_overrides`` (a preset's per-strategy settings, e.g. Fed-SB's rank)."""
     from strategies import get_strategy_class
 
     if level not in LEVELS:
         raise ConfigError(f"unknown privacy level {level!r}; choose from {list(LEVELS)}")
-    for name in strategies:
+    per_strategy = strategy_overrides or {}
+    for name in [*strategies, *per_strategy]:
         try:
             get_strategy_class(name)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"sweep: {err}") from None
     reference = [Cell(CENTRALISED, math.inf, seed) for seed in seeds] if centralised else []
-    return reference + [Cell(s, e, seed, level) for s in strategies for e in epsilons for seed in seeds]
+    return reference + [
+        Cell(s, e, seed, level, tuple(per_strategy.get(s, ()))) for s in strategies for e in epsilons for seed in seeds
+    ]
 
 
 def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: str = "") -> None:

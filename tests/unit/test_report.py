@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from fedlora.cli import main
+from fedlora.config import ConfigError
 from fedlora.metrics import COLUMNS as METRIC_COLUMNS
 from fedlora.report import PLOTS, write_report
 from fedlora.sweep import CELL, Cell, grid, run_cells
@@ -66,6 +68,34 @@ def test_cells_name_their_privacy() -> None:
     assert Cell("fed_sb", math.inf, 2).overrides() == ["strategy=fed_sb", "seed=2", "privacy=none"]
     assert Cell("fedavg", 4.0, 0).overrides()[-2:] == ["privacy=dp", "privacy.epsilon=4"]
     assert Cell("fedavg", 0.5, 1).name == "fedavg/eps-0.5/seed-1"
+
+
+def test_a_strategy_takes_its_own_settings_after_the_shared_ones(tmp_path: Path, monkeypatch) -> None:
+    """strategy_overrides: only that strategy's cells carry them, after the shared overrides (so they win over the
+    preset's), while a key set on the command line stays the command line's; the report names them."""
+    import fedlora.sweep
+    from fedlora.compose import compose
+    from fedlora.sweep import cell_overrides
+
+    cells = grid(["fedavg", "fed_sb"], [4.0], [0], strategy_overrides={"fed_sb": ["lora.rank=6"]})
+    assert cells[0].settings == () and cells[1].settings == ("lora.rank=6",)
+    ranks = {c.strategy: compose(cell_overrides(c, ["lora.rank=2"]))[0].lora.rank for c in cells}
+    assert ranks == {"fedavg": 2, "fed_sb": 6}
+    with pytest.raises(ConfigError, match="unknown strategy 'fedsdv'"):
+        grid(["fedavg"], [4.0], [0], strategy_overrides={"fedsdv": ["lora.rank=6"]})
+
+    started: list[list] = []
+    monkeypatch.setattr(fedlora.sweep, "run_cells", lambda cells, overrides, out: started.append(cells))
+    monkeypatch.setattr("fedlora.report.write_report", lambda out: out / "report.html")
+    assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "a")]) == 0
+    assert {c.settings for c in started.pop() if c.strategy == "fed_sb"} == {("lora.rank=32",)}
+    assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "b"), "lora.rank=4"]) == 0
+    assert all(c.settings == () for c in started.pop())  # the command line's rank for every strategy
+
+    fake_cell(tmp_path, "fed_sb", 4.0, 0, [0.25, 0.6], eps=3.9)
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": [asdict(c) for c in cells]}))  # as run_cells writes
+    write_report(tmp_path)
+    assert "- **per strategy**: `fed_sb: lora.rank=6`" in (tmp_path / "report.md").read_text()
 
 
 def test_report_and_sweep_refuse_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

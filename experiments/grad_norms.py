@@ -21,6 +21,7 @@ import torch
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--partition", type=int, default=0, help="whose examples (a client's partition id)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -30,7 +31,6 @@ def main() -> int:
     from fedlora import lora
     from fedlora.compose import compose
     from fedlora.gradient_init import client_share, initialise
-    from fedlora.task import TASK
     from fedlora.worker import Worker
 
     cfg, _ = compose(args.overrides)
@@ -41,20 +41,26 @@ def main() -> int:
         state = initialise(worker, state, gradients)
     lora.write(worker.params, state)
     lora.set_trainable(worker.params, worker.protocol.trainable)
-    data = worker.client_data(0).select(range(min(args.examples, len(worker.client_data(0)))))
+    data = worker.client_data(args.partition)
+    data = data.shuffle(seed=cfg.seed).select(range(min(args.examples, len(data))))
+    tau = cfg.train.logit_adjustment  # the client's loss as it trains: logit-adjusted by its own label mix
+    labels = worker.client_data(args.partition)["labels"]
+    offset = worker.task.label_offset(labels, len(worker.splits.label_names), tau=tau) if tau else None
     model = GradSampleModule(worker.model)
     model.train()
     norms = []
-    for batch in DataLoader(data, batch_size=32, collate_fn=TASK.collate(worker.tokenizer)):
+    for batch in DataLoader(data, batch_size=32, collate_fn=worker.task.collate(worker.tokenizer)):
         model.zero_grad()
-        TASK.loss(model, batch).backward()
+        worker.task.loss(model, batch, offset=offset).backward()
         per_sample = [worker.params[k].grad_sample.flatten(1) for k in sorted(worker.protocol.trainable)]
         norms.append(torch.cat(per_sample, dim=1).norm(dim=1))  # Opacus undoes the mean reduction itself
     model._close()
     norms = torch.cat(norms)
     quantiles = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
-    print(f"strategy={cfg.strategy.name}: {len(norms)} examples, per-sample gradient norm")
+    print(f"strategy={cfg.strategy.name} partition {args.partition}: {len(norms)} examples, per-sample gradient norm")
     print("  q10 {:.3g}  q25 {:.3g}  median {:.3g}  q75 {:.3g}  q90 {:.3g}".format(*quantiles.tolist()))
+    for clip in (1.0, 2.0, 5.0):
+        print(f"  clip {clip:g}: {(norms > clip).float().mean():.0%} of the examples clipped")
     return 0
 
 

@@ -9,10 +9,11 @@ client, ``privacy=dp``; user: DP-FedAvg on the server, ``privacy=user``), and
 command-line overrides come after the preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
 cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
 ``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
-centralised reference (``cells/centralised/eps-inf/seed-<s>``); ``strategy_overrides`` (strategy: [overrides])
-gives a strategy its own settings, after the shared ones (a key the command line sets stays the command line's). A cell that finished
-leaves ``cell.json`` and is not run again when the sweep is restarted. The CLI writes
-the report (:mod:`fedlora.report`) at the end.
+centralised reference (``cells/centralised/eps-inf/seed-<s>``); ``strategy_overrides``
+(strategy: [overrides]) gives a strategy its own settings, after the shared ones (a key
+the command line sets stays the command line's). A cell that finished leaves
+``cell.json`` and is not run again when the sweep is restarted. The CLI writes the
+report (:mod:`fedlora.report`) at the end.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class RunConfig:
         )
         require(
             not (self.task == "causal_lm" and self.model.pooling != "cls"),
-            f"model.pooling={self.model.pooling} is for encoder classifiers; task=causal_lm has no pooling",
+            f"task=causal_lm has no pooling: model.pooling={self.model.pooling} is for encoder classifiers "
+            f"(model {self.model.name!r}); use a causal LM (model=smollm2, model=tiny_llama) or task=classification",
         )
         for name in self.trackers:
             require(name in TRACKERS, f"unknown tracker {name!r}; choose from {list(TRACKERS)}")

@@ -132,7 +132,12 @@ def test_labelled_test_loss_read_off_the_ranking_equals_the_response_loss_of_a_f
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=minilm", "task=causal_lm"], "task=causal_lm needs a decoder model; model 'minilm' is an encoder"),
+        # MiniLM's preset pools by the mean, which the config refuses first for a causal LM
+        (["model=minilm", "task=causal_lm"], "is for encoder classifiers (model 'minilm'); use a causal LM"),
+        (
+            ["model=minilm", "model.pooling=cls", "task=causal_lm"],
+            "task=causal_lm needs a decoder model; model 'minilm'",
+        ),
         (["train.max_seq_len=20"], "train.max_seq_len=20 leaves no room for a response"),
         (["model.load_in_4bit=true"], "model.load_in_4bit needs a CUDA GPU"),
         (["data=files", "data.path=INSTRUCTIONS"], "instruction records need an output column"),

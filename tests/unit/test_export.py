@@ -58,7 +58,8 @@ def test_a_minilm_adapter_names_its_hub_base_which_resolves_offline_to_the_packa
 
     from fedlora.compose import compose
 
-    cfg, _ = compose(["data.synthetic_train=40", "data.synthetic_test=8", "clients=2"])
+    # plain peft reads the [CLS] pooler: MiniLM's default mean pooling reloads through load_exported (test_pooling)
+    cfg, _ = compose(["data.synthetic_train=40", "data.synthetic_test=8", "clients=2", "model.pooling=cls"])
     worker = Worker(cfg, num_partitions=2)
     folder = export_adapter(worker, trained(worker), tmp_path / "adapter")
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == cfg.model.hub_id

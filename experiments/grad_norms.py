@@ -41,10 +41,10 @@ def main() -> int:
         state = initialise(worker, state, gradients)
     lora.write(worker.params, state)
     lora.set_trainable(worker.params, worker.protocol.trainable)
-    data = worker.client_data(args.partition)
-    data = data.shuffle(seed=cfg.seed).select(range(min(args.examples, len(data))))
+    partition = worker.client_data(args.partition)
+    data = partition.shuffle(seed=cfg.seed).select(range(min(args.examples, len(partition))))
     tau = cfg.train.logit_adjustment  # the client's loss as it trains: logit-adjusted by its own label mix
-    labels = worker.client_data(args.partition)["labels"]
+    labels = partition["labels"]
     offset = worker.task.label_offset(labels, len(worker.splits.label_names), tau=tau) if tau else None
     model = GradSampleModule(worker.model)
     model.train()

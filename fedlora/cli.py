@@ -159,12 +159,12 @@ def run_centralised(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from fedlora.report import write_report
-    from fedlora.sweep import cell_overrides, defaults, grid, parse_epsilon, run_cells
+    from fedlora.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
 
     grid_defaults = defaults(args.name, args.preset)
-    given = {o.lstrip("+").partition("=")[0] for o in args.overrides}  # the command line's keys win over a preset's
+    given = {override_key(o) for o in args.overrides}  # the command line's keys win over a preset's
     per_strategy = {
-        name: [o for o in settings if o.lstrip("+").partition("=")[0] not in given]
+        name: [o for o in settings if override_key(o) not in given]
         for name, settings in (grid_defaults["strategy_overrides"] or {}).items()
     }
     cells = grid(

@@ -172,19 +172,21 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
                 console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}")
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets (``+a.b=1`` -> ``a.b``)."""
+    return override.lstrip("+").partition("=")[0]
+
+
 def cell_overrides(cell: Cell, overrides: list[str]) -> list[str]:
     """The sweep's shared overrides as this cell can take them (no privacy keys without DP, none of the other
     level's), then the cell's own."""
     from fedlora.compose import SAMPLE_ONLY, USER_ONLY
 
-    def key(override: str) -> str:
-        return override.lstrip("+").partition("=")[0]
-
     if not cell.private:
-        shared = [o for o in overrides if not key(o).startswith("privacy.")]
+        shared = [o for o in overrides if not override_key(o).startswith("privacy.")]
     else:
         other = SAMPLE_ONLY if cell.level == "user" else USER_ONLY
-        shared = [o for o in overrides if key(o).removeprefix("privacy.") not in other]
+        shared = [o for o in overrides if override_key(o).removeprefix("privacy.") not in other]
     return [*shared, *cell.overrides()]
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_strategies import run  # the same resumable runner as the encoder comparison
 
-from fedlora.console import human_bytes as human
-from fedlora.metrics import METRICS, read_metrics
+from fedlora.outputs.console import human_bytes as human
+from fedlora.outputs.metrics import METRICS, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ag_news"
@@ -67,8 +67,8 @@ def measure(overrides: list[str], rounds: int) -> dict[str, float]:
     """One client's seconds per local step and peak RSS, in this (fresh) process with one thread."""
     import torch
 
-    from fedlora.compose import compose
-    from fedlora.worker import Worker
+    from fedlora.config.compose import compose
+    from fedlora.learning.worker import Worker
 
     torch.set_num_threads(1)
     cfg, _ = compose(overrides)

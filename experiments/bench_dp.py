@@ -36,8 +36,8 @@ def rss_mb() -> float:
 
 
 def one(mode: str, rounds: int, overrides: list[str]) -> dict:
-    from fedlora.compose import compose
-    from fedlora.worker import Worker
+    from fedlora.config.compose import compose
+    from fedlora.learning.worker import Worker
 
     dp = (
         []

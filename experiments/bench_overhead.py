@@ -5,7 +5,7 @@ Runs R rounds of C client rounds (MiniLM, LoRA, S local steps each) twice:
 * simulation: ``fedlora``'s ServerApp/ClientApp on Flower's simulation engine with Ray,
   one actor per ``simulation.num_cpus`` cores (so all cores train clients in parallel);
 * plain loop: the same client rounds (same partitions, seeds, batches and FedAvg) called
-  directly on :class:`fedlora.worker.Worker` objects, with no Flower and no Ray, in one of
+  directly on :class:`fedlora.learning.worker.Worker` objects, with no Flower and no Ray, in one of
   two shapes (``--plain``): ``threads``, one process with torch using every core (what a
   person would write first), or ``processes``, a pool with one single-thread process per
   client slot, the same parallel shape as the simulation, so that the ratio isolates what
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedlora.config import RunConfig
+    from fedlora.config.run import RunConfig
+    from fedlora.learning.worker import Worker
     from fedlora.lora import Tensors
-    from fedlora.worker import Worker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news"
 
@@ -50,10 +50,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra fedlora overrides")
     args = parser.parse_args()
 
-    from fedlora.compose import compose
-    from fedlora.console import setup_logging
+    from fedlora.config.compose import compose
     from fedlora.flower.simulation import run_flower_simulation
-    from fedlora.metrics import METRICS, read_metrics
+    from fedlora.outputs.console import setup_logging
+    from fedlora.outputs.metrics import METRICS, read_metrics
 
     setup_logging(verbose=False)
     logging.getLogger("fedlora").setLevel(logging.WARNING)
@@ -97,7 +97,7 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
 
     import torch
 
-    from fedlora.worker import Worker
+    from fedlora.learning.worker import Worker
 
     torch.set_num_threads(cores)
     worker = Worker(cfg, num_partitions=cfg.clients)
@@ -130,8 +130,8 @@ _PROCESS_WORKER = None
 def _init_process(cfg: RunConfig) -> None:
     import torch
 
-    from fedlora.console import setup_logging
-    from fedlora.worker import Worker
+    from fedlora.learning.worker import Worker
+    from fedlora.outputs.console import setup_logging
 
     global _PROCESS_WORKER
     setup_logging(verbose=False)

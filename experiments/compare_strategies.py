@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.console import human_bytes as human
-from fedlora.metrics import METRICS, read_metrics
+from fedlora.outputs.console import human_bytes as human
+from fedlora.outputs.metrics import METRICS, read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
 HEADER = (

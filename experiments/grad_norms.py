@@ -29,9 +29,9 @@ def main() -> int:
     from torch.utils.data import DataLoader
 
     from fedlora import lora
-    from fedlora.compose import compose
-    from fedlora.gradient_init import client_share, initialise
-    from fedlora.worker import Worker
+    from fedlora.config.compose import compose
+    from fedlora.learning.gradient_init import client_share, initialise
+    from fedlora.learning.worker import Worker
 
     cfg, _ = compose(args.overrides)
     worker = Worker(cfg, num_partitions=cfg.clients).warm_up()

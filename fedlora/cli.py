@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora import deploy_cli
-from fedlora.compose import GROUPS, HYDRA_KEYS, compose, group_options
-from fedlora.config import ConfigError, RunFailed
-from fedlora.console import console, err_console, setup_logging
+from fedlora.commands import deploy as deploy_cli
+from fedlora.config.compose import GROUPS, HYDRA_KEYS, compose, group_options
+from fedlora.config.run import ConfigError, RunFailed
+from fedlora.outputs.console import console, err_console, setup_logging
 
 EXIT_USAGE = 2
 
@@ -125,12 +125,12 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from fedlora.launch import simulate
+    from fedlora.commands.simulate import simulate
 
     overrides = list(args.overrides)
     hydra = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in HYDRA_KEYS}
     if args.multirun:
-        from fedlora.multirun import multirun
+        from fedlora.commands.multirun import multirun
 
         return multirun(overrides, sweep_dir=hydra.get("hydra.sweep.dir"), verbose=args.verbose)
     if "hydra.run.dir" in hydra:  # Hydra's name for the run's folder
@@ -149,8 +149,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_centralised(args: argparse.Namespace) -> int:
-    from fedlora.centralised import overrides_for
-    from fedlora.launch import centralised
+    from fedlora.commands.centralised import overrides_for
+    from fedlora.commands.simulate import centralised
 
     overrides = overrides_for(list(args.overrides))
     cfg, composed = compose(overrides)
@@ -158,8 +158,8 @@ def run_centralised(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from fedlora.report import write_report
-    from fedlora.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
+    from fedlora.commands.report import write_report
+    from fedlora.commands.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
 
     grid_defaults = defaults(args.name, args.preset)
     given = {override_key(o) for o in args.overrides}  # the command line's keys win over a preset's
@@ -185,7 +185,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fedlora.predict import predict
+    from fedlora.commands.predict import predict
 
     texts = list(args.texts)
     if args.file is not None:
@@ -200,7 +200,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from fedlora.predict import generate, merge
+    from fedlora.commands.predict import generate, merge
 
     if not (args.adapter / "fedlora.json").is_file():
         raise ConfigError(f"{args.adapter} is not a fedlora export (no fedlora.json in it)")
@@ -215,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from fedlora.report import write_report
+    from fedlora.commands.report import write_report
 
     if not (args.folder / "cells").is_dir():
         raise ConfigError(f"{args.folder} is not a sweep folder (no cells/ in it)")

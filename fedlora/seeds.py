@@ -2,7 +2,7 @@
 
 Each stream is a seed per (run seed, round, client), hashed so that streams and
 tuples are independent. What a DP guarantee rests on never comes from here
-(:func:`fedlora.privacy.dp_generator`), except on the explicitly unsafe switch.
+(:func:`fedlora.privacy.dp_sgd.dp_generator`), except on the explicitly unsafe switch.
 
 The tags keep the values the streams have always had, so that runs stay
 bit-for-bit reproducible across versions.

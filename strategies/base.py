@@ -16,10 +16,10 @@ travel with the payload when the run trains them and are averaged with the same 
 A method's extra steps are declared here and carried out elsewhere, once:
 - ``fold(state, payloads, p)``: low-rank factors (A_f, B_f per module) whose product
   s * B_f A_f the server and every client add to W0 (FLoRA, FedEx; the default folds
-  nothing); ``fedlora.folding`` keeps nodes that skipped rounds in step.
+  nothing); ``fedlora.federation.folding`` keeps nodes that skipped rounds in step.
 - ``gradient_init``: a :class:`GradientInit` when the state is initialised from
   base-weight gradients before round 1 (Fed-SB's LoRA-SB), else None;
-  ``fedlora.gradient_init`` runs it and calls ``initialise``.
+  ``fedlora.learning.gradient_init`` runs it and calls ``initialise``.
 - ``client_rank``: the rank each client trains (FLoRA's heterogeneous ranks;
   ``fedlora.lora.RankMask`` applies it); ``start``: what a client loads at the start
   of a round (FLoRA's fresh adapter); ``prepare_model``: changes to the peft model

@@ -36,7 +36,7 @@ authors' code:
   metrics.csv. A file path instead: a public calibration set, in the data
   set's format and labels, that the server uses itself (no upload).
 - Under DP, that gradient is a release of private data. The authors' code leaves
-  it unprotected; here (``fedlora.privacy``) each client takes a Poisson subsample
+  it unprotected; here (``fedlora.privacy.dp_sgd``) each client takes a Poisson subsample
   of its data with private randomness, clips each example's gradient, adds Gaussian
   noise to the sum and charges the release to its privacy ledger; or the gradient
   comes from a public calibration file and nothing is released.

@@ -13,7 +13,7 @@ factored form, B_res = [B_1 | ... | B_K | B_bar] and A_res = [p_1 A_1; ...; p_K 
 -A_bar], of rank (K + 1) r, which is smaller than the dense d_out x d_in matrix
 whenever (K + 1) r (d_out + d_in) < d_out d_in (about 4x smaller for MiniLM's
 384 x 384 with K = 5, r = 8). A node that skipped rounds receives the residuals of
-the rounds it missed, or their dense sum when that is smaller (``fedlora/folding.py``).
+the rounds it missed, or their dense sum when that is smaller (``fedlora/federation/folding.py``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ over the replies); their FedAvg path averages client 0's weights only (a misspel
 variable), which is not repeated in ``fedavg.py``; and they simulate every client
 on one shared model, so clients that skip rounds never arise. Here such a client
 catches up by receiving the stacked factors of the rounds it missed, or the
-accumulated delta when that is smaller (``fedlora/folding.py``).
+accumulated delta when that is smaller (``fedlora/federation/folding.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """User-level DP-FedAvg (McMahan et al., ICLR 2018) with adaptive clipping (Andrew et al., NeurIPS 2021).
 
 Pure tensor math; the server (``fedlora.flower.rounds``) samples the cohort, calls
-these functions and charges the accountant (``fedlora.accounting.user_plan``).
+these functions and charges the accountant (``fedlora.privacy.accounting.user_plan``).
 
 One round, for a cohort in which each of N clients took part independently with
 probability q (expected size m = q N):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.compose import compose
-from fedlora.config import RunConfig
+from fedlora.config.compose import compose
+from fedlora.config.run import RunConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -55,7 +55,7 @@ class LocalGrid:
 
 def run_in_process(cfg) -> Path:
     """``cfg``'s run on the real ServerApp and one fedlora ClientApp per partition, in this process."""
-    from fedlora.appconfig import run_config_for
+    from fedlora.config.app import run_config_for
     from fedlora.flower import records
     from fedlora.flower.client_app import make_client_app
     from fedlora.flower.server_app import run_server

@@ -1,9 +1,9 @@
 """The ClientApp: trains the received adapter on this node's partition.
 
-All heavy state lives in :mod:`fedlora.worker`'s per-process cache, not in this
+All heavy state lives in :mod:`fedlora.learning.worker`'s per-process cache, not in this
 app's closure: Ray ships the ClientApp by value with every message, so the closure
 holds only the App run config (a few hundred bytes); the config is read as the
-ServerApp reads it (:func:`fedlora.appconfig.from_run_config`, cached per process).
+ServerApp reads it (:func:`fedlora.config.app.from_run_config`, cached per process).
 What a node must keep between rounds (tensors fixed for the run, sent once; its base
 delta; its DP ledger) lives in its ``context.state``.
 """
@@ -17,15 +17,15 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import gradient_init
-from fedlora.accounting import Step
-from fedlora.appconfig import from_run_config
-from fedlora.config import RunConfig
-from fedlora.console import quiet_libraries
+from fedlora.config.app import from_run_config
+from fedlora.config.run import RunConfig
+from fedlora.federation.folding import catch_up
 from fedlora.flower import records
-from fedlora.folding import catch_up
+from fedlora.learning import gradient_init
+from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Tensors
-from fedlora.worker import Worker, get_worker
+from fedlora.outputs.console import quiet_libraries
+from fedlora.privacy.accounting import Step
 
 
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:

@@ -19,11 +19,11 @@ from typing import TypeVar
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedlora import stopping
-from fedlora.accounting import Step
+from fedlora.federation import stopping
 from fedlora.flower import records
 from fedlora.flower.replies import Reply, parse_reply
-from fedlora.metrics import RoundStats
+from fedlora.outputs.metrics import RoundStats
+from fedlora.privacy.accounting import Step
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import stopping
+from fedlora.federation import stopping
 from fedlora.flower import records
 
 log = logging.getLogger(__name__)

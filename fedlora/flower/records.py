@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedlora.accounting import Step
-from fedlora.folding import FoldUpdate
+from fedlora.federation.folding import FoldUpdate
 from fedlora.lora import AdapterKey, Tensors
+from fedlora.privacy.accounting import Step
 
 ARRAYS = "arrays"
 CONFIG = "config"

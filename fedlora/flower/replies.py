@@ -6,7 +6,7 @@ flipped bit or an attacker. :func:`parse_reply` turns a reply's records into a t
 unknown metrics, wrong types, non-finite numbers, a malformed DP ledger, tensor names
 that are not adapter keys). Nothing here raises: the server logs the reason with the
 node id and the round goes on. Whether the tensors fit what the client was sent (keys,
-shapes, finiteness, update norm) is :mod:`fedlora.validation`'s, which knows the round.
+shapes, finiteness, update norm) is :mod:`fedlora.federation.validation`'s, which knows the round.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedlora.accounting import Step
 from fedlora.flower import records
 from fedlora.lora import Tensors
+from fedlora.privacy.accounting import Step
 
 RECORDS = {records.METRICS, records.ARRAYS, records.PRIVACY}
 METRIC_KEYS = {

@@ -1,8 +1,8 @@
 """The server's rounds on Flower: sample, send, collect, validate, aggregate. It owns the global state.
 
 :class:`FlowerRounds` holds the pure :class:`strategies.Strategy` (the math), the
-:class:`fedlora.protocol.Protocol` (what each client is sent and must reply), one
-:class:`NodeState` per client node and the :class:`fedlora.folding.FoldLog` of base
+:class:`fedlora.federation.protocol.Protocol` (what each client is sent and must reply), one
+:class:`NodeState` per client node and the :class:`fedlora.federation.folding.FoldLog` of base
 weights that change (empty for strategies that fold nothing). It derives from no
 Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
 
@@ -17,7 +17,7 @@ Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
   none: the aggregate itself), after which the strategy may re-parameterise (FedSVD).
 - Every reply goes through :func:`fedlora.flower.collect.collect` (ordering by
   partition, failures, DP ledgers and refusals, byte counts) and is checked against
-  what the protocol says the client must send (:mod:`fedlora.validation`); a round
+  what the protocol says the client must send (:mod:`fedlora.federation.validation`); a round
   with fewer than ``server.min_replies`` good replies leaves the state unchanged.
 - Fed-SB's round 0 (its clients' base-weight gradients) is collected the same way.
 """
@@ -32,20 +32,20 @@ from functools import partial
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import stopping
-from fedlora.accounting import Step
-from fedlora.config import RunConfig
+from fedlora.config.run import RunConfig
+from fedlora.federation import stopping
+from fedlora.federation.folding import FoldLog, FoldUpdate
+from fedlora.federation.protocol import Protocol
+from fedlora.federation.schedule import sample_partitions
+from fedlora.federation.validation import reject_reason
 from fedlora.flower import records
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
 from fedlora.flower.discovery import JOIN_ASKS, JOIN_TIMEOUT_S, ask_new_nodes
 from fedlora.flower.replies import Reply
-from fedlora.folding import FoldLog, FoldUpdate
 from fedlora.lora import Tensors
-from fedlora.metrics import RoundStats
-from fedlora.protocol import Protocol
-from fedlora.schedule import sample_partitions
-from fedlora.user_level import UserLevelDP
-from fedlora.validation import reject_reason
+from fedlora.outputs.metrics import RoundStats
+from fedlora.privacy.accounting import Step
+from fedlora.privacy.user_level import UserLevelDP
 from strategies import robust
 from strategies.base import GradientInit
 from strategies.server_opt import ServerOptimizer

@@ -1,7 +1,7 @@
 """The ServerApp: one federated run, the same in simulation and deployment.
 
 Both read the run's config the same way, from the Flower App's run config
-(:func:`fedlora.appconfig.from_run_config`): a deployment from ``context.run_config``,
+(:func:`fedlora.config.app.from_run_config`): a deployment from ``context.run_config``,
 a simulation from the closure of :func:`make_server_app` (``run_simulation`` takes
 no run config). The round loop is :class:`fedlora.flower.rounds.FlowerRounds`'; this
 module discovers the nodes, resumes, evaluates, checkpoints and exports.
@@ -22,9 +22,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
-from fedlora import gradient_init
-from fedlora.appconfig import from_run_config
-from fedlora.checkpoint import (
+from fedlora.config.app import from_run_config
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.flower.discovery import FederationError, discover_partitions
+from fedlora.flower.rounds import FlowerRounds
+from fedlora.learning import gradient_init
+from fedlora.learning.worker import Worker, get_worker
+from fedlora.lora import Role
+from fedlora.outputs.checkpoint import (
     CHECKPOINT,
     SERVER_OPTIMIZER,
     read_checkpoint,
@@ -32,16 +37,11 @@ from fedlora.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
-from fedlora.config import ConfigError, RunConfig
-from fedlora.console import quiet_libraries, round_line, summary_text
-from fedlora.export import export_adapter
-from fedlora.flower.discovery import FederationError, discover_partitions
-from fedlora.flower.rounds import FlowerRounds
-from fedlora.lora import Role
-from fedlora.metrics import METRICS, MetricsLog, columns, round_row, summarise
-from fedlora.privacy import UNSAFE_WARNING
-from fedlora.tracking import open_trackers
-from fedlora.worker import Worker, get_worker
+from fedlora.outputs.console import quiet_libraries, round_line, summary_text
+from fedlora.outputs.export import export_adapter
+from fedlora.outputs.metrics import METRICS, MetricsLog, columns, round_row, summarise
+from fedlora.outputs.tracking import open_trackers
+from fedlora.privacy.dp_sgd import UNSAFE_WARNING
 
 log = logging.getLogger(__name__)
 

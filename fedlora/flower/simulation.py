@@ -1,7 +1,7 @@
 """Flower's simulation engine (Ray) around the same ServerApp and ClientApp a deployment runs.
 
 The apps receive the run's config as a deployment gives it, the Flower App run config
-(:func:`fedlora.appconfig.run_config_for`), by closure: ``run_simulation`` takes no
+(:func:`fedlora.config.app.run_config_for`), by closure: ``run_simulation`` takes no
 run config. Each virtual client gets ``simulation.num_cpus`` CPUs and
 ``simulation.num_gpus`` GPUs from Ray (fractions share a GPU); Ray sets each actor's
 thread count to its CPUs.
@@ -13,11 +13,11 @@ import logging
 import os
 import sys
 
-from fedlora.appconfig import run_config_for
-from fedlora.config import RunConfig
+from fedlora.config.app import run_config_for
+from fedlora.config.run import RunConfig
+from fedlora.federation.stopping import Interrupted, Signals, stop_on_signals
 from fedlora.flower.client_app import make_client_app
 from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
-from fedlora.stopping import Interrupted, Signals, stop_on_signals
 
 
 def run_flower_simulation(
@@ -31,7 +31,7 @@ def run_flower_simulation(
     ``on_progress(replies, messages)`` as a round's replies arrive.
 
     Returns the signal that stopped the run, if one did: Ctrl-C or SIGTERM stop it at the
-    server's next wait (:mod:`fedlora.stopping`), Ray is shut down, and the output folder
+    server's next wait (:mod:`fedlora.federation.stopping`), Ray is shut down, and the output folder
     holds the last finished round's checkpoint and metrics.
     """
     from flwr.simulation import run_simulation

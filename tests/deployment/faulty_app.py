@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.appconfig import from_run_config
+from fedlora.config.app import from_run_config
 from fedlora.flower import client_app, records
 
 FAULTS = {1: {1: "nan", 2: "nan"}, 2: {1: "shape", 2: "shape"}, 3: {1: "missing", 2: "scale"}}

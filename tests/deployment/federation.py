@@ -1,6 +1,6 @@
 """A real Flower federation on 127.0.0.1: one SuperLink (TLS, node auth) and SuperNodes, as processes.
 
-Commands come from :mod:`fedlora.deploy`, the same helpers ``fedlora deploy`` and the
+Commands come from :mod:`fedlora.deploy.setup`, the same helpers ``fedlora deploy`` and the
 docker images use. Every process gets its own log file and process group; ``stop``
 kills by process id, and ``close`` stops them all.
 """
@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlora import deploy
-from fedlora.appconfig import run_config_for
-from fedlora.compose import compose
+from fedlora.config.app import run_config_for
+from fedlora.config.compose import compose
+from fedlora.deploy import setup as deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 

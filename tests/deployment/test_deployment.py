@@ -84,7 +84,7 @@ def start_nodes(fed: Federation, n: int) -> None:
 
 
 def _netns_runs() -> bool:
-    from fedlora import netns
+    from tools import netns
 
     try:
         netns.check_available()

@@ -1,6 +1,6 @@
 """Deployment across network namespaces: one host per namespace, real addresses, links cut and restored.
 
-One federation (:mod:`fedlora.netns`: a switch, the SuperLink at 10.77.0.1, the user
+One federation (:mod:`tools.netns`: a switch, the SuperLink at 10.77.0.1, the user
 at 10.77.0.2, three SuperNodes at 10.77.0.11-13) is built with docs/deployment.md's
 commands and shared by these tests, in order. Cutting a link drops its packets (no
 connection is reset), as a pulled cable or a dead route does. Everything is removed at
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import deploy, netns
-from fedlora.compose import compose
+from fedlora.config.compose import compose
+from fedlora.deploy import setup as deploy
 from tests.deployment.test_deployment import assert_same_run, finished, rows
 from tests.local_grid import run_in_process
+from tools import netns
 
 # One pytest-xdist group: the tests share one federation (a module fixture) at fixed addresses, in order, so
 # they run on one worker; tests/deployment/test_deployment.py is another group.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.cli import main
-from fedlora.compose import compose
+from fedlora.config.compose import compose
 from strategies import STRATEGIES
 from tests.local_grid import run_in_process
 

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
-from fedlora.appconfig import run_config_for
+from fedlora.config.app import run_config_for
 from fedlora.flower import client_app, records
 from fedlora.flower.server_app import run_server
 from fedlora.lora import AdapterKey
@@ -97,7 +97,7 @@ def honest(run_config: dict) -> ClientApp:
 
 def attacker(run_config: dict, corrupt: Callable[[int, Records], Records | None]) -> ClientApp:
     """A ClientApp that computes its honest reply, then ``corrupt(round, records)`` (None: it fails)."""
-    from fedlora.appconfig import from_run_config
+    from fedlora.config.app import from_run_config
 
     app = ClientApp()
 

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedlora.cli import main
-from fedlora.config import RunFailed
-from fedlora.launch import check_aggregated
+from fedlora.commands.simulate import check_aggregated
+from fedlora.config.run import RunFailed
 from tests.conftest import TINY
 from tests.local_grid import run_in_process
 
@@ -55,7 +55,7 @@ def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(make_config, tmp_p
 
 
 def test_overwrite_replaces_only_the_runs_outputs(make_config, tmp_path) -> None:
-    from fedlora.launch import clear_outputs, held_outputs
+    from fedlora.commands.simulate import clear_outputs, held_outputs
 
     out = local_run(make_config, tmp_path)
     (out / "mine.txt").write_text("keep")
@@ -103,7 +103,7 @@ TAMPERING = {
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    from fedlora.compose import compose
+    from fedlora.config.compose import compose
 
     return local_run(lambda *o: compose([*TINY, *o])[0], tmp_path_factory.mktemp("finished"))
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.schedule import sample_partitions
+from fedlora.config.compose import compose
+from fedlora.federation.schedule import sample_partitions
 from tests.local_grid import run_in_process
 
 pytestmark = pytest.mark.slow

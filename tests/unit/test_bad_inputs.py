@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.config import ConfigError
-from fedlora.data import load_splits
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError
+from fedlora.learning.data import load_splits
 
 GOOD = "text,label\n" + "".join(f"text number {i},{i % 3}\n" for i in range(30))
 
@@ -54,10 +54,10 @@ def test_an_unreadable_file_exits_2(tmp_path: Path, capsys) -> None:
 
 def test_a_run_that_aggregated_nothing_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
     import fedlora.flower.simulation
-    from fedlora.stopping import Signals
+    from fedlora.federation.stopping import Signals
 
     def nothing_accepted(cfg, **_):  # every reply of every round rejected
-        from fedlora.metrics import MetricsLog, RoundStats, columns, round_row
+        from fedlora.outputs.metrics import MetricsLog, RoundStats, columns, round_row
 
         log = MetricsLog(Path(cfg.output_dir) / "metrics.csv", columns(cfg.privacy, ()))
         for r in range(cfg.rounds + 1):

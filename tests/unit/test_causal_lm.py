@@ -12,10 +12,10 @@ import torch
 from opacus import GradSampleModule
 
 from fedlora import lora
-from fedlora.causal_lm import CausalLM, CausalLMLoss, Evaluation, question, ranking_scores, render
-from fedlora.compose import compose
-from fedlora.export import export_adapter, load_exported
-from fedlora.worker import Worker
+from fedlora.config.compose import compose
+from fedlora.learning.causal_lm import CausalLM, CausalLMLoss, Evaluation, question, ranking_scores, render
+from fedlora.learning.worker import Worker
+from fedlora.outputs.export import export_adapter, load_exported
 
 TINY_LLAMA = ["model=tiny_llama", "data.synthetic_train=40", "data.synthetic_test=8", "clients=2",
               "train.max_seq_len=96", "train.batch_size=4", "train.local_steps=1"]  # fmt: skip

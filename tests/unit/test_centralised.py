@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import worker as worker_module
-from fedlora.centralised import overrides_for, run_centralised
-from fedlora.compose import compose
-from fedlora.metrics import read_metrics
+from fedlora.commands.centralised import overrides_for, run_centralised
+from fedlora.config.compose import compose
+from fedlora.learning import worker as worker_module
+from fedlora.outputs.metrics import read_metrics
 from tests.conftest import TINY
 
 

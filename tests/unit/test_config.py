@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.config import ConfigError, RunConfig, build_strategy_config
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError, RunConfig, build_strategy_config
 
 
 def test_flat_round_trip_of_defaults() -> None:
@@ -151,13 +151,15 @@ def test_every_sweep_preset_starts_and_composes_in_every_cell(tmp_path, monkeypa
     centralised one included, before running any), and each cell has its strategy and privacy level."""
     import importlib.resources
 
-    import fedlora.report
-    import fedlora.sweep
-    from fedlora.sweep import cell_overrides
+    import fedlora.commands.report
+    import fedlora.commands.sweep
+    from fedlora.commands.sweep import cell_overrides
 
     started: list[tuple[list, list]] = []
-    monkeypatch.setattr(fedlora.sweep, "run_cells", lambda cells, overrides, out: started.append((cells, overrides)))
-    monkeypatch.setattr(fedlora.report, "write_report", lambda out: out / "report.html")
+    monkeypatch.setattr(
+        fedlora.commands.sweep, "run_cells", lambda cells, overrides, out: started.append((cells, overrides))
+    )
+    monkeypatch.setattr(fedlora.commands.report, "write_report", lambda out: out / "report.html")
     presets = [p.name[:-5] for p in (importlib.resources.files("conf") / "sweep").iterdir() if p.name.endswith(".yaml")]
     assert "privacy_sst2" in presets
     for stem in presets:

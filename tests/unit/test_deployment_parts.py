@@ -13,17 +13,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import flatten_dict, parse_config_args
 
-from fedlora import deploy
-from fedlora.appconfig import app_defaults, from_run_config, run_config_for, to_overrides, toml_section
-from fedlora.checkpoint import load_checkpoint_meta, save_checkpoint
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.config import ConfigError
-from fedlora.data import load_splits
+from fedlora.config.app import app_defaults, from_run_config, run_config_for, to_overrides, toml_section
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError
+from fedlora.deploy import setup as deploy
+from fedlora.federation.validation import reject_reason, update_norm
+from fedlora.learning.data import load_splits
+from fedlora.learning.worker import Worker
 from fedlora.lora import AdapterKey, Role
-from fedlora.metrics import MetricsLog, read_metrics
-from fedlora.validation import reject_reason, update_norm
-from fedlora.worker import Worker
+from fedlora.outputs.checkpoint import load_checkpoint_meta, save_checkpoint
+from fedlora.outputs.metrics import MetricsLog, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

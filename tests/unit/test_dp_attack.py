@@ -17,10 +17,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora import lora, privacy
+from fedlora import lora
 from fedlora.flower import client_app, records
+from fedlora.learning.worker import Worker
+from fedlora.privacy import dp_sgd as privacy
 from fedlora.seeds import Stream, seed_of
-from fedlora.worker import Worker
 
 PID = 1
 SIGMA = 2.0
@@ -156,7 +157,7 @@ def test_the_server_cannot_strip_the_noise_of_a_dp_sgd_round(make_config, monkey
 def test_a_dp_client_sends_only_its_noised_example_count(make_config) -> None:
     """Weighting by examples under DP: the count a client sends is the sum of its noised label counts (the
     logit adjustment's release, already charged), never the exact one. Seeded here, so the test can redraw it."""
-    from fedlora.task import SequenceClassification
+    from fedlora.learning.tasks import SequenceClassification
 
     cfg = make_config(*DP, "train.local_steps=1", "privacy.unsafe_seeded_randomness=true")
     assert cfg.strategy.weighting == "examples"

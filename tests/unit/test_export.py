@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.export import export_adapter, load_exported, register_in_hf_cache
-from fedlora.model import resolve_path
-from fedlora.worker import Worker
+from fedlora.learning.model import resolve_path
+from fedlora.learning.worker import Worker
+from fedlora.outputs.export import export_adapter, load_exported, register_in_hf_cache
 
 
 def trained(worker: Worker) -> dict:
@@ -56,7 +56,7 @@ def test_predict_labels_texts_and_a_file(make_config, tmp_path, capsys) -> None:
 def test_a_minilm_adapter_names_its_hub_base_which_resolves_offline_to_the_packaged_copy(tmp_path, monkeypatch):
     from peft import AutoPeftModelForSequenceClassification
 
-    from fedlora.compose import compose
+    from fedlora.config.compose import compose
 
     # plain peft reads the [CLS] pooler: MiniLM's default mean pooling reloads through load_exported (test_pooling)
     cfg, _ = compose(["data.synthetic_train=40", "data.synthetic_test=8", "clients=2", "model.pooling=cls"])

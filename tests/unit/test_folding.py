@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fedlora import lora
-from fedlora.export import export_adapter, load_exported
-from fedlora.folding import FoldLog, FoldUpdate, StaleBase, catch_up, numbers
+from fedlora.federation.folding import FoldLog, FoldUpdate, StaleBase, catch_up, numbers
+from fedlora.learning.model import resolve_path
+from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.worker import Worker
 from fedlora.lora import AdapterKey, Role
-from fedlora.model import resolve_path
-from fedlora.task import SequenceClassification
-from fedlora.worker import Worker
+from fedlora.outputs.export import export_adapter, load_exported
 
 TASK = SequenceClassification()
 

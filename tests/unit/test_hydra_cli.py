@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.config import ConfigError
-from fedlora.multirun import jobs
+from fedlora.commands.multirun import jobs
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError
 from tests.conftest import TINY
 
 

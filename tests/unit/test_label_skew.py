@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedlora.config import ConfigError
-from fedlora.task import SequenceClassification
-from fedlora.worker import Worker
+from fedlora.config.run import ConfigError
+from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.worker import Worker
 
 
 def record_offsets(monkeypatch) -> list[torch.Tensor | None]:

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from fedlora.train import MicroBatches
-from fedlora.worker import Worker
+from fedlora.learning.train import MicroBatches
+from fedlora.learning.worker import Worker
 
 
 def trained(make_config, *overrides: str) -> tuple[dict, int]:

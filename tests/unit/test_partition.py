@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.config import ConfigError, PartitionConfig
-from fedlora.data import label_counts, label_skew, partition
+from fedlora.config.run import ConfigError, PartitionConfig
+from fedlora.learning.data import label_counts, label_skew, partition
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_too_many_labels_per_client_is_refused(labels: list[int]) -> None:
 
 
 def test_string_and_sparse_labels_become_0_to_k_minus_1(tmp_path) -> None:
-    from fedlora.config import DataConfig
-    from fedlora.data import load_splits
+    from fedlora.config.run import DataConfig
+    from fedlora.learning.data import load_splits
 
     (tmp_path / "train.csv").write_text("text,label\n" + "a b,pos\nc d,neg\ne f,pos\n" * 4)
     (tmp_path / "test.csv").write_text("text,label\ng h,neg\ni j,pos\n")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.export import export_adapter, load_exported
-from fedlora.worker import Worker
+from fedlora.learning.worker import Worker
+from fedlora.outputs.export import export_adapter, load_exported
 
 
 def logits_and_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

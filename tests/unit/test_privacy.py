@@ -9,14 +9,15 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedlora import gradient_init, lora
-from fedlora.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
-from fedlora.config import ConfigError, PrivacyConfig
-from fedlora.privacy import clip_and_noise, dp_sgd
-from fedlora.schedule import scheduled
-from fedlora.task import SequenceClassification
-from fedlora.train import LengthSorted, cycle, train_steps
-from fedlora.worker import Worker
+from fedlora import lora
+from fedlora.config.run import ConfigError, PrivacyConfig
+from fedlora.federation.schedule import scheduled
+from fedlora.learning import gradient_init
+from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.train import LengthSorted, cycle, train_steps
+from fedlora.learning.worker import Worker
+from fedlora.privacy.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
+from fedlora.privacy.dp_sgd import clip_and_noise, dp_sgd
 
 TASK = SequenceClassification()
 

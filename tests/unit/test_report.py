@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from fedlora.cli import main
-from fedlora.config import ConfigError
-from fedlora.metrics import COLUMNS as METRIC_COLUMNS
-from fedlora.report import PLOTS, write_report
-from fedlora.sweep import CELL, Cell, grid, run_cells
+from fedlora.commands.report import PLOTS, write_report
+from fedlora.commands.sweep import CELL, Cell, grid, run_cells
+from fedlora.config.run import ConfigError
+from fedlora.outputs.metrics import COLUMNS as METRIC_COLUMNS
 
 COLUMNS = (*METRIC_COLUMNS, "refused", "epsilon_max", "epsilon_mean")
 
@@ -73,9 +73,9 @@ def test_cells_name_their_privacy() -> None:
 def test_a_strategy_takes_its_own_settings_after_the_shared_ones(tmp_path: Path, monkeypatch) -> None:
     """strategy_overrides: only that strategy's cells carry them, after the shared overrides (so they win over the
     preset's), while a key set on the command line stays the command line's; the report names them."""
-    import fedlora.sweep
-    from fedlora.compose import compose
-    from fedlora.sweep import cell_overrides
+    import fedlora.commands.sweep
+    from fedlora.commands.sweep import cell_overrides
+    from fedlora.config.compose import compose
 
     cells = grid(["fedavg", "fed_sb"], [4.0], [0], strategy_overrides={"fed_sb": ["lora.rank=6"]})
     assert cells[0].settings == () and cells[1].settings == ("lora.rank=6",)
@@ -85,8 +85,8 @@ def test_a_strategy_takes_its_own_settings_after_the_shared_ones(tmp_path: Path,
         grid(["fedavg"], [4.0], [0], strategy_overrides={"fedsdv": ["lora.rank=6"]})
 
     started: list[list] = []
-    monkeypatch.setattr(fedlora.sweep, "run_cells", lambda cells, overrides, out: started.append(cells))
-    monkeypatch.setattr("fedlora.report.write_report", lambda out: out / "report.html")
+    monkeypatch.setattr(fedlora.commands.sweep, "run_cells", lambda cells, overrides, out: started.append(cells))
+    monkeypatch.setattr("fedlora.commands.report.write_report", lambda out: out / "report.html")
     assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "a")]) == 0
     assert {c.settings for c in started.pop() if c.strategy == "fed_sb"} == {("lora.rank=32",)}
     assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "b"), "lora.rank=4"]) == 0
@@ -107,7 +107,7 @@ def test_report_and_sweep_refuse_bad_input_with_one_line(tmp_path: Path, capsys:
 
 
 def test_the_centralised_reference_heads_the_table_and_the_grid(tmp_path: Path) -> None:
-    from fedlora.sweep import CENTRALISED
+    from fedlora.commands.sweep import CENTRALISED
 
     fake_cell(tmp_path, CENTRALISED, math.inf, 0, [0.25, 0.95], eps=None)
     fake_cell(tmp_path, "fedavg", 4.0, 0, [0.25, 0.6], eps=3.9)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.compose import compose
-from fedlora.config import ConfigError
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError
 from strategies.robust import cap_counts, clip_updates, combiner, lower_median, median, trimmed_mean, update_norm
 from tests.helpers import random_adapter
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.centralised import run_centralised
-from fedlora.compose import compose
-from fedlora.config import ConfigError
-from fedlora.metrics import read_metrics
-from fedlora.tracking import tracking_uri
+from fedlora.commands.centralised import run_centralised
+from fedlora.config.compose import compose
+from fedlora.config.run import ConfigError
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.tracking import tracking_uri
 from tests.conftest import TINY
 
 

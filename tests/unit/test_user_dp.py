@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from fedlora.accounting import user_plan
 from fedlora.cli import main
-from fedlora.compose import compose
-from fedlora.config import ConfigError
-from fedlora.groups import PrivacyConfig
-from fedlora.user_level import UserLevelDP
+from fedlora.config.compose import compose
+from fedlora.config.federated import PrivacyConfig
+from fedlora.config.run import ConfigError
+from fedlora.privacy.accounting import user_plan
+from fedlora.privacy.user_level import UserLevelDP
 from strategies import user_dp
 from tests.helpers import make, random_adapter, server_step
 
@@ -181,7 +181,7 @@ def test_user_level_keys_are_refused_under_sample_level_dp() -> None:
 
 
 def test_a_user_level_sweep_runs_its_private_cells_with_privacy_user() -> None:
-    from fedlora.sweep import grid
+    from fedlora.commands.sweep import grid
 
     private, plain = grid(["fedavg"], [4.0, math.inf], [0], level="user")
     assert private.overrides() == ["strategy=fedavg", "seed=0", "privacy=user", "privacy.epsilon=4"]

@@ -6,15 +6,16 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora import gradient_init, lora
-from fedlora.checkpoint import load_checkpoint_meta, save_checkpoint
-from fedlora.config import ConfigError
-from fedlora.export import export_adapter
+from fedlora import lora
+from fedlora.config.run import ConfigError
 from fedlora.flower import records
+from fedlora.learning import gradient_init
+from fedlora.learning.model import resolve_path
+from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.worker import Worker
 from fedlora.lora import LORA_ROLES, AdapterKey, Role
-from fedlora.model import resolve_path
-from fedlora.task import SequenceClassification
-from fedlora.worker import Worker
+from fedlora.outputs.checkpoint import load_checkpoint_meta, save_checkpoint
+from fedlora.outputs.export import export_adapter
 
 TASK = SequenceClassification()
 
@@ -111,7 +112,7 @@ def test_lora_count_matches_the_formula(make_config) -> None:
 
 def test_minilm_learns_the_easy_synthetic_task() -> None:
     """Real pretrained MiniLM, two local rounds on one client: accuracy rises far above chance."""
-    from fedlora.compose import compose
+    from fedlora.config.compose import compose
 
     cfg, _ = compose(
         [

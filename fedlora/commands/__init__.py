@@ -1,0 +1,1 @@
+"""What the CLI calls: simulate, centralised, sweep, report, predict, multirun, deploy."""

@@ -1,0 +1,295 @@
+"""A sweep's report: report.md and a single-file report.html (figures embedded), with the PNGs beside them.
+
+    fedlora report <sweep dir>
+
+Reads every finished cell (``cells/<strategy>/eps-<e>/seed-<s>/metrics.csv``) and the
+sweep's ``sweep.json`` (its command, start, fedlora version), and writes in the sweep
+folder: ``report.md``, ``report.html`` (the same content, figures as data URIs, so the
+one file can be mailed) and ``accuracy_vs_epsilon.png``, ``accuracy_vs_round.png``,
+``accuracy_vs_upload.png``. The accuracy-vs-epsilon figure draws each strategy's
+private cells with its own marker and line style, its non-private accuracy as a
+dashed line in its colour, the centralised reference and the chance level.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.commands.sweep import CELL, CENTRALISED, SWEEP
+from fedlora.outputs.console import human_bytes
+from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.privacy.dp_sgd import NOT_PRIVATE_COLUMN
+
+PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), (0, (5, 2, 1, 2)))
+
+
+@dataclass
+class CellResult:
+    strategy: str
+    epsilon: float
+    seed: int
+    rounds: list[int]
+    accuracy: list[float]
+    upload: list[float]  # bytes per round
+    spent: float | None  # the largest epsilon any client reported
+    refused: int
+    private: bool = True  # False: DP randomness was seeded (privacy.unsafe_seeded_randomness)
+    labels: int | None = None  # classes, when the cell's adapter names them
+
+    @property
+    def final(self) -> float:
+        return self.accuracy[-1]
+
+
+def load_cells(folder: Path) -> list[CellResult]:
+    cells = []
+    for marker in sorted(folder.glob(f"cells/*/*/*/{CELL}")):
+        meta = json.loads(marker.read_text())
+        rows = [r for r in read_metrics(marker.parent / METRICS) if r["test_accuracy"]]
+        trained = [r for r in rows if int(r["round"]) > 0]
+        spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]
+        labels = marker.parent / "adapter" / "labels.json"
+        cells.append(
+            CellResult(
+                strategy=meta["strategy"],
+                epsilon=float(meta["epsilon"]),
+                seed=int(meta["seed"]),
+                rounds=[int(r["round"]) for r in rows],
+                accuracy=[float(r["test_accuracy"]) for r in rows],
+                upload=[float(r["bytes_up"] or 0) for r in trained],
+                spent=max(spent) if spent else None,
+                refused=sum(int(r.get("refused") or 0) for r in rows),
+                private=not any(r.get(NOT_PRIVATE_COLUMN) for r in rows),
+                labels=len(json.loads(labels.read_text())) if labels.is_file() else None,
+            )
+        )
+    return cells
+
+
+def eps_label(epsilon: float) -> str:
+    return "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def _spread(values: list[float]) -> str:
+    """mean +- std over seeds; with one seed, the value alone (the seeds column says how many)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
+    """strategy x epsilon (the centralised reference first): final accuracy over seeds, epsilon spent, upload."""
+    groups: dict[tuple[str, float], list[CellResult]] = defaultdict(list)
+    for c in cells:
+        groups[(c.strategy, c.epsilon)].append(c)
+    header = [
+        "strategy",
+        "target epsilon",
+        "seeds",
+        "final accuracy",
+        "best accuracy",
+        "epsilon spent",
+        "refused rounds",
+        "upload per round",
+    ]
+    body = []
+    for (strategy, epsilon), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != CENTRALISED, kv[0])):
+        spent = [c.spent for c in group if c.spent is not None]
+        uploads = [sum(c.upload) / len(c.upload) for c in group if c.upload and sum(c.upload)]
+        not_private = "" if all(c.private for c in group) else " (NOT PRIVATE: seeded noise)"
+        body.append(
+            [
+                "centralised (reference)" if strategy == CENTRALISED else strategy,
+                eps_label(epsilon) + not_private,
+                str(len(group)),
+                _spread([c.final for c in group]),
+                f"{statistics.mean(max(c.accuracy) for c in group):.3f}",
+                f"{max(spent):.3f}" if spent else "-",
+                str(sum(c.refused for c in group)),
+                human_bytes(statistics.mean(uploads)) if uploads else "-",
+            ]
+        )
+    return header, body
+
+
+def _mean_final(cells: list[CellResult]) -> float:
+    return statistics.mean(c.final for c in cells)
+
+
+def plot(cells: list[CellResult], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    federated = [c for c in cells if c.strategy != CENTRALISED]
+    strategies = sorted({c.strategy for c in federated})
+    colours = {s: f"C{i}" for i, s in enumerate(strategies)}
+    finite = sorted({c.epsilon for c in federated if not math.isinf(c.epsilon)})
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, s in enumerate(strategies):
+        points = []
+        for e in finite:
+            group = [c for c in federated if c.strategy == s and c.epsilon == e]
+            if group:
+                finals = [c.final for c in group]
+                points.append((e, statistics.mean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0))
+        if points:
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=errs,
+                color=colours[s],
+                marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINESTYLES[i % len(LINESTYLES)],
+                capsize=3,
+                markersize=7,
+                label=f"{s}, DP",
+            )
+        plain = [c for c in federated if c.strategy == s and math.isinf(c.epsilon)]
+        if plain:
+            ax.axhline(
+                _mean_final(plain), color=colours[s], linestyle="--", linewidth=1, alpha=0.7, label=f"{s}, no DP"
+            )
+    reference = [c for c in cells if c.strategy == CENTRALISED]
+    if reference:
+        ax.axhline(_mean_final(reference), color="black", linewidth=1.6, label="centralised, no DP")
+    labels = {c.labels for c in cells if c.labels}
+    if len(labels) == 1:
+        ax.axhline(1 / labels.pop(), color="grey", linestyle=":", linewidth=1.2, label="chance")
+    if finite:
+        ax.set_xscale("log")
+        ax.set_xticks(finite, [f"{e:g}" for e in finite])
+        ax.minorticks_off()
+    ax.set(xlabel="epsilon per client (log scale)", ylabel="final test accuracy", title="Accuracy vs privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(folder / PLOTS[0], dpi=120)
+    plt.close(fig)
+
+    groups = sorted({c.strategy for c in cells}, key=lambda s: (s != CENTRALISED, s))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.6), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], groups, strict=True):
+        for j, c in enumerate(sorted((c for c in cells if c.strategy == s), key=lambda c: (c.epsilon, c.seed))):
+            ax.plot(
+                c.rounds,
+                c.accuracy,
+                marker=MARKERS[j % len(MARKERS)],
+                linestyle=LINESTYLES[j % len(LINESTYLES)],
+                markersize=4,
+                label=f"eps {eps_label(c.epsilon)}, seed {c.seed}",
+            )
+        ax.set(title=s, xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.tight_layout()
+    fig.savefig(folder / PLOTS[1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, c in enumerate(sorted(federated, key=lambda c: (c.strategy, c.epsilon, c.seed))):
+        cumulative = [0.0]
+        for b in c.upload:
+            cumulative.append(cumulative[-1] + b)
+        ax.plot(
+            [x / 1e6 for x in cumulative[: len(c.accuracy)]],
+            c.accuracy,
+            color=colours[c.strategy],
+            marker=MARKERS[strategies.index(c.strategy) % len(MARKERS)],
+            linestyle=LINESTYLES[i % len(LINESTYLES)],
+            markersize=4,
+            label=f"{c.strategy}, eps {eps_label(c.epsilon)}, seed {c.seed}",
+        )
+    ax.set(xlabel="cumulative upload, all clients (MB)", ylabel="test accuracy", title="Accuracy vs upload")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(folder / PLOTS[2], dpi=120)
+    plt.close(fig)
+
+
+def write_report(folder: Path) -> Path:
+    """report.md and report.html (and the PNGs) for the sweep in ``folder``; returns the HTML's path."""
+    folder = Path(folder)
+    cells = load_cells(folder)
+    if not cells:
+        raise FileNotFoundError(f"no finished cells under {folder / 'cells'}")
+    header, body = table(cells)
+    plot(cells, folder)
+    sweep = json.loads((folder / SWEEP).read_text()) if (folder / SWEEP).is_file() else {}
+    overrides = sweep.get("overrides", [])
+    setting = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("data", "model", "data.path")}
+    title = "fedlora privacy sweep"
+    facts = [
+        ("data", f"{setting.get('data', 'synthetic')} ({setting.get('data.path', 'embedded')})"),
+        ("model", setting.get("model", "minilm")),
+        ("fedlora", sweep.get("fedlora", "?")),
+        ("started", sweep.get("started", "?")),
+        ("command", sweep.get("command", "?")),
+    ]
+    levels = {c.get("level", "sample") for c in sweep.get("cells", [])} or {"sample"}
+    meaning = {
+        "sample": "sample-level DP-SGD: epsilon protects each record of a client, per client over the whole run; "
+        "'epsilon spent' is the largest epsilon any client reported",
+        "user": "user-level DP-FedAvg: epsilon protects all of one client's data over the whole run, noise added "
+        "by the server; 'epsilon spent' is the server's accountant's",
+    }
+    facts.insert(2, ("privacy level", ", ".join(sorted(levels))))
+    own = {c["strategy"]: c.get("settings") for c in sweep.get("cells", []) if c.get("settings")}
+    if own:  # a preset's per-strategy settings (e.g. Fed-SB's rank), after the shared ones
+        facts.append(("per strategy", "; ".join(f"{name}: {' '.join(s)}" for name, s in sorted(own.items()))))
+    notes = (
+        f"{len(cells)} finished cells. Every cell: the command's settings with the cell's strategy, seed and "
+        f"privacy. Private cells use {'; '.join(meaning[lv] for lv in sorted(levels))} (delta as in the run's "
+        "config). Upload is all clients' bytes per round, as sent (empty under user-level DP, where it would "
+        "tell the cohort's size). With one seed the accuracy is that run's (no spread). The centralised reference "
+        "trains plain LoRA on the pooled data, without DP, for as many optimizer steps as a federated run."
+    )
+    md = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in body]
+    md += [""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in PLOTS]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+
+    def embedded(name: str) -> str:
+        data = base64.b64encode((folder / name).read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{name[:-4].replace("_", " ")}">'
+
+    facts_html = "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(str(v))}</code></li>" for k, v in facts)
+    cells_html = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f2f2f2; }} td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; margin: 1em 0; border: 1px solid #eee; }}
+code {{ background: #f6f6f6; padding: 1px 4px; }}
+</style></head><body>
+<h1>{title}</h1>
+<ul>{facts_html}</ul>
+<p>{html.escape(notes)}</p>
+<table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
+<tbody>{cells_html}</tbody></table>
+{"".join(embedded(name) for name in PLOTS)}
+</body></html>
+"""
+    out = folder / "report.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,250 @@
+"""``fedlora simulate`` and ``fedlora centralised``: check what can fail before work starts, run, summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedlora.config.app import run_config_for
+from fedlora.config.run import ConfigError, RunConfig, RunFailed
+from fedlora.outputs import console
+from fedlora.outputs.checkpoint import write_json
+from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import summarise as summarise_metrics
+
+RowCallback = Callable[[dict[str, Any]], None]
+
+
+def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
+    """The run's folder (``output_dir`` or outputs/<date>/<time>), set in both forms of the config."""
+    out = Path(cfg.output_dir or Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+    composed.output_dir = str(out)
+    return dataclasses.replace(cfg, output_dir=str(out)), out
+
+
+# What a run writes in its folder: a folder holding any of these holds a run.
+RUN_OUTPUTS = (
+    "metrics.csv", "checkpoint.safetensors", "server_optimizer.safetensors", "adapter", "server.log",
+    "partitions.csv", "config.yaml", "run_config.json", ".hydra", "tensorboard", "mlflow.db", "mlartifacts",
+)  # fmt: skip
+
+
+def held_outputs(out: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds another run, unless resuming from its checkpoint or told to overwrite."""
+    held = held_outputs(out)
+    if not held or overwrite or (resume and (out / "checkpoint.safetensors").is_file()):
+        return
+    hint = "continue it with server.resume=true, " if (out / "checkpoint.safetensors").is_file() else ""
+    raise ConfigError(
+        f"{out} already holds a run ({', '.join(held[:4])}); choose another output_dir, {hint}or pass --overwrite"
+    )
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs (``--overwrite``), and nothing else of the folder."""
+    import shutil
+
+    for name in held_outputs(out):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_resume(cfg: RunConfig, worker: Any) -> None:
+    """With ``server.resume``, the checkpoint in the output folder must fit this run (before anything starts)."""
+    from fedlora.outputs.checkpoint import CHECKPOINT, read_checkpoint
+
+    path = Path(cfg.output_dir) / CHECKPOINT
+    if cfg.server.resume and path.exists():
+        read_checkpoint(path, initial=worker.initial_state(), cfg=cfg)
+
+
+def check_aggregated(out: Path, min_replies: int) -> None:
+    """A run in which no round aggregated anything failed, whatever else it wrote."""
+    rows = [r for r in read_metrics(out / METRICS) if int(r["round"]) > 0]
+    valid = [
+        int(r["replies_received"] or 0) - int(r["replies_rejected"] or 0) - int(r.get("refused") or 0) for r in rows
+    ]
+    if rows and all(v < min_replies for v in valid):
+        raise RunFailed(
+            f"no round aggregated anything: every round had fewer than server.min_replies={min_replies} valid "
+            f"replies (see {out / 'server.log'}); the adapter is the initial one"
+        )
+
+
+def interrupted_message(out: Path, rounds: int) -> str:
+    """Where a stopped run stands and how to continue it."""
+    done = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
+    if not done:
+        return "interrupted before round 0 finished; nothing to resume"
+    return (
+        f"interrupted after round {done[-1]['round']} of {rounds}; continue with the same overrides plus "
+        f"server.resume=true (output_dir={out})"
+    )
+
+
+def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str]) -> None:
+    """config.yaml (composed), run_config.json (the typed config, flat) and Hydra's .hydra/ folder."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    write_json(out / "run_config.json", cfg.to_flat() | privacy_plan(cfg))
+    (out / ".hydra").mkdir(exist_ok=True)
+    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+    (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+
+
+def privacy_plan(cfg: RunConfig) -> dict[str, float]:
+    """privacy=user: the resolved delta, noise multipliers and planned epsilon (``privacy.plan.*`` keys)."""
+    if not cfg.privacy.user_level:
+        return {}
+    plan, z_update, count = cfg.user_dp_plan()
+    return {
+        "privacy.plan.delta": plan.delta,
+        "privacy.plan.noise_multiplier": plan.noise_multiplier,
+        "privacy.plan.update_noise_multiplier": z_update,
+        "privacy.plan.clip_count_stddev": count,
+        "privacy.plan.client_rate": plan.sample_rate,
+        "privacy.plan.epsilon": plan.spent(plan.planned()),
+    }
+
+
+def record_spent(out: Path) -> None:
+    """run_config.json gets the epsilon the run spent (``privacy.spent.epsilon``), under user-level DP."""
+    import json
+
+    path = out / "run_config.json"
+    flat = json.loads(path.read_text())
+    if "privacy.plan.epsilon" in flat:
+        flat["privacy.spent.epsilon"] = summarise_metrics(out / METRICS)["epsilon_spent"]
+        write_json(path, flat)
+
+
+@contextmanager
+def round_lines(rounds: int) -> Iterator[tuple[RowCallback, Callable[[int, int], None]]]:
+    """Progress over the rounds and, within a round, over its clients (with an ETA); the row callback prints
+    each metrics row as one line (the only output when not on a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    plain = not console.console.is_terminal
+    with Progress(*columns, console=console.console, transient=True, disable=plain) as progress:
+        task = progress.add_task("rounds", total=rounds)
+        clients = progress.add_task("clients", total=None, visible=False)
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.console.print(console.round_line(row, rounds))
+            progress.update(clients, visible=False)
+            if row["round"] > 0:
+                progress.advance(task)
+
+        def on_progress(done: int, expected: int) -> None:
+            if done == 1:  # a new round: the clients' ETA starts over
+                progress.reset(clients, total=expected, visible=True)
+            progress.update(clients, completed=done, description="clients this round")
+
+        yield on_round, on_progress
+
+
+def summarise(out: Path) -> None:
+    console.console.print(console.summary_table(read_metrics(out / METRICS)))
+    console.console.print(f"outputs: {out}  (metrics.csv, checkpoint.safetensors, adapter/)")
+
+
+def simulate(
+    cfg: RunConfig,
+    composed: Any,
+    *,
+    overrides: Sequence[str] = (),
+    dry_run: bool,
+    verbose: bool,
+    overwrite: bool = False,
+) -> int:
+    """Validate, show the partitions (and DP plan), write the config, run the simulation, print the rounds.
+
+    Nothing is written before every check passed; a folder holding another run is refused
+    unless resuming from its checkpoint or ``overwrite``."""
+    import torch
+
+    from fedlora.flower.simulation import run_flower_simulation
+    from fedlora.learning.data import load_calibration
+    from fedlora.learning.worker import get_worker
+
+    if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
+        raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
+    cfg, out = output_folder(cfg, composed)
+    check_output(out, resume=cfg.server.resume, overwrite=overwrite or dry_run)
+    run_config_for(cfg)  # a setting the Flower run config cannot carry fails here, as it would deployed
+
+    # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
+    # ServerApp (a thread of this process) finds them in the worker cache.
+    worker = get_worker(cfg)
+    worker.warm_up()
+    check_resume(cfg, worker)
+    init = worker.strategy.gradient_init
+    if init is not None and not init.from_clients:  # the calibration file fails now, not after the nodes started
+        load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
+    if cfg.privacy.enabled:
+        console.show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
+    if cfg.privacy.user_level:
+        console.show_user_privacy(worker)
+    if overwrite and not dry_run:
+        clear_outputs(out)
+    console.show_partitions(worker, out if not dry_run else None)
+    if dry_run:
+        from omegaconf import OmegaConf
+
+        console.console.print(OmegaConf.to_yaml(composed))
+        return 0
+    write_config(cfg, composed, out, list(overrides))
+    console.console.print(console.header(worker, out))
+    with round_lines(cfg.rounds) as (on_round, on_progress):
+        signals = run_flower_simulation(cfg, verbose=verbose, on_round=on_round, on_progress=on_progress)
+    if signals.received is not None:
+        console.err_console.print(interrupted_message(out, cfg.rounds), highlight=False, soft_wrap=True)
+        return signals.exit_code
+    summarise(out)
+    record_spent(out)
+    if not cfg.privacy.user_level:  # a user-level round always releases its noisy mean
+        check_aggregated(out, cfg.server.min_replies)
+    return 0
+
+
+def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (), overwrite: bool = False) -> int:
+    """The centralised reference of a federated run's config (:mod:`fedlora.commands.centralised`)."""
+    from fedlora.commands.centralised import run_centralised, steps_per_round
+    from fedlora.learning.data import load_splits
+
+    cfg, out = output_folder(cfg, composed)
+    check_output(out, resume=False, overwrite=overwrite)
+    train_size = len(load_splits(cfg.data, seed=cfg.seed).train)
+    steps = steps_per_round(cfg, train_size)
+    if overwrite:
+        clear_outputs(out)
+    write_config(cfg, composed, out, list(overrides))
+    console.console.print(
+        f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "
+        f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "
+        f"(= {cfg.sampled_per_round} clients x their local steps), lr {cfg.train.lr:g} -> {out}"
+    )
+    with round_lines(cfg.rounds) as (on_round, _):
+        run_centralised(cfg, out, on_round=on_round)
+    summarise(out)
+    return 0

@@ -1,0 +1,167 @@
+"""The Flower App's run config: the Hydra config in flat form, and back.
+
+``flwr run`` starts from ``[tool.flwr.app.config]`` in pyproject.toml and fuses
+the user's ``--run-config`` onto it; Flower refuses a key that the section does
+not list, so the section lists every key of :func:`app_defaults` (a test keeps
+the two equal; ``fedlora deploy config`` prints the section).
+
+The mapping, one rule each way:
+
+* a Hydra group choice ``strategy=fedsvd`` is the key ``strategy.name = "fedsvd"``
+  (likewise ``model``, ``data``, ``partition``, ``privacy``);
+* any other Hydra key is the same dotted key: ``train.lr=5e-3`` is
+  ``train.lr = 5e-3``; null is ``""`` and a list is ``"query,value"``. The
+  strategies' own keys (``strategy.alpha``, ``strategy.init_source``...) default
+  to ``""``: the chosen strategy's default.
+
+The apps rebuild the :class:`RunConfig` by composing ``conf/`` with Hydra
+(:func:`from_run_config`): the ``<group>.name`` keys choose the presets, and each
+other key whose value differs from its default here is applied on top. So a key
+left at its default takes the preset's value (``model.name = "tiny"`` brings the
+tiny model's ``pretrained = false``). ``simulation.*`` keys are simulation-only and
+not part of the App's config.
+
+Both apps, simulated and deployed, read their config this one way. (``DESIGN.md`` has
+the apps call ``RunConfig.from_flat``; a Flower user's run config names presets, whose
+defaults only Hydra knows, so the apps compose instead, once per process.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from fedlora.config.compose import compose, group_options
+from fedlora.config.run import ConfigError, Flat, RunConfig
+
+PRESET_GROUPS = ("strategy", "model", "data", "partition", "privacy")  # the groups chosen by `<group>.name`
+SIMULATION_ONLY = ("simulation.",)
+
+
+def _app_keys(flat: Mapping[str, Any]) -> Flat:
+    return {k: v for k, v in flat.items() if not k.startswith(SIMULATION_ONLY)}
+
+
+@functools.cache
+def _defaults() -> tuple[tuple[str, Any], ...]:
+    cfg, _ = compose([])
+    flat = _app_keys(cfg.to_flat())
+    # Keys whose null the RunConfig resolves from the chosen strategy: "" leaves that to it.
+    flat |= {"train.lr": "", "strategy.weighting": "", "train.logit_adjustment": ""}
+    # Every strategy's own keys, so that `flwr run` accepts them whichever strategy.name is chosen;
+    # each defaults to "", which leaves the chosen strategy's own default (conf/strategy/<name>.yaml).
+    for name in group_options("strategy"):
+        other, _ = compose([f"strategy={name}"])
+        flat |= {k: "" for k in other.to_flat() if k.startswith("strategy.") and k != "strategy.name"}
+    return tuple(flat.items())
+
+
+def app_defaults() -> Flat:
+    """The App's run config defaults: ``[tool.flwr.app.config]``, flat."""
+    return dict(_defaults())
+
+
+@functools.cache
+def _list_keys() -> frozenset[str]:
+    """Flat keys of list-valued fields (carried as "a,b" strings)."""
+    keys: set[str] = set()
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif isinstance(value, (list, tuple)):
+                keys.add(f"{prefix}{f.name}")
+
+    walk(compose([])[0], "")
+    return frozenset(keys)
+
+
+def to_overrides(run_config: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides for a Flower run config (see the module's mapping)."""
+    defaults = app_defaults()
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {unknown[:5]}; see [tool.flwr.app.config] in pyproject.toml")
+    overrides = [f"{g}={run_config.get(f'{g}.name', defaults[f'{g}.name'])}" for g in PRESET_GROUPS]
+    for key, value in run_config.items():
+        group = key.split(".", 1)[0]
+        if (key == f"{group}.name" and group in PRESET_GROUPS) or value == defaults[key]:
+            continue
+        overrides.append(f"{key}={_hydra_value(key, value)}")
+    return overrides
+
+
+def _hydra_value(key: str, value: Any) -> str:
+    if value == "":
+        return "null"
+    if key in _list_keys():
+        return "[" + ",".join(hydra_quote(v) for v in str(value).split(",") if v) + "]"
+    if isinstance(value, str):
+        return hydra_quote(value)
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a Hydra quoted string that parses back to exactly ``value``.
+
+    Hydra keeps backslashes literal (no JSON escapes: a tab stays a tab) except a run of
+    them before a quote or the closing quote, which is doubled; the quote itself is escaped.
+    """
+    body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return f'"{body}"'
+
+
+@functools.lru_cache(maxsize=8)
+def _from_items(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return compose(to_overrides(dict(items)))[0]
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig a Flower run config stands for (composed once per process and config)."""
+    return _from_items(tuple(sorted(run_config.items())))
+
+
+def run_config_for(cfg: RunConfig) -> Flat:
+    """The run config overrides that make the apps rebuild ``cfg``: its keys that differ from the defaults.
+
+    Raises ConfigError for the rare ``cfg`` the mapping cannot carry (a key set back to
+    the App's default where the chosen preset differs, or a key the App does not list).
+    """
+    defaults = app_defaults()
+    flat = _app_keys(cfg.to_flat())
+    out: Flat = {f"{g}.name": flat[f"{g}.name"] for g in PRESET_GROUPS if flat[f"{g}.name"] != defaults[f"{g}.name"]}
+    out |= {k: v for k, v in flat.items() if k in defaults and v != defaults[k]}
+    rebuilt = _app_keys(from_run_config(defaults | out).to_flat())
+    differ = sorted(k for k in flat.keys() | rebuilt.keys() if not _same(flat.get(k), rebuilt.get(k)))
+    if differ:
+        raise ConfigError(f"the Flower run config cannot carry this setting of {differ[:5]}; leave it at the preset's")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def toml_section() -> str:
+    """``[tool.flwr.app.config]`` for pyproject.toml, one group per table."""
+    import tomli_w
+
+    nested: dict[str, Any] = {}
+    for key, value in app_defaults().items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    top = {k: v for k, v in nested.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in nested.items() if isinstance(v, dict)}
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": top | tables}}}})

@@ -1,0 +1,1 @@
+"""Deployment: certificates, node keys and the Flower command lines."""

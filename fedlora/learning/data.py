@@ -1,0 +1,243 @@
+"""Data: load a text-classification set, split it across clients, tokenise it.
+
+Every set is normalised to two columns, ``text`` (str) and ``label`` (int in
+0..K-1). Partitions are lists of row indices into the training split, computed
+by flwr-datasets partitioners on a small (index, label) table, so they are cheap
+to recompute in every process and identical everywhere for a given seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets, load_dataset
+
+from fedlora.config.groups import ConfigError, DataConfig, PartitionConfig
+from fedlora.learning.files import load_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train and test sets with columns ``text`` and ``label``; ``label_names[i]`` names label i."""
+
+    train: Dataset
+    test: Dataset
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | None = None) -> Splits:
+    """Load ``cfg``'s data set as normalised train/test splits (subsampled if asked).
+
+    ``label_names``: the run's labels (a node's own file may hold a subset); labels are
+    then mapped to them by name, so that label i means the same on every node.
+    """
+    if cfg.name == "synthetic" and cfg.path is None and cfg.hub_name is None:
+        raw = synthetic_topics(cfg.synthetic_train, cfg.synthetic_test, seed=seed)
+    elif cfg.path is not None:
+        raw = load_files(cfg, seed=seed)
+    else:
+        raw = load_dataset(cfg.hub_name)  # needs the network; fails clearly when offline
+        raw = DatasetDict({"train": raw[cfg.train_split], "test": raw[cfg.test_split]})
+    splits = _normalise(raw, cfg)
+    if label_names is not None and splits.label_names != tuple(label_names):
+        splits = Splits(
+            *(_relabel(ds, splits.label_names, label_names, what="data.path") for ds in (splits.train, splits.test)),
+            tuple(label_names),
+        )
+    train, test = splits.train, splits.test
+    if cfg.max_train_examples is not None and len(train) > cfg.max_train_examples:
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_examples))
+    if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
+        test = test.shuffle(seed=seed).select(range(cfg.max_test_examples))
+    return Splits(train, test, splits.label_names)
+
+
+def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]) -> Dataset:
+    """All rows of a calibration file in ``cfg``'s format, labels mapped by name to ``label_names``."""
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"calibration file {path!r} does not exist (give 'clients' or a file)")
+    raw = load_files(dataclasses.replace(cfg, path=path), seed=0)
+    splits = _normalise(raw, cfg)
+    rows = concatenate_datasets([splits.train, splits.test])
+    return _relabel(rows, splits.label_names, label_names, what="calibration")
+
+
+def _relabel(ds: Dataset, names: tuple[str, ...], label_names: tuple[str, ...], *, what: str) -> Dataset:
+    """``ds``'s labels (indices into ``names``) as indices into ``label_names``, matched by name."""
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise ConfigError(f"{what} labels {unknown[:5]} are not labels of the run's data set {list(label_names)}")
+    to_run = [index[name] for name in names]
+    return _map_labels(ds, lambda label: to_run[label])
+
+
+def _map_labels(ds: Dataset, fn) -> Dataset:
+    """``label`` <- fn(label) as int64 (without ``features``, datasets keeps a string column's type)."""
+    features = ds.features.copy()
+    features["label"] = Value("int64")
+    return ds.map(lambda row: {"label": fn(row["label"])}, features=features, keep_in_memory=True)
+
+
+def _normalise(raw: DatasetDict, cfg: DataConfig) -> Splits:
+    columns = raw["train"].column_names
+    if cfg.label_column not in columns and cfg.instruction_column in columns:
+        return _instructions(raw, cfg)
+    for key in ("text_column", "label_column"):
+        name = getattr(cfg, key)
+        if name not in columns:
+            raise ConfigError(f"data.{key} {name!r} is not a column of the data; columns: {columns}")
+    out = {}
+    for split in ("train", "test"):
+        ds = raw[split].select_columns([cfg.text_column, cfg.label_column])
+        if cfg.text_column != "text":
+            ds = ds.rename_column(cfg.text_column, "text")
+        if cfg.label_column != "label":
+            ds = ds.rename_column(cfg.label_column, "label")
+        out[split] = ds
+    feature = out["train"].features["label"]
+    if isinstance(feature, ClassLabel):
+        return Splits(out["train"], out["test"], tuple(feature.names))
+    # Map the training labels' sorted values to 0..K-1 (identity for labels already 0..K-1).
+    values = sorted(set(out["train"]["label"]))
+    if len(values) < 2:
+        raise ConfigError(f"the training data has {len(values)} label(s) {values}; a classifier needs at least 2")
+    index = {v: i for i, v in enumerate(values)}
+    unseen = set(out["test"]["label"]) - set(index)
+    if unseen:
+        raise ConfigError(f"test labels {sorted(unseen)[:5]} never occur in the training split")
+    if list(index) != list(range(len(values))):
+        out = {s: _map_labels(ds, lambda label: index[label]) for s, ds in out.items()}
+    return Splits(out["train"], out["test"], tuple(str(v) for v in values))
+
+
+def _instructions(raw: DatasetDict, cfg: DataConfig) -> Splits:
+    """Instruction records as ``text`` (the instruction, and its input after a blank line), ``response``
+    (the output) and a constant ``label`` 0; no label names (free-form text, not classes)."""
+    columns = raw["train"].column_names
+    if cfg.output_column not in columns:
+        raise ConfigError(
+            f"instruction records need an output column: data.output_column {cfg.output_column!r} is not a column "
+            f"of the data; columns: {columns}"
+        )
+
+    def record(row: dict) -> dict:
+        given = row.get(cfg.input_column) or ""
+        prompt = str(row[cfg.instruction_column]) + (f"\n\n{given}" if str(given).strip() else "")
+        return {"text": prompt, "response": str(row[cfg.output_column]), "label": 0}
+
+    out = {s: raw[s].map(record, remove_columns=raw[s].column_names, keep_in_memory=True) for s in ("train", "test")}
+    return Splits(out["train"], out["test"], ())
+
+
+# -- the embedded default ---------------------------------------------------------
+_TOPICS = {
+    "sports": "goal match team coach league stadium score player tournament referee".split(),
+    "weather": "rain storm forecast sunny wind snow cloud temperature humid thunder".split(),
+    "food": "recipe pasta bread dinner spicy kitchen cheese soup dessert chef".split(),
+    "technology": "software laptop chip internet robot algorithm server app battery network".split(),
+}
+_FILLER = "today people said about the new this week many city report after again very local news".split()
+
+
+def synthetic_topics(n_train: int, n_test: int, *, seed: int) -> DatasetDict:
+    """Synthetic 4-topic sentences: 2-3 topic words among 4-8 filler words, shuffled.
+
+    Generated from ``seed`` with no file and no network. It is easy on purpose (a
+    pretrained encoder separates the topics in a few rounds): it demonstrates the
+    pipeline, it measures nothing about real language.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(_TOPICS)
+
+    def sample(n: int) -> Dataset:
+        labels = rng.integers(0, len(names), size=n)
+        texts = []
+        for label in labels:
+            words = list(rng.choice(_TOPICS[names[label]], size=rng.integers(2, 4), replace=False))
+            words += list(rng.choice(_FILLER, size=rng.integers(4, 9)))
+            rng.shuffle(words)
+            texts.append(" ".join(words))
+        return Dataset.from_dict(
+            {"text": texts, "label": labels.tolist()},
+        ).cast_column("label", ClassLabel(names=names))
+
+    return DatasetDict({"train": sample(n_train), "test": sample(n_test)})
+
+
+# -- partitioning -------------------------------------------------------------------
+def partition(labels: list[int], cfg: PartitionConfig, *, num_partitions: int, seed: int) -> list[list[int]]:
+    """Row indices of each client's partition, deterministic for ``seed``.
+
+    The rows are shuffled (seeded) before partitioning, so IID shards do not follow
+    the file's order; flwr-datasets then assigns them.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n = len(labels)
+    if num_partitions > n:
+        raise ConfigError(f"clients ({num_partitions}) exceeds the training examples ({n})")
+    num_labels = len(set(labels))
+    order = np.random.default_rng(seed).permutation(n)
+    table = Dataset.from_dict({"idx": order.tolist(), "label": [labels[i] for i in order]})
+    if cfg.name == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif cfg.name == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=cfg.alpha,
+            min_partition_size=cfg.min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    else:
+        if cfg.labels_per_client > num_labels:
+            raise ConfigError(
+                f"partition.labels_per_client ({cfg.labels_per_client}) exceeds the labels ({num_labels})"
+            )
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=cfg.labels_per_client,
+            seed=seed,
+        )
+    partitioner.dataset = table
+    try:
+        parts = [partitioner.load_partition(i)["idx"] for i in range(num_partitions)]
+    except ValueError as err:  # e.g. Dirichlet cannot reach min_partition_size
+        raise ConfigError(f"partition={cfg.name}: {err}".splitlines()[0]) from None
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise ConfigError(
+            f"partition={cfg.name} left {len(empty)} client(s) without data (e.g. client {empty[0]}); "
+            "use fewer clients or a larger partition.alpha / labels_per_client"
+        )
+    return parts
+
+
+def label_counts(labels: list[int], parts: list[list[int]], num_labels: int) -> np.ndarray:
+    """(clients, labels) matrix of example counts."""
+    y = np.asarray(labels)
+    return np.stack([np.bincount(y[p], minlength=num_labels) for p in parts])
+
+
+def label_skew(counts: np.ndarray) -> float:
+    """Mean total-variation distance between each client's label mix and the global one.
+
+    0 for identical mixes; approaches 1 - 1/K when every client holds one label.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    global_mix = counts.sum(0) / counts.sum()
+    client_mix = counts / counts.sum(1, keepdims=True)
+    return float(0.5 * np.abs(client_mix - global_mix).sum(1).mean())

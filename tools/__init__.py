@@ -1,0 +1,1 @@
+"""Tools for developers, outside the package the Flower App ships."""

@@ -15,6 +15,7 @@ from fedlora.outputs import console
 from fedlora.outputs.checkpoint import write_json
 from fedlora.outputs.metrics import METRICS, read_metrics
 from fedlora.outputs.metrics import summarise as summarise_metrics
+from fedlora.privacy.budget import check_budget, user_dp_plan
 
 RowCallback = Callable[[dict[str, Any]], None]
 
@@ -107,7 +108,7 @@ def privacy_plan(cfg: RunConfig) -> dict[str, float]:
     """privacy=user: the resolved delta, noise multipliers and planned epsilon (``privacy.plan.*`` keys)."""
     if not cfg.privacy.user_level:
         return {}
-    plan, z_update, count = cfg.user_dp_plan()
+    plan, z_update, count = user_dp_plan(cfg)
     return {
         "privacy.plan.delta": plan.delta,
         "privacy.plan.noise_multiplier": plan.noise_multiplier,
@@ -201,8 +202,9 @@ def simulate(
     init = worker.strategy.gradient_init
     if init is not None and not init.from_clients:  # the calibration file fails now, not after the nodes started
         load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
+    check_budget(cfg, worker.privacy_plan)  # an impossible budget fails here (the ServerApp checks it too)
     if cfg.privacy.enabled:
-        console.show_privacy(worker)  # calibrates every client's noise now: an impossible budget fails here
+        console.show_privacy(worker)
     if cfg.privacy.user_level:
         console.show_user_privacy(worker)
     if overwrite and not dry_run:

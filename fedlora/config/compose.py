@@ -6,6 +6,7 @@ import importlib.resources
 import math
 from typing import Any
 
+from fedlora.config.resolve import resolve
 from fedlora.config.run import ConfigError, RunConfig, register_schema
 
 GROUPS = ("strategy", "model", "data", "partition", "lora", "train", "privacy", "server", "simulation")
@@ -78,7 +79,7 @@ def compose(overrides: list[str]) -> tuple[RunConfig, Any]:
         for key in removed:
             _remove(composed, key)
         _refuse_unknown(composed)
-        cfg = OmegaConf.to_object(composed)
+        cfg = resolve(OmegaConf.to_object(composed))
         _refuse_meaningless(cfg, kept)
         return cfg, composed
     except ConfigError:
@@ -112,12 +113,12 @@ def _schema_defaults(composed: Any) -> dict[str, Any]:
     """Every scalar key's dataclass default, the chosen strategy's config included (flat, dotted)."""
     import dataclasses
 
-    from fedlora.config.run import _flatten
+    from fedlora.config.flat import flatten
     from strategies import get_strategy_class
 
     strategy_cls = get_strategy_class(str(composed.strategy.name)).config_class
     strategy = strategy_cls(name=str(composed.strategy.name))
-    flat = _flatten(RunConfig(strategy=strategy))
+    flat = flatten(RunConfig(strategy=strategy))
     return {k: (None if v == "" else v) for k, v in flat.items()} | {
         f"strategy.{f.name}": getattr(strategy, f.name) for f in dataclasses.fields(strategy)
     }

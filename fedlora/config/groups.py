@@ -22,6 +22,7 @@ HEAD_MODES = ("train", "freeze")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 PARTITIONS = ("iid", "dirichlet", "pathological")
+TRACKERS = ("tensorboard", "mlflow")  # beside metrics.csv (fedlora.outputs.tracking)
 TASKS = ("classification", "causal_lm")  # fedlora.learning.tasks
 
 

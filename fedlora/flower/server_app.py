@@ -41,6 +41,7 @@ from fedlora.outputs.console import quiet_libraries, round_line, summary_text
 from fedlora.outputs.export import export_adapter
 from fedlora.outputs.metrics import METRICS, MetricsLog, columns, round_row, summarise
 from fedlora.outputs.tracking import open_trackers
+from fedlora.privacy.budget import check_budget
 from fedlora.privacy.dp_sgd import UNSAFE_WARNING
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ def _run_server(
     )
     cfg = cfg.with_clients(clients)
     worker = get_worker(cfg).warm_up()
+    check_budget(
+        cfg, worker.privacy_plan
+    )  # the same check as fedlora simulate's: a budget that cannot be met stops here
     known_sizes = {pid: len(worker.rows(pid)) for pid in range(clients)}  # the server's own table
     rounds = FlowerRounds(
         cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-TRACKERS = ("tensorboard", "mlflow")
+from fedlora.config.groups import TRACKERS  # noqa: F401 - the names, defined with the other choices
 
 
 class Tracker(Protocol):

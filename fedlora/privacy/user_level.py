@@ -26,6 +26,7 @@ import torch
 from fedlora.config.run import RunConfig
 from fedlora.lora import Tensors
 from fedlora.privacy.accounting import Step, compress
+from fedlora.privacy.budget import user_dp_plan
 from fedlora.privacy.dp_sgd import UNSAFE_WARNING, private_generator
 from fedlora.seeds import Stream, generator
 from strategies import user_dp
@@ -38,7 +39,7 @@ class UserLevelDP:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.plan, self.z_update, self.count_stddev = cfg.user_dp_plan()
+        self.plan, self.z_update, self.count_stddev = user_dp_plan(cfg)
         self.expected = float(cfg.sampled_per_round)  # m = q N, the fixed denominator
         self.rate = self.plan.sample_rate
         privacy = cfg.privacy

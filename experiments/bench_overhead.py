@@ -97,6 +97,7 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
 
     import torch
 
+    from fedlora.federation.server_step import server_step
     from fedlora.learning.worker import Worker
 
     torch.set_num_threads(cores)
@@ -116,7 +117,9 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
         jobs = [(pid, received, server_round) for pid in range(cfg.clients)]
         replies = list(pool.map(_train, jobs)) if pool else [_train(job, worker) for job in jobs]
         p = worker.strategy.weights([n for _, n in replies])
-        state = worker.strategy.aggregate(state, [payload for payload, _ in replies], p)
+        state = server_step(
+            worker.strategy, state, [payload for payload, _ in replies], p, server_round=server_round
+        ).state
         times.append(time.perf_counter() - t0)
     total = time.perf_counter() - started
     if pool:

@@ -45,6 +45,9 @@ from torch import nn
 from fedlora.lora import AdapterKey, Role, Tensors
 from strategies.server_opt import OPTIMIZERS
 
+# How the server combines one tensor's values from the clients, given their weights p (strategies.robust).
+Combine = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
+
 WEIGHTINGS = ("examples", "uniform")
 
 
@@ -105,7 +108,7 @@ def average_payloads(
     state: Tensors,
     payloads: Sequence[Tensors],
     p: torch.Tensor,
-    combine: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor] = weighted_mean,
+    combine: Combine = weighted_mean,
 ) -> Tensors:
     """The state with every tensor the clients sent replaced by sum_k p_k T_k (or by ``combine``:
     a robust aggregation); the rest unchanged."""
@@ -167,7 +170,7 @@ class Strategy:
     name: ClassVar[str]
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     adapter_roles: ClassVar[frozenset[Role]] = frozenset({Role.A, Role.B})  # the LoRA tensors of a module
-    metric_columns: ClassVar[tuple[str, ...]] = ()  # diagnostics aggregate() leaves in self.report
+    metric_columns: ClassVar[tuple[str, ...]] = ()  # the diagnostics aggregate_report() returns
     # The server optimisers (strategies.server_opt) its server step admits, and why not the others.
     server_optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS
     server_optimizer_note: ClassVar[str] = ""
@@ -181,8 +184,6 @@ class Strategy:
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config
         self.scaling = scaling  # s = alpha / r, the same on every client
-        self.report: dict[str, float] = {}  # the last aggregate's diagnostics, by metric_columns
-        self.combine = weighted_mean  # what averaging means; the server may set a robust one (strategies.robust)
 
     @classmethod
     def lora_alpha(cls, config: StrategyConfig, *, rank: int, alpha: float) -> float:
@@ -241,14 +242,33 @@ class Strategy:
         raise NotImplementedError(f"{self.name} has no gradient initialisation")
 
     def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+        self,
+        state: Tensors,
+        payloads: Sequence[Tensors],
+        p: torch.Tensor,
+        *,
+        server_round: int = 1,
+        combine: Combine = weighted_mean,
     ) -> Tensors:
         """The next state from the clients' payloads and their normalised weights p.
 
         Default: every tensor the clients sent replaced by sum_k p_k T_k (exact when the
         other factor is shared: FFA-LoRA's B, Fed-SB's R; FedAvg's inexact mean of A and B).
+        ``combine``: what averaging means (the server's ``server.aggregation``: :mod:`strategies.robust`).
         """
-        return average_payloads(state, payloads, p, self.combine)
+        return average_payloads(state, payloads, p, combine)
+
+    def aggregate_report(
+        self,
+        state: Tensors,
+        payloads: Sequence[Tensors],
+        p: torch.Tensor,
+        *,
+        server_round: int = 1,
+        combine: Combine = weighted_mean,
+    ) -> tuple[Tensors, dict[str, float]]:
+        """:meth:`aggregate` and its diagnostics, keyed by ``metric_columns`` (default: none)."""
+        return self.aggregate(state, payloads, p, server_round=server_round, combine=combine), {}
 
     def refine(self, state: Tensors, *, server_round: int = 1) -> tuple[Tensors, dict[AdapterKey, torch.Tensor]]:
         """The state after the server's step on the aggregate, re-parameterised if the method does so

@@ -37,7 +37,16 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.lora import LORA_ROLES, Role, Tensors
-from strategies.base import Strategy, StrategyConfig, average_payloads, by_role, kaiming_a, stack
+from strategies.base import (
+    Combine,
+    Strategy,
+    StrategyConfig,
+    average_payloads,
+    by_role,
+    kaiming_a,
+    stack,
+    weighted_mean,
+)
 
 RANK_RULES = ("cycle", "random")
 
@@ -125,9 +134,16 @@ class FLoRA(Strategy):
         return {k: v for k, v in state.items() if k.role not in LORA_ROLES}
 
     def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+        self,
+        state: Tensors,
+        payloads: Sequence[Tensors],
+        p: torch.Tensor,
+        *,
+        server_round: int = 1,
+        combine: Combine = weighted_mean,
     ) -> Tensors:
-        """The head averaged; the adapter stays at B = 0 (its update is folded, see ``fold``)."""
+        """The head averaged (by the weighted mean: stacking is exact, robust_aggregation is off); the
+        adapter stays at B = 0 (its update is folded, see ``fold``)."""
         return average_payloads(state, [by_role(payload, Role.DENSE) for payload in payloads], p)
 
     def fold(self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor) -> Tensors:

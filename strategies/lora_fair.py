@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.lora import Role, Tensors
-from strategies.base import Strategy, StrategyConfig, average_payloads, partner, stack
+from strategies.base import Combine, Strategy, StrategyConfig, average_payloads, partner, stack, weighted_mean
 
 OBJECTIVES = ("cosine", "l2")
 
@@ -129,9 +129,27 @@ class LoraFair(Strategy):
     )
 
     def aggregate(
-        self, state: Tensors, payloads: Sequence[Tensors], p: torch.Tensor, *, server_round: int = 1
+        self,
+        state: Tensors,
+        payloads: Sequence[Tensors],
+        p: torch.Tensor,
+        *,
+        server_round: int = 1,
+        combine: Combine = weighted_mean,
     ) -> Tensors:
-        new = average_payloads(state, payloads, p, self.combine)
+        return self.aggregate_report(state, payloads, p, server_round=server_round, combine=combine)[0]
+
+    def aggregate_report(
+        self,
+        state: Tensors,
+        payloads: Sequence[Tensors],
+        p: torch.Tensor,
+        *,
+        server_round: int = 1,
+        combine: Combine = weighted_mean,
+    ) -> tuple[Tensors, dict[str, float]]:
+        """FedAvg's mean with B corrected, and how far each is from the ideal update (``metric_columns``)."""
+        new = average_payloads(state, payloads, p, combine)
         stacked = stack(payloads, p)
         sums = dict.fromkeys(("star", "fair", "fedavg", "inner_fair", "inner_fedavg", "norm_fair", "norm_fedavg"), 0.0)
         for b_key in sorted(k for k in stacked if k.role is Role.B):
@@ -151,10 +169,10 @@ class LoraFair(Strategy):
                 sums[f"norm_{name}"] += norm2
                 sums[name] += max(float(f.norm2_star) - 2 * inner + norm2, 0.0)
         star = max(sums["star"], 1e-300)
-        self.report = {
+        report = {
             "residual": (sums["fair"] / star) ** 0.5,
             "residual_fedavg": (sums["fedavg"] / star) ** 0.5,
             "cosine": sums["inner_fair"] / max((star * sums["norm_fair"]) ** 0.5, 1e-300),
             "cosine_fedavg": sums["inner_fedavg"] / max((star * sums["norm_fedavg"]) ** 0.5, 1e-300),
         }
-        return new
+        return new, report

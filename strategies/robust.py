@@ -17,14 +17,13 @@ blow up, and averages it cannot drag (pure tensor math, used by the server on ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from fedlora.lora import Tensors
-from strategies.base import weighted_mean
+from strategies.base import Combine, weighted_mean
 
-Combine = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fedlora.federation.server_step import server_step as federation_step
 from fedlora.lora import AdapterKey, Role
 from strategies import get_strategy_class
 
@@ -30,7 +31,5 @@ def make(name: str, **fields):
 
 
 def server_step(strategy, state: dict, payloads: list[dict], p: torch.Tensor, *, server_round: int = 1) -> dict:
-    """The server's state after a round without a server optimiser: aggregate, then refine (FedSVD)."""
-    target = strategy.aggregate(state, payloads, p, server_round=server_round)
-    new, _ = strategy.refine(target, server_round=server_round)
-    return new
+    """The server's state after a round without a server optimiser (the run's one server step)."""
+    return federation_step(strategy, state, payloads, p, server_round=server_round).state

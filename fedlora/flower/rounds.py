@@ -25,42 +25,31 @@ Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from functools import partial
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.config.run import RunConfig
 from fedlora.federation import stopping
-from fedlora.federation.folding import FoldLog, FoldUpdate
+from fedlora.federation.folding import FoldLog
 from fedlora.federation.protocol import Protocol
 from fedlora.federation.schedule import sample_partitions
+from fedlora.federation.server_step import server_step
 from fedlora.federation.validation import reject_reason
+from fedlora.federation.weighting import Checked, bounded
 from fedlora.flower import records
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
 from fedlora.flower.discovery import JOIN_ASKS, JOIN_TIMEOUT_S, ask_new_nodes
+from fedlora.flower.messages import train_messages
 from fedlora.flower.replies import Reply
 from fedlora.lora import Tensors
 from fedlora.outputs.metrics import RoundStats
 from fedlora.privacy.accounting import Step
 from fedlora.privacy.user_level import UserLevelDP
 from strategies import robust
-from strategies.base import GradientInit
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Checked:
-    """A reply that may be aggregated: its tensors, what that client started from, its count and loss."""
-
-    payload: Tensors
-    start: Tensors
-    count: int  # examples as it claims them (1 when weighting uniformly)
-    loss: float | None  # None when the client does not report one (DP clients never do)
 
 
 class FlowerRounds:
@@ -81,7 +70,7 @@ class FlowerRounds:
         self.cfg = cfg
         self.protocol = protocol
         self.strategy = protocol.strategy
-        self.strategy.combine = robust.combiner(cfg.server.aggregation, trim=cfg.server.trim_fraction)
+        self.combine = robust.combiner(cfg.server.aggregation, trim=cfg.server.trim_fraction)  # what a mean is
         own = own_data or set()
         # partition -> its size, where the server's table applies (not to a node's own data file)
         self.known_sizes = {pid: n for pid, n in (known_sizes or {}).items() if pid not in own}
@@ -176,14 +165,15 @@ class FlowerRounds:
                 server_round, len(accepted), needed,
             )  # fmt: skip
             return
-        payloads, p, losses = self._limit(server_round, accepted)
-        target = self.strategy.aggregate(self.state, payloads, p, server_round=server_round)
-        stepped = self.server_opt.step(self.state, target, keys=payloads[0].keys())
-        self.state, changes = self.strategy.refine(stepped, server_round=server_round)
-        self.server_opt.rebase(changes)
-        stats.report = dict(self.strategy.report)
-        if factors := self.strategy.fold(self.state, payloads, p):
-            self.fold_log.append(factors)
+        payloads, p, losses = bounded(
+            accepted, self.strategy, self.cfg, known_sizes=self.known_sizes,
+            server_round=server_round,
+        )  # fmt: skip
+        step = server_step(self.strategy, self.state, payloads, p, server_round=server_round,
+                           optimizer=self.server_opt, combine=self.combine)  # fmt: skip
+        self.state, stats.report = step.state, step.report
+        if step.fold:
+            self.fold_log.append(step.fold)
         if None not in losses:
             stats.train_loss = sum(w * x for w, x in zip(p.tolist(), losses, strict=True))
 
@@ -195,95 +185,25 @@ class FlowerRounds:
         checked = [c for _, c in accepted]
         payload = self.user_dp.round(server_round, [c.start for c in checked], [c.payload for c in checked], like)
         one = self.strategy.weights([1])
-        target = self.strategy.aggregate(self.state, [payload], one, server_round=server_round)
-        stepped = self.server_opt.step(self.state, target, keys=payload.keys())
-        self.state, changes = self.strategy.refine(stepped, server_round=server_round)
-        self.server_opt.rebase(changes)
-        stats.report = dict(self.strategy.report) | self.user_dp.columns()
-
-    def _limit(self, server_round: int, accepted: list[tuple[int, Checked]]):
-        """(payloads, weights p, losses) with no client outweighing the rest (:mod:`strategies.robust`)."""
-        pids = [pid for pid, _ in accepted]
-        checked = [c for _, c in accepted]
-        payloads = [c.payload for c in checked]
-        server = self.cfg.server
-        if server.update_clip is not None:
-            starts = [c.start for c in checked]
-            payloads, norms, bound = robust.clip_updates(payloads, starts, factor=server.update_clip)
-            for pid, norm in zip(pids, norms, strict=True):
-                if norm > bound:
-                    log.warning(
-                        "round %d: partition %d's update norm %.4g scaled down to %.4g (server.update_clip=%g x "
-                        "the round's median)", server_round, pid, norm, bound, server.update_clip,
-                    )  # fmt: skip
-        counts = [c.count for c in checked]
-        if self.cfg.strategy.weighting == "examples":
-            known = [self.known_sizes.get(pid) for pid in pids]
-            capped = robust.cap_counts(counts, known, ratio=server.max_weight_ratio)
-            noised = self.cfg.privacy.enabled and not self.cfg.privacy.public_counts  # counts off by the DP noise
-            for pid, claimed, used in zip(pids, counts, capped, strict=True):
-                if used < claimed:
-                    log.log(logging.DEBUG if noised else logging.WARNING,
-                            "round %d: partition %d claims %d examples; weighted as %d", server_round, pid,
-                            claimed, used)  # fmt: skip
-            counts = capped
-        return payloads, self.strategy.weights(counts), [c.loss for c in checked]
+        step = server_step(self.strategy, self.state, [payload], one, server_round=server_round,
+                           optimizer=self.server_opt)  # fmt: skip
+        self.state, stats.report = step.state, step.report | self.user_dp.columns()
 
     def _train_messages(self, server_round: int, chosen: list[int], stats: RoundStats) -> list[Outgoing]:
-        arrays = records.to_record(self.protocol.download(self.state))
         fixed = self.strategy.fixed(self.state)
         digest = records.digest(fixed) if fixed else ""
         if digest != self._fixed_digest:  # new fixed tensors: no node holds them yet
             self._fixed_digest = digest
             for node in self.nodes.values():
                 node.holds_fixed = False
-        fixed_record = records.to_record(fixed) if fixed else None
-        arrays_size = records.size(arrays)
-        fixed_size = records.size(fixed_record) if fixed_record is not None else (0, 0)
-        base = {
+        config = {
             records.SERVER_ROUND: server_round, records.FIXED_DIGEST: digest, records.LABELS: self.label_names,
             records.CLIENTS: self.cfg.clients,
         }  # fmt: skip
-        fold_records: dict[object, ArrayRecord] = {}  # entry index or "dense" -> record, built once per round
-        outgoing = []
-        for pid in chosen:
-            node = self.nodes[pid]
-            config = ConfigRecord(dict(base))
-            content = RecordDict({records.ARRAYS: arrays, records.CONFIG: config})
-            if node.ledger is not None:
-                content[records.PRIVACY] = records.ledger_record(node.ledger)
-            update = self.fold_log.update_for(node.base_version)
-            if node.base_version is None or update.end > update.start + 1:
-                log.info(
-                    "round %d: partition %d catches up on base weights: version %s -> %d (%s)", server_round, pid,
-                    "unknown" if node.base_version is None else node.base_version, update.end,
-                    "the server's D" if update.dense is not None else f"{len(update.entries)} folds",
-                )  # fmt: skip
-            fold_arrays = self._fold_records(update, fold_records)
-            records.put_fold_update(content, config, update, fold_arrays)
-            stats.add_down(arrays_size)
-            for record in fold_arrays:
-                stats.add_down(records.size(record))
-            carries_fixed = fixed_record is not None and not node.holds_fixed
-            if carries_fixed:
-                content[records.FIXED] = fixed_record
-                stats.add_down(fixed_size)
-            message = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, ttl=self._ttl)
-            outgoing.append(Outgoing(pid, message, carries_fixed=carries_fixed, base_version=update.end))
-        return outgoing
-
-    def _fold_records(self, update: FoldUpdate, cache: dict[object, ArrayRecord]) -> list[ArrayRecord]:
-        """The records carrying ``update``: D, or one per entry (each converted once per round)."""
-        if update.dense is not None:
-            if "dense" not in cache:
-                cache["dense"] = records.to_record(update.dense)
-            return [cache["dense"]]
-        out = []
-        for i, entry in enumerate(update.entries, start=update.start):
-            if i not in cache:
-                cache[i] = records.to_record(entry)
-            out.append(cache[i])
-        return out
+        return train_messages(
+            [(pid, self.nodes[pid]) for pid in chosen], self.protocol.download(self.state), fixed, config,
+            fold_log=self.fold_log, stats=stats, ttl=self.ttl,
+        )  # fmt: skip
 
     def _check(self, pid: int, reply: Reply, *, server_round: int) -> Checked | str:
         """What of a parsed reply may be aggregated, or why it may not (shapes, values, norm bound)."""
@@ -305,7 +225,7 @@ class FlowerRounds:
         return Checked(reply.tensors or {}, expected, count, reply.train_loss)
 
     @property
-    def _ttl(self) -> float:
+    def ttl(self) -> float:
         """A round's messages expire with it: a node back from an outage gets the current round's, not
         stale ones it would spend the round on."""
         return self.cfg.server.round_timeout
@@ -316,42 +236,3 @@ class FlowerRounds:
         if self._digest_of[0] != version:
             self._digest_of = (version, records.digest_number(self.fold_log.delta))
         return self._digest_of[1]
-
-    # -- round 0 of a gradient initialisation ----------------------------------------------------
-    def gradient_round(self, grid: Grid, init: GradientInit, *, expected: Tensors) -> Tensors:
-        """The summed base-weight gradients of the clients sampled for round 0, each over its share of
-        ``init.samples`` examples, sent once (counted in round 0's stats). ``expected``: zeros shaped
-        as a reply must be."""
-        chosen = [pid for pid in self.sample(0) if pid in self.nodes]
-        stats = self.stats[0] = RoundStats(replies_expected=len(chosen))
-        share = math.ceil(init.samples / len(chosen))
-        config = ConfigRecord({
-            records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share,
-            records.LABELS: self.label_names, records.CLIENTS: self.cfg.clients,
-        })  # fmt: skip
-        outgoing = []
-        for pid in chosen:
-            content = RecordDict({records.CONFIG: config})
-            if (ledger := self.nodes[pid].ledger) is not None:
-                content[records.PRIVACY] = records.ledger_record(ledger)
-            message = Message(content, dst_node_id=self.nodes[pid].node_id, message_type=MessageType.TRAIN,
-                              ttl=self._ttl)  # fmt: skip
-            outgoing.append(Outgoing(pid, message))
-
-        def check(pid: int, reply: Reply) -> Tensors | str:
-            gradients = reply.tensors or {}
-            reason = reject_reason(gradients, expected)  # no norm bound: gradients are sums, not changes
-            return reason if reason is not None else gradients
-
-        accepted = collect(
-            grid, outgoing, nodes=self.nodes, stats=stats, server_round=0, timeout=self.cfg.server.round_timeout,
-            private=self.cfg.privacy.enabled, check=check, on_progress=self.on_progress,
-        )  # fmt: skip
-        total: Tensors = {}
-        for _, gradients in accepted:
-            for key, grad in gradients.items():
-                total[key] = total[key] + grad.double() if key in total else grad.double()
-        if not total:
-            raise RuntimeError("no client gave a valid gradient for the initialisation (round 0)")
-        log.info("gradient initialisation from %d clients: %d numbers uploaded", len(accepted), stats.numbers_up)
-        return {k: v.float() for k, v in total.items()}

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from fedlora.config.app import from_run_config
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.flower.discovery import FederationError, discover_partitions
+from fedlora.flower.init_round import gradient_round
 from fedlora.flower.rounds import FlowerRounds
 from fedlora.learning import gradient_init
 from fedlora.learning.worker import Worker, get_worker
@@ -194,7 +195,7 @@ def initialise(grid: Grid, rounds: FlowerRounds, worker: Worker) -> None:
     if init is None:
         return
     if init.from_clients:
-        gradients = rounds.gradient_round(grid, init, expected=gradient_init.expected(worker))
+        gradients = gradient_round(rounds, grid, init, expected=gradient_init.expected(worker))
     else:  # a public calibration file: the server computes it, nothing is sent
         gradients, _ = gradient_init.from_calibration(worker, init.source, num_examples=init.samples)
     rounds.state = gradient_init.initialise(worker, rounds.state, gradients)

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_strategies import run  # the same resumable runner as the encoder comparison
 
 from fedlora.outputs.console import human_bytes as human
-from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.run_folder import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ag_news"
@@ -73,7 +74,7 @@ def measure(overrides: list[str], rounds: int) -> dict[str, float]:
     torch.set_num_threads(1)
     cfg, _ = compose(overrides)
     worker = Worker(cfg, num_partitions=cfg.clients)
-    start = worker.protocol.download(worker.initial_state())
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
     worker.train_round(0, start, server_round=1)  # warm-up: loads the model, tokenises, first-call costs
     times = []
     for r in range(2, rounds + 2):

@@ -51,7 +51,7 @@ def one(mode: str, rounds: int, overrides: list[str]) -> dict:
     )
     cfg, _ = compose([*DEFAULT, *overrides, *dp])
     worker = Worker(cfg, num_partitions=cfg.clients)
-    start = worker.protocol.download(worker.initial_state())
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
     history = [] if cfg.privacy.enabled else None
     worker.train_round(0, start, server_round=0, history=history)  # warm-up: builds, tokenises, first-call costs
     before = rss_mb()

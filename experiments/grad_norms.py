@@ -35,24 +35,26 @@ def main() -> int:
 
     cfg, _ = compose(args.overrides)
     worker = Worker(cfg, num_partitions=cfg.clients).warm_up()
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     if worker.strategy.gradient_init is not None:  # Fed-SB: R sits between LoRA-SB's B and A
         gradients, _ = client_share(worker, 0, num_examples=64)
         state = initialise(worker, state, gradients)
-    lora.write(worker.params, state)
-    lora.set_trainable(worker.params, worker.protocol.trainable)
-    partition = worker.client_data(args.partition)
+    lora.write(worker.adapted.params, state)
+    lora.set_trainable(worker.adapted.params, worker.adapted.protocol.trainable)
+    partition = worker.data.tokenised(args.partition)
     data = partition.shuffle(seed=cfg.seed).select(range(min(args.examples, len(partition))))
     tau = cfg.train.logit_adjustment  # the client's loss as it trains: logit-adjusted by its own label mix
     labels = partition["labels"]
-    offset = worker.task.label_offset(labels, len(worker.splits.label_names), tau=tau) if tau else None
-    model = GradSampleModule(worker.model)
+    offset = worker.task.label_offset(labels, len(worker.data.splits.label_names), tau=tau) if tau else None
+    model = GradSampleModule(worker.adapted.model)
     model.train()
     norms = []
-    for batch in DataLoader(data, batch_size=32, collate_fn=worker.task.collate(worker.tokenizer)):
+    for batch in DataLoader(data, batch_size=32, collate_fn=worker.task.collate(worker.data.tokenizer)):
         model.zero_grad()
         worker.task.loss(model, batch, offset=offset).backward()
-        per_sample = [worker.params[k].grad_sample.flatten(1) for k in sorted(worker.protocol.trainable)]
+        per_sample = [
+            worker.adapted.params[k].grad_sample.flatten(1) for k in sorted(worker.adapted.protocol.trainable)
+        ]
         norms.append(torch.cat(per_sample, dim=1).norm(dim=1))  # Opacus undoes the mean reduction itself
     model._close()
     norms = torch.cat(norms)

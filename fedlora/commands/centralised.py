@@ -27,10 +27,9 @@ from fedlora.learning.train import local_steps
 from fedlora.learning.worker import Worker
 from fedlora.outputs.checkpoint import save_checkpoint
 from fedlora.outputs.export import export_adapter
-from fedlora.outputs.metrics import METRICS, MetricsLog, RoundStats, columns, round_row, summarise
+from fedlora.outputs.metrics import MetricsLog, RoundStats, columns, round_row, summarise
+from fedlora.outputs.run_folder import ADAPTER_DIR, METRICS
 from fedlora.outputs.tracking import open_trackers
-
-ADAPTER_DIR = "adapter"
 
 
 def overrides_for(overrides: list[str]) -> list[str]:
@@ -47,7 +46,7 @@ def steps_per_round(cfg: RunConfig, train_size: int) -> int:
 def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train ``cfg`` (already plain LoRA, see :func:`overrides_for`) on the pooled data; outputs in ``out``."""
     probe = Worker(cfg, num_partitions=1)
-    steps = steps_per_round(cfg, len(probe.splits.train))
+    steps = steps_per_round(cfg, len(probe.data.splits.train))
     pooled = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, local_steps=steps, local_epochs=None),
@@ -55,7 +54,7 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
         privacy=PrivacyConfig(),
     )
     worker = Worker(pooled, num_partitions=1).warm_up()
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     metrics = MetricsLog(
         out / METRICS,
         columns(pooled.privacy, worker.task.metric_columns),
@@ -75,7 +74,7 @@ def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, 
     log_round(0, None, time.perf_counter())
     for server_round in range(1, cfg.rounds + 1):
         stats = RoundStats()  # nothing is exchanged: only the training loss and the wall time
-        payload, _, result = worker.train_round(0, worker.protocol.download(state), server_round=server_round)
+        payload, _, result = worker.train_round(0, worker.adapted.protocol.download(state), server_round=server_round)
         state = state | payload
         stats.train_loss = result.mean_loss
         log_round(server_round, stats, stats.started)

@@ -44,7 +44,8 @@ def generate(folder: Path, prompts: Iterable[str], *, max_new_tokens: int = 64) 
     """Greedy completions by an exported causal LM, each prompt rendered with the model's chat template."""
     from transformers import AutoTokenizer
 
-    from fedlora.learning.causal_lm import generate_ids, render
+    from fedlora.learning.causal_lm import render
+    from fedlora.learning.decoding import generate_ids
 
     meta = json.loads((folder / FEDLORA).read_text()) if (folder / FEDLORA).is_file() else {}
     if meta.get("task") != "causal_lm":

@@ -83,7 +83,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if ledger is not None:
         plan = worker.privacy_plan(pid)
         share = int(config[records.INIT_EXAMPLES]) if init else 0  # the init's rate is the server's ask / n
-        asked = [plan.init_step_at(share / len(worker.rows(pid)))] if init else plan.round_steps
+        asked = [plan.init_step_at(share / len(worker.data.rows(pid)))] if init else plan.round_steps
         if not plan.affords(ledger.history, *asked):
             content[records.PRIVACY] = records.ledger_record(ledger.history)
             metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again

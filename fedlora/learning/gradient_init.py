@@ -43,7 +43,7 @@ def client_share(
     """
     cfg = worker.cfg
     seed = seed_of(Stream.LOCAL_BATCHES, cfg.seed, client=partition_id)
-    data = worker.client_data(partition_id)
+    data = worker.data.tokenised(partition_id)
     if not cfg.privacy.enabled:
         return base_gradients(worker, data, num_examples=num_examples, seed=seed)
     if history is None:
@@ -53,8 +53,8 @@ def client_share(
     rate = min(1.0, num_examples / len(data))
     rows = data.select(poisson_subsample(len(data), rate, generator=g))
     torch.manual_seed(seed)  # dropout, as in training
-    batches = DataLoader(rows, batch_size=1, collate_fn=worker.task.collate(worker.tokenizer))
-    weights = lora.base_weights(worker.model)
+    batches = DataLoader(rows, batch_size=1, collate_fn=worker.task.collate(worker.data.tokenizer))
+    weights = lora.base_weights(worker.adapted.model)
     zeros = expected(worker)
     with _base_gradients(worker) as backward:
 
@@ -88,14 +88,14 @@ def from_calibration(worker: Worker, source: str, *, num_examples: int) -> tuple
 
 def expected(worker: Worker) -> Tensors:
     """Zeros shaped as the adapted modules' base weights (``Role.BASE``): what a client's share must look like."""
-    return {k: torch.zeros(w.shape, dtype=w.dtype) for k, w in lora.base_weights(worker.model).items()}
+    return {k: torch.zeros(w.shape, dtype=w.dtype) for k, w in lora.base_weights(worker.adapted.model).items()}
 
 
 def calibration(worker: Worker, source: str):
     """The calibration file ``source``, in the run's data format, labels mapped by name, tokenised."""
-    rows = load_calibration(worker.cfg.data, source, label_names=worker.splits.label_names)
+    rows = load_calibration(worker.cfg.data, source, label_names=worker.data.splits.label_names)
     return worker.task.tokenize(
-        rows, worker.tokenizer, max_len=worker.cfg.train.max_seq_len, labels=worker.splits.label_names
+        rows, worker.data.tokenizer, max_len=worker.cfg.train.max_seq_len, labels=worker.data.splits.label_names
     )
 
 
@@ -103,8 +103,8 @@ def base_gradients(worker: Worker, data, *, num_examples: int, seed: int) -> tup
     """Summed gradients of the adapted modules' base weights W0 (``Role.BASE``), with the adapter off,
     over the first ``num_examples`` rows of ``data`` in a seeded order (no DP); (gradients, rows used)."""
     with _base_gradients(worker) as backward:
-        seen = sum(backward(batch) for batch in take(worker.shuffled(data, seed=seed), num_examples))
-        weights = lora.base_weights(worker.model)
+        seen = sum(backward(batch) for batch in take(worker.data.shuffled(data, seed=seed), num_examples))
+        weights = lora.base_weights(worker.adapted.model)
         return {k: w.grad.detach().to("cpu", copy=True) for k, w in weights.items()}, seen
 
 
@@ -126,7 +126,7 @@ def initialise(worker: Worker, state: Tensors, gradients: Tensors) -> Tensors:
         state,
         gradients,
         lr=cfg.train.lr,
-        total_steps=cfg.rounds * local_steps(cfg.train, len(worker.splits.train) // max(1, cfg.clients)),
+        total_steps=cfg.rounds * local_steps(cfg.train, len(worker.data.splits.train) // max(1, cfg.clients)),
         generator=generator(Stream.GRADIENT_INIT_SVD, cfg.seed),
     )
 
@@ -134,7 +134,7 @@ def initialise(worker: Worker, state: Tensors, gradients: Tensors) -> Tensors:
 @contextmanager
 def _base_gradients(worker: Worker) -> Iterator[Backward]:
     """Within the block: adapter off, base weights take gradients; yields backward(batch) -> rows."""
-    model = worker.model
+    model = worker.adapted.model
     weights = lora.base_weights(model)
     model.train()
     for w in weights.values():

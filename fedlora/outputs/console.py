@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedlora.outputs.run_folder import PARTITIONS
+
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
@@ -29,11 +31,11 @@ def human_bytes(n: float) -> str:
 
 def header(worker: Any, out: Path) -> str:
     """The run in one line: strategy, model and what trains, data, federation, output folder."""
-    cfg, splits = worker.cfg, worker.splits
-    trainable = sum(worker.params[k].numel() for k in worker.protocol.trainable)
-    adapter_ids = {id(p) for p in worker.params.values()}
-    total = sum(p.numel() for p in worker.model.parameters() if id(p) not in adapter_ids)  # the base model
-    ranks = sorted({worker.protocol.rank_mask(pid).rank for pid in range(cfg.clients)})
+    cfg, splits = worker.cfg, worker.data.splits
+    trainable = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
+    adapter_ids = {id(p) for p in worker.adapted.params.values()}
+    total = sum(p.numel() for p in worker.adapted.model.parameters() if id(p) not in adapter_ids)  # the base model
+    ranks = sorted({worker.adapted.protocol.rank_mask(pid).rank for pid in range(cfg.clients)})
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]} by client"
     return (
         f"[bold]fedlora[/] strategy={cfg.strategy.name} model={cfg.model.name} "
@@ -109,7 +111,7 @@ def show_user_privacy(worker: Any) -> None:
         err_console.print(f"[bold red]warning:[/] {UNSAFE_WARNING}", highlight=False, soft_wrap=True)
     dp = UserLevelDP(cfg)
     randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
-    d = sum(worker.params[k].numel() for k in worker.protocol.trainable)
+    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
     ratio = dp.z_update * d**0.5 / dp.expected
     console.print(f"privacy=user ({cfg.privacy.accountant}): {dp.header()}; cohort and noise: {randomness}")
     console.print(
@@ -138,8 +140,8 @@ def show_privacy(worker: Any) -> None:
     if weighting == "examples":
         weighting += " (declared public)" if cfg.privacy.public_counts else " (noised label counts)"
     # Per step the mean of clipped gradients has norm <= C; the noise on it has norm sigma C sqrt(d) / B.
-    d = sum(worker.params[k].numel() for k in worker.protocol.trainable)
-    ratio = [p.noise_multiplier * d**0.5 / (p.sample_rate * len(worker.rows(pid))) for pid, p in enumerate(plans)
+    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
+    ratio = [p.noise_multiplier * d**0.5 / (p.sample_rate * len(worker.data.rows(pid))) for pid, p in enumerate(plans)
              if p.rounds or p.init_release]  # fmt: skip
     console.print(
         f"privacy=dp ({budget}, {cfg.privacy.accountant}, {cfg.privacy.grad_sample_mode}): noise multiplier "
@@ -168,14 +170,14 @@ def show_partitions(worker: Any, out: Path | None) -> None:
 
     from fedlora.learning.data import label_counts, label_skew
 
-    labels = worker.splits.train["label"]
-    counts = label_counts(labels, worker.partitions, worker.splits.num_labels)
+    labels = worker.data.splits.train["label"]
+    counts = label_counts(labels, worker.data.partitions, worker.data.splits.num_labels)
     sizes = counts.sum(1)
     cfg = worker.cfg
     table = Table(title=f"partition={cfg.partition.name}: {cfg.clients} clients", title_justify="left")
     table.add_column("client", justify="right")
     table.add_column("examples", justify="right")
-    names = worker.splits.label_names
+    names = worker.data.splits.label_names
     for name in names:
         table.add_column(name[:12], justify="right")
     shown = list(range(min(len(sizes), 8)))
@@ -192,7 +194,7 @@ def show_partitions(worker: Any, out: Path | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         header_row = "client,examples," + ",".join(names)
         rows = [f"{i},{sizes[i]}," + ",".join(map(str, counts[i])) for i in range(len(sizes))]
-        (out / "partitions.csv").write_text("\n".join([header_row, *rows]) + "\n")
+        (out / PARTITIONS).write_text("\n".join([header_row, *rows]) + "\n")
 
 
 _EXPECTED_FLOWER_NOTICES = ("DEPRECATED FEATURE: The `run_simulation`",)  # the simulation API this project uses

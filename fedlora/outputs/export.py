@@ -37,10 +37,11 @@ from fedlora.learning.pooling import use_pooling
 from fedlora.learning.worker import Worker
 from fedlora.lora import LORA_ROLES, Role, Tensors
 from fedlora.outputs.checkpoint import write_json
+from fedlora.outputs.run_folder import EXPORT_LABELS, EXPORT_META
 
 ADAPTER_CONFIG = "adapter_config.json"
-LABELS = "labels.json"
-FEDLORA = "fedlora.json"
+LABELS = EXPORT_LABELS
+FEDLORA = EXPORT_META
 
 
 def export_adapter(
@@ -56,17 +57,17 @@ def export_adapter(
     Nothing folded (no ``fold_log``, or one at version 0): a peft LoRA adapter. ``summary``:
     what the model card reports (final metrics, epsilon spent...).
     """
-    worker.set_base(fold_log.delta if fold_log is not None else {})
-    worker.load(state)  # the worker's model is the global model afterwards, for every strategy
+    worker.adapted.set_base(fold_log.delta if fold_log is not None else {})
+    worker.adapted.load(state)  # the worker's model is the global model afterwards, for every strategy
     adapter = worker.strategy.export(state)
     if fold_log is None or fold_log.version == 0:
-        with lora.plain_lora(worker.model):  # Fed-SB's R is folded into B: a standard peft LoRA
-            lora.write(lora.adapter_parameters(worker.model), adapter)
-            worker.model.save_pretrained(str(folder))
+        with lora.plain_lora(worker.adapted.model):  # Fed-SB's R is folded into B: a standard peft LoRA
+            lora.write(lora.adapter_parameters(worker.adapted.model), adapter)
+            worker.adapted.model.save_pretrained(str(folder))
     elif (stacked := _stacked_update(fold_log, adapter)) is not None:
         _save_lora(worker, stacked | {k: v for k, v in adapter.items() if k.role not in LORA_ROLES}, folder)
     else:
-        merged = copy.deepcopy(worker.model).merge_and_unload()
+        merged = copy.deepcopy(worker.adapted.model).merge_and_unload()
         merged.save_pretrained(str(folder))
     describe(worker, folder, summary or {})
     return folder
@@ -93,7 +94,9 @@ def _save_lora(worker: Worker, tensors: Tensors, folder: Path) -> None:
     cfg = worker.cfg
     rank = next(v.shape[0] for k, v in tensors.items() if k.role is Role.A)
     lora_cfg = dataclasses.replace(cfg.lora, rank=rank, alpha=worker.strategy.scaling * rank)
-    model = build_peft_model(cfg.model, lora_cfg, labels=worker.splits.label_names, seed=cfg.seed, task=worker.task)
+    model = build_peft_model(
+        cfg.model, lora_cfg, labels=worker.data.splits.label_names, seed=cfg.seed, task=worker.task
+    )
     lora.write(lora.adapter_parameters(model), tensors)
     model.save_pretrained(str(folder))
 
@@ -102,8 +105,8 @@ def _save_lora(worker: Worker, tensors: Tensors, folder: Path) -> None:
 def describe(worker: Worker, folder: Path, summary: dict[str, Any]) -> None:
     """Tokenizer, labels, fedlora.json, the model card; the adapter config's task type and portable base."""
     cfg = worker.cfg
-    labels = list(worker.splits.label_names)
-    worker.tokenizer.save_pretrained(str(folder))
+    labels = list(worker.data.splits.label_names)
+    worker.data.tokenizer.save_pretrained(str(folder))
     write_json(folder / LABELS, labels)
     base = cfg.model.hub_id or resolve_path(cfg.model.path)
     if (folder / ADAPTER_CONFIG).is_file():

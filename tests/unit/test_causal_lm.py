@@ -13,7 +13,8 @@ from opacus import GradSampleModule
 
 from fedlora import lora
 from fedlora.config.compose import compose
-from fedlora.learning.causal_lm import CausalLM, CausalLMLoss, Evaluation, question, ranking_scores, render
+from fedlora.learning.causal_lm import CausalLM, CausalLMLoss, question, render
+from fedlora.learning.decoding import Evaluation, ranking_scores
 from fedlora.learning.worker import Worker
 from fedlora.outputs.export import export_adapter, load_exported
 
@@ -28,9 +29,9 @@ def worker() -> Worker:
 
 
 def test_the_loss_mask_covers_exactly_the_response_tokens(worker: Worker) -> None:
-    tokenizer, labels = worker.tokenizer, worker.splits.label_names
-    row = worker.client_data(0)[0]
-    text = worker.splits.train[worker.rows(0)[0]]
+    tokenizer, labels = worker.data.tokenizer, worker.data.splits.label_names
+    row = worker.data.tokenised(0)[0]
+    text = worker.data.splits.train[worker.data.rows(0)[0]]
     response = labels[text["label"]]
     prompt = tokenizer(render(tokenizer, question(text["text"], labels)), add_special_tokens=False)["input_ids"]
     answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -40,31 +41,31 @@ def test_the_loss_mask_covers_exactly_the_response_tokens(worker: Worker) -> Non
 
 
 def test_dp_per_sample_gradients_on_llama_lora_layers_sum_to_the_batch_gradient(worker: Worker) -> None:
-    lora.set_trainable(worker.params, worker.protocol.trainable)
-    batch = worker.task.collate(worker.tokenizer)([worker.client_data(0)[i] for i in range(4)])
+    lora.set_trainable(worker.adapted.params, worker.adapted.protocol.trainable)
+    batch = worker.task.collate(worker.data.tokenizer)([worker.data.tokenised(0)[i] for i in range(4)])
     criterion = worker.task.criterion()
-    model = GradSampleModule(worker.model)
+    model = GradSampleModule(worker.adapted.model)
     model.train()
     worker.task.loss(model, batch, criterion).backward()
-    trainable = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+    trainable = [worker.adapted.params[k] for k in sorted(worker.adapted.protocol.trainable)]
     assert all(p.grad_sample.shape[0] == 4 for p in trainable)
     per_sample_mean = [p.grad_sample.mean(0) for p in trainable]  # mean reduction: the batch gradient
     batch_grads = [p.grad.clone() for p in trainable]
     model._close()
     for got, want in zip(per_sample_mean, batch_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-    worker.model.zero_grad()
+    worker.adapted.model.zero_grad()
 
 
 def test_an_exported_adapter_reloads_with_the_same_logits(worker: Worker, tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.adapted.initial_state().items()}
     folder = export_adapter(worker, state, tmp_path / "adapter")
-    batch = worker.task.collate(worker.tokenizer)([worker.client_data(0)[i] for i in range(2)])
+    batch = worker.task.collate(worker.data.tokenizer)([worker.data.tokenised(0)[i] for i in range(2)])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    worker.model.eval()
+    worker.adapted.model.eval()
     with torch.no_grad():
-        expected = worker.model(**inputs).logits
+        expected = worker.adapted.model(**inputs).logits
         got = load_exported(folder).eval()(**inputs).logits
     torch.testing.assert_close(got, expected)
 
@@ -88,9 +89,9 @@ class Forced(torch.nn.Module):
 
 
 def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_forced(worker: Worker) -> None:
-    data: Evaluation = worker.test_batches
+    data: Evaluation = worker.data.test_batches
     forced_label = 1
-    model = Forced(data.candidates[forced_label], len(worker.tokenizer))
+    model = Forced(data.candidates[forced_label], len(worker.data.tokenizer))
     scores = CausalLM.ranking_accuracy(ranking_scores(model, data, torch.device("cpu")), data.truth)
     generated = CausalLM()._generation_accuracy(model, data, torch.device("cpu"))
     share = sum(t == forced_label for t in data.truth) / len(data.truth)
@@ -100,9 +101,9 @@ def test_rank_classification_and_generation_agree_on_a_model_whose_answer_is_for
 def test_cached_ranking_scores_equal_each_sequence_scored_whole(worker: Worker) -> None:
     """The prompt-once, left-padded, cached scores equal log p(candidate | prompt) from one unpadded forward
     of prompt + candidate, for prompts of different lengths in one batch."""
-    data: Evaluation = worker.test_batches
+    data: Evaluation = worker.data.test_batches
     assert len({len(p) for p in data.prompts}) > 1 and max(map(len, data.candidates)) > 1
-    model = worker.model.eval()
+    model = worker.adapted.model.eval()
     with torch.no_grad():
         cached = ranking_scores(model, data, torch.device("cpu"))
         for i, prompt in enumerate(data.prompts):
@@ -115,12 +116,14 @@ def test_cached_ranking_scores_equal_each_sequence_scored_whole(worker: Worker) 
 def test_labelled_test_loss_read_off_the_ranking_equals_the_response_loss_of_a_forward_pass(worker: Worker) -> None:
     """With labels, evaluation runs the prompts once: the response loss it reports (the true label word's
     mean token NLL from the ranking's cached scores) equals the training loss on prompt + true response."""
-    data: Evaluation = worker.test_batches
+    data: Evaluation = worker.data.test_batches
     assert data.truth and not data.batches  # no second pass is prepared
-    tokenized = worker.task.tokenize(worker.splits.test, worker.tokenizer, max_len=worker.cfg.train.max_seq_len,
-                                     labels=worker.splits.label_names)  # fmt: skip
-    batch = worker.task.collate(worker.tokenizer)(list(tokenized))
-    model = worker.model.eval()
+    tokenized = worker.task.tokenize(
+        worker.data.splits.test, worker.data.tokenizer, max_len=worker.cfg.train.max_seq_len,
+        labels=worker.data.splits.label_names,
+    )  # fmt: skip
+    batch = worker.task.collate(worker.data.tokenizer)(list(tokenized))
+    model = worker.adapted.model.eval()
     with torch.no_grad():
         expected = float(CausalLMLoss()(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                                         .logits, batch["labels"]))  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 
 from fedlora.commands.centralised import overrides_for, run_centralised
 from fedlora.config.compose import compose
-from fedlora.learning import worker as worker_module
+from fedlora.learning import client_round
 from fedlora.outputs.metrics import read_metrics
 from tests.conftest import TINY
 
@@ -19,13 +19,13 @@ def test_it_takes_as_many_optimizer_steps_as_the_federated_run(tmp_path: Path, m
     cfg, _ = compose(overrides_for(federated))
     assert cfg.strategy.name == "fedavg" and not cfg.privacy.enabled
     steps: list[int] = []
-    real = worker_module.train_steps
+    real = client_round.train_steps
 
     def counting(*args, steps_=steps, **kwargs):
         steps_.append(kwargs["steps"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "train_steps", counting)
+    monkeypatch.setattr(client_round, "train_steps", counting)
     run_centralised(cfg, tmp_path)
     assert steps == [3 * 4, 3 * 4]  # per round: clients per round x local steps; rounds: the federated run's
     rows = read_metrics(tmp_path / "metrics.csv")

@@ -111,9 +111,9 @@ def test_expected_reply_has_the_shapes_each_client_sends(make_config) -> None:
     for overrides, pid in ((["strategy=flora", "strategy.client_ranks=[2,8]"], 0), (["strategy=fed_sb"], 1)):
         cfg = make_config("clients=2", *overrides)
         worker = Worker(cfg, num_partitions=2)
-        state = worker.initial_state()
-        expected = worker.protocol.expected_reply(pid, state, server_round=1)
-        sent = {k: v for k, v in worker.protocol.download(state).items()}
+        state = worker.adapted.initial_state()
+        expected = worker.adapted.protocol.expected_reply(pid, state, server_round=1)
+        sent = {k: v for k, v in worker.adapted.protocol.download(state).items()}
         payload, _, _ = worker.train_round(pid, sent, server_round=1)
         assert {k: tuple(v.shape) for k, v in payload.items()} == {k: tuple(v.shape) for k, v in expected.items()}
         assert reject_reason(payload, expected) is None

@@ -76,16 +76,16 @@ def init_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, float
     reply = reply_of(
         cfg,
         {records.SERVER_ROUND: 0, records.PHASE: records.PHASE_INIT, records.INIT_EXAMPLES: share,
-         records.LABELS: list(Worker(cfg, num_partitions=4).splits.label_names)},
+         records.LABELS: list(Worker(cfg, num_partitions=4).data.splits.label_names)},
     )  # fmt: skip
     assert_nothing_unprotected(reply)
     released = records.from_record(reply.content[records.ARRAYS])
     worker = Worker(cfg, num_partitions=cfg.clients)
-    keys = list(lora.base_weights(worker.model))  # the order the client noises them in
+    keys = list(lora.base_weights(worker.adapted.model))  # the order the client noises them in
     truth = {k: released[k] - z for k, z in zip(keys, noises, strict=True)}
 
     # The attacker: the generator an unsafe client would use, advanced past the Poisson mask.
-    n = len(worker.partitions[PID])
+    n = len(worker.data.partitions[PID])
     g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=0, client=PID))
     torch.rand(n, generator=g)
     guess = {k: released[k] - SIGMA * torch.randn(released[k].shape, generator=g) for k in keys}
@@ -119,8 +119,8 @@ def round_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, floa
 
     monkeypatch.setattr(opacus_optimizer, "_generate_noise", recording)
     worker = Worker(cfg, num_partitions=cfg.clients)
-    start = worker.protocol.download(worker.initial_state())
-    config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.splits.label_names)}
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
+    config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.data.splits.label_names)}
     reply = reply_of(cfg, config, records.to_record(start))
     assert_nothing_unprotected(reply)
     payload = records.from_record(reply.content[records.ARRAYS])
@@ -128,14 +128,14 @@ def round_attack(make_config, monkeypatch, *, unsafe: bool) -> tuple[float, floa
     truth = dict(zip(keys, sums, strict=True))
 
     # What the server sees: SGD at lr 1 moved each tensor by -(sum + noise) / expected batch.
-    n = len(worker.partitions[PID])
+    n = len(worker.data.partitions[PID])
     rate = 1 / math.ceil(n / cfg.train.batch_size)
     expected = int(n * rate)
     observed = {k: -expected * (payload[k] - start[k]) / cfg.train.lr for k in keys}
     # The attacker regenerates the unsafe client's draws: the noise on its label counts (logit adjustment),
     # the loader's base seed, the Poisson mask, the gradient noise.
     g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=1, client=PID))
-    torch.normal(0.0, cfg.privacy.label_noise, (len(worker.splits.label_names),), generator=g, dtype=torch.float64)
+    torch.normal(0.0, cfg.privacy.label_noise, (len(worker.data.splits.label_names),), generator=g, dtype=torch.float64)
     torch.empty((), dtype=torch.int64).random_(generator=g)
     torch.rand(n, generator=g)
     guess = {k: observed[k] - torch.normal(0, SIGMA, observed[k].shape, generator=g) for k in keys}
@@ -157,16 +157,16 @@ def test_the_server_cannot_strip_the_noise_of_a_dp_sgd_round(make_config, monkey
 def test_a_dp_client_sends_only_its_noised_example_count(make_config) -> None:
     """Weighting by examples under DP: the count a client sends is the sum of its noised label counts (the
     logit adjustment's release, already charged), never the exact one. Seeded here, so the test can redraw it."""
-    from fedlora.learning.tasks import SequenceClassification
+    from fedlora.learning.classification import SequenceClassification
 
     cfg = make_config(*DP, "train.local_steps=1", "privacy.unsafe_seeded_randomness=true")
     assert cfg.strategy.weighting == "examples"
     worker = Worker(cfg, num_partitions=cfg.clients)
-    config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.splits.label_names)}
-    reply = reply_of(cfg, config, records.to_record(worker.protocol.download(worker.initial_state())))
+    config = {records.SERVER_ROUND: 1, records.FIXED_DIGEST: "", records.LABELS: list(worker.data.splits.label_names)}
+    reply = reply_of(cfg, config, records.to_record(worker.adapted.protocol.download(worker.adapted.initial_state())))
     sent = reply.content[records.METRICS][records.NUM_EXAMPLES]
     g = torch.Generator().manual_seed(seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=1, client=PID))
-    labels = worker.client_data(PID)["labels"]
+    labels = worker.data.tokenised(PID)["labels"]
     noised = SequenceClassification.label_counts(labels, 4, noise_std=cfg.privacy.label_noise, generator=g)
     assert sent == max(1, round(float(noised.sum()))) and sent != len(labels)
 

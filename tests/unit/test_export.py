@@ -16,11 +16,11 @@ from fedlora.outputs.export import export_adapter, load_exported, register_in_hf
 
 def trained(worker: Worker) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.adapted.initial_state().items()}
 
 
 def logits_of(model, worker: Worker) -> torch.Tensor:
-    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
+    batch = {k: v for k, v in next(iter(worker.data.test_batches)).items() if k != "labels"}
     model.eval()
     with torch.no_grad():
         return model(**batch).logits
@@ -30,11 +30,11 @@ def logits_of(model, worker: Worker) -> torch.Tensor:
 def test_an_export_reloads_from_its_folder_alone_and_describes_itself(make_config, tmp_path, strategy) -> None:
     worker = Worker(make_config(f"strategy={strategy}"), num_partitions=10)
     folder = export_adapter(worker, trained(worker), tmp_path / "adapter", summary={"test_accuracy": 0.5})
-    expected = logits_of(worker.model, worker)
+    expected = logits_of(worker.adapted.model, worker)
     torch.testing.assert_close(logits_of(load_exported(folder), worker), expected)  # the tiny base rebuilt too
     config = json.loads((folder / "adapter_config.json").read_text())
     meta = json.loads((folder / "fedlora.json").read_text())
-    assert config["task_type"] == "SEQ_CLS" and meta["labels"] == list(worker.splits.label_names)
+    assert config["task_type"] == "SEQ_CLS" and meta["labels"] == list(worker.data.splits.label_names)
     card = (folder / "README.md").read_text()
     assert f"strategy `{strategy}`" in card and "Final test accuracy: 0.5000" in card and "load_exported" in card
     assert (folder / "tokenizer.json").is_file()
@@ -47,7 +47,7 @@ def test_predict_labels_texts_and_a_file(make_config, tmp_path, capsys) -> None:
     texts.write_text("rain storm forecast\n\nrecipe pasta chef\n")
     assert main(["predict", "--adapter", str(folder), "goal match team", "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    names = set(worker.splits.label_names)
+    names = set(worker.data.splits.label_names)
     assert [line.split("\t")[1] for line in lines] == ["goal match team", "rain storm forecast", "recipe pasta chef"]
     assert all(line.split("\t")[0] in names for line in lines)
     assert main(["predict", "--adapter", str(tmp_path)]) == 2
@@ -67,4 +67,4 @@ def test_a_minilm_adapter_names_its_hub_base_which_resolves_offline_to_the_packa
     register_in_hf_cache(cfg.model.hub_id, Path(resolve_path(cfg.model.path)), cache_dir=cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=4, cache_dir=str(cache))
-    torch.testing.assert_close(logits_of(model, worker), logits_of(worker.model, worker), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits_of(model, worker), logits_of(worker.adapted.model, worker), rtol=1e-4, atol=1e-5)

@@ -7,8 +7,8 @@ import torch
 
 from fedlora import lora
 from fedlora.federation.folding import FoldLog, FoldUpdate, StaleBase, catch_up, numbers
+from fedlora.learning.classification import SequenceClassification
 from fedlora.learning.model import resolve_path
-from fedlora.learning.tasks import SequenceClassification
 from fedlora.learning.worker import Worker
 from fedlora.lora import AdapterKey, Role
 from fedlora.outputs.export import export_adapter, load_exported
@@ -78,20 +78,20 @@ def test_a_node_at_another_version_than_the_update_refuses_it() -> None:
 
 # -- on the tiny model ---------------------------------------------------------------------
 def effective_weights(worker: Worker) -> dict[str, torch.Tensor]:
-    return {k.module: w.detach().clone() for k, w in lora.base_weights(worker.model).items()}
+    return {k.module: w.detach().clone() for k, w in lora.base_weights(worker.adapted.model).items()}
 
 
 def logits(worker: Worker) -> torch.Tensor:
-    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
-    worker.model.eval()
+    batch = {k: v for k, v in next(iter(worker.data.test_batches)).items() if k != "labels"}
+    worker.adapted.model.eval()
     with torch.no_grad():
-        return worker.model(**batch).logits
+        return worker.adapted.model(**batch).logits
 
 
 def test_a_flora_client_that_skipped_rounds_trains_on_the_same_weights(make_config) -> None:
     """Three rounds of real training; partition 1 takes part in all, partition 4 only in round 3."""
     worker = Worker(make_config("strategy=flora", "train.lr=0.01"), num_partitions=6)
-    fl, state = worker.strategy, worker.initial_state()
+    fl, state = worker.strategy, worker.adapted.initial_state()
     log, nodes = FoldLog(scaling=fl.scaling), {1: Node(), 4: Node(), 5: Node()}
     sampled = {1: [1, 5], 2: [1, 5], 3: [1, 4]}
     seen, server = {}, {}
@@ -110,7 +110,7 @@ def test_a_flora_client_that_skipped_rounds_trains_on_the_same_weights(make_conf
     skipped, always = seen[(3, 4)], seen[(3, 1)]
     assert all(torch.equal(skipped[m], always[m]) for m in always)
     assert any(not torch.equal(always[m], seen[(1, 1)][m]) for m in always)  # the base did move
-    worker.set_base(server[3])  # the server's copy, for evaluation
+    worker.adapted.set_base(server[3])  # the server's copy, for evaluation
     assert all(torch.equal(w, always[m]) for m, w in effective_weights(worker).items())
 
 
@@ -118,20 +118,22 @@ def test_merging_and_a_fresh_adapter_give_the_model_with_the_adapter(make_config
     worker = Worker(make_config("strategy=flora"), num_partitions=4)
     fl = worker.strategy
     g = torch.Generator().manual_seed(1)
-    trained = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
-    worker.load(trained)
+    trained = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in worker.adapted.initial_state().items()}
+    worker.adapted.load(trained)
     with_adapter = logits(worker)
     payload = {k: v for k, v in trained.items() if k.role in (Role.A, Role.B)}
-    worker.set_base(lora.fold({}, fl.fold({}, [payload], fl.weights([1])), scaling=fl.scaling))
-    worker.load(fl.start({k: v for k, v in trained.items() if k.role is Role.DENSE}, like=trained, generator=g))
-    assert all(not v.any() for k, v in lora.read(worker.params).items() if k.role is Role.B)
+    worker.adapted.set_base(lora.fold({}, fl.fold({}, [payload], fl.weights([1])), scaling=fl.scaling))
+    worker.adapted.load(fl.start({k: v for k, v in trained.items() if k.role is Role.DENSE}, like=trained, generator=g))
+    assert all(not v.any() for k, v in lora.read(worker.adapted.params).items() if k.role is Role.B)
     torch.testing.assert_close(logits(worker), with_adapter, rtol=1e-5, atol=1e-5)
 
 
 def test_a_lower_rank_client_trains_and_sends_only_its_rank(make_config) -> None:
     worker = Worker(make_config("strategy=flora", "strategy.client_ranks=[2,8]", "train.lr=0.05"), num_partitions=4)
     assert (
-        worker.cfg.model_rank == 8 and worker.protocol.rank_mask(0).rank == 2 and worker.protocol.rank_mask(1).rank == 8
+        worker.cfg.model_rank == 8
+        and worker.adapted.protocol.rank_mask(0).rank == 2
+        and worker.adapted.protocol.rank_mask(1).rank == 8
     )
     payload, _, _ = worker.train_round(0, {}, server_round=1, base={})
     for key, value in payload.items():
@@ -139,7 +141,7 @@ def test_a_lower_rank_client_trains_and_sends_only_its_rank(make_config) -> None
             assert value.shape[0] == 2 and value.abs().sum() > 0
         elif key.role is Role.B:
             assert value.shape[1] == 2 and value.abs().sum() > 0
-    params = lora.read(worker.params)  # beyond rank 2 nothing moved from zero
+    params = lora.read(worker.adapted.params)  # beyond rank 2 nothing moved from zero
     assert all(not v[2:].any() for k, v in params.items() if k.role is Role.A)
     assert all(not v[:, 2:].any() for k, v in params.items() if k.role is Role.B)
     full, _, _ = worker.train_round(1, {}, server_round=1, base={})
@@ -152,7 +154,7 @@ def fresh_base(worker: Worker):
         torch.manual_seed(cfg.seed)
         return TASK.build(
             resolve_path(cfg.model.path),
-            labels=worker.splits.label_names,
+            labels=worker.data.splits.label_names,
             pretrained=False,
             architecture=cfg.model.architecture,
         )
@@ -162,7 +164,7 @@ def fresh_base(worker: Worker):
 def test_folded_export_loads_and_gives_the_global_model(make_config, tmp_path, rounds: int, form: str) -> None:
     """FedEx: the summed-rank LoRA while it is smaller than the dense update, then merged weights."""
     worker = Worker(make_config("strategy=fedex", "lora.rank=2"), num_partitions=4)
-    fl, state = worker.strategy, worker.initial_state()
+    fl, state = worker.strategy, worker.adapted.initial_state()
     log = FoldLog(scaling=fl.scaling)
     g = torch.Generator().manual_seed(2)
     for _ in range(rounds):
@@ -175,7 +177,7 @@ def test_folded_export_loads_and_gives_the_global_model(make_config, tmp_path, r
     assert (folder / "adapter_config.json").is_file() == (form == "lora")
     model = load_exported(folder, base=fresh_base(worker) if form == "lora" else None)
     model.eval()
-    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
+    batch = {k: v for k, v in next(iter(worker.data.test_batches)).items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
     dense = numbers(log.delta)

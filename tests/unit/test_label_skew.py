@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedlora.config.run import ConfigError
-from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.classification import SequenceClassification
 from fedlora.learning.worker import Worker
 
 
@@ -78,7 +78,7 @@ def test_under_dp_each_round_trains_on_a_fresh_noised_prior_and_charges_it(make_
     )  # fmt: skip
     worker = Worker(cfg, num_partitions=4)
     seen = record_offsets(monkeypatch)
-    received = worker.protocol.download(worker.initial_state())
+    received = worker.adapted.protocol.download(worker.adapted.initial_state())
     pid = next(p for p in range(4) if worker.privacy_plan(p).rounds >= 2)  # one the schedule samples twice
     plan, history, offsets = worker.privacy_plan(pid), [], []
     for server_round in (1, 2):
@@ -86,7 +86,7 @@ def test_under_dp_each_round_trains_on_a_fresh_noised_prior_and_charges_it(make_
         worker.train_round(pid, received, server_round=server_round, history=history)
         assert seen and all(o is not None and torch.equal(o, seen[0]) for o in seen)
         offsets.append(seen[0])
-    exact = SequenceClassification.label_offset(worker.client_data(pid)["labels"], 4, tau=1.0)
+    exact = SequenceClassification.label_offset(worker.data.tokenised(pid)["labels"], 4, tau=1.0)
     assert not torch.equal(offsets[0], exact) and not torch.equal(offsets[0], offsets[1])  # drawn afresh
     assert history == 2 * plan.round_steps and (cfg.privacy.label_noise, 1.0, 1) in history
     assert plan.noise_multiplier > 0 and plan.planned() == plan.rounds * plan.round_steps  # calibrated with it
@@ -97,14 +97,14 @@ def test_each_client_trains_with_its_own_label_offset_and_evaluation_is_plain(ma
     cfg = make_config("partition=dirichlet", "partition.alpha=0.3", "clients=4", "train.logit_adjustment=0.7")
     worker = Worker(cfg, num_partitions=4)
     seen = record_offsets(monkeypatch)
-    received = worker.protocol.download(worker.initial_state())
+    received = worker.adapted.protocol.download(worker.adapted.initial_state())
     for pid in (0, 1):
         seen.clear()
         worker.train_round(pid, received, server_round=1)
-        want = SequenceClassification.label_offset(worker.client_data(pid)["labels"], 4, tau=0.7)
+        want = SequenceClassification.label_offset(worker.data.tokenised(pid)["labels"], 4, tau=0.7)
         assert len(seen) == cfg.train.local_steps and all(torch.equal(o, want) for o in seen)
     assert not torch.equal(
-        *(SequenceClassification.label_offset(worker.client_data(p)["labels"], 4, tau=1) for p in (0, 1))
+        *(SequenceClassification.label_offset(worker.data.tokenised(p)["labels"], 4, tau=1) for p in (0, 1))
     )
     seen.clear()
     worker.evaluate(received)

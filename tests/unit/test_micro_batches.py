@@ -14,10 +14,10 @@ def trained(make_config, *overrides: str) -> tuple[dict, int]:
     cfg = make_config("data.synthetic_train=320", "train.batch_size=16", "train.local_steps=3",
                       "train.optimizer=sgd", "train.lr=0.5", *overrides)  # fmt: skip
     worker = Worker(cfg, num_partitions=10)
-    for module in worker.model.modules():  # dropout draws per forward pass: both runs must see the same
+    for module in worker.adapted.model.modules():  # dropout draws per forward pass: both runs must see the same
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    start = worker.protocol.download(worker.initial_state())
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
     payload, _, result = worker.train_round(3, start, server_round=1)
     return payload, result.steps
 
@@ -39,8 +39,8 @@ def texts(batch: dict) -> list[tuple[int, ...]]:
 
 def test_micro_batches_hold_each_batch_once_in_pieces_ordered_by_length(make_config) -> None:
     worker = Worker(make_config("train.batch_size=16", "train.micro_batch_size=5"), num_partitions=10)
-    data = worker.client_data(3)
-    micro, plain = worker.shuffled(data, seed=1, micro=True), worker.shuffled(data, seed=1)
+    data = worker.data.tokenised(3)
+    micro, plain = worker.data.shuffled(data, seed=1, micro=True), worker.data.shuffled(data, seed=1)
     assert isinstance(micro, MicroBatches)
     for pieces, batch in zip(micro, plain, strict=True):  # the same batches as without micro-batches
         assert [len(p["input_ids"]) for p in pieces][:-1] == [5] * (len(pieces) - 1)

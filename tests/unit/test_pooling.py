@@ -23,30 +23,30 @@ def logits_and_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_head_reads_the_mean_of_the_unpadded_token_states(make_config) -> None:
     worker = Worker(make_config("model.pooling=mean"), num_partitions=10)
-    batch = next(iter(worker.test_batches))
+    batch = next(iter(worker.data.test_batches))
     mask = batch["attention_mask"]
     assert (mask == 0).any(), "the test batch must hold padding for this test to mean anything"
-    logits, states = logits_and_states(worker.model, batch)
+    logits, states = logits_and_states(worker.adapted.model, batch)
     weights = mask.unsqueeze(-1).float()
     mean = (states * weights).sum(1) / weights.sum(1)
-    head = worker.model.get_base_model().classifier
+    head = worker.adapted.model.get_base_model().classifier
     torch.testing.assert_close(logits, head(mean))
     # The shortest text alone (no padding) gets the logits it got inside the padded batch.
     short = int(mask.sum(1).argmin())
     length = int(mask[short].sum())
     alone = {key: batch[key][short : short + 1, :length] for key in ("input_ids", "attention_mask")}
-    alone_logits, _ = logits_and_states(worker.model, alone)
+    alone_logits, _ = logits_and_states(worker.adapted.model, alone)
     torch.testing.assert_close(alone_logits[0], logits[short], rtol=1e-5, atol=1e-6)
-    cls_logits, _ = logits_and_states(Worker(make_config(), num_partitions=10).model, batch)
+    cls_logits, _ = logits_and_states(Worker(make_config(), num_partitions=10).adapted.model, batch)
     assert not torch.allclose(cls_logits, logits)  # the [CLS] pooler is really gone
 
 
 def test_a_mean_pooled_export_reloads_mean_pooled_and_says_how_to_load_it(make_config, tmp_path) -> None:
     worker = Worker(make_config("model.pooling=mean"), num_partitions=10)
-    state = {k: v + 0.05 for k, v in worker.initial_state().items()}
+    state = {k: v + 0.05 for k, v in worker.adapted.initial_state().items()}
     folder = export_adapter(worker, state, tmp_path / "adapter")
-    batch = next(iter(worker.test_batches))
-    expected, _ = logits_and_states(worker.model, batch)
+    batch = next(iter(worker.data.test_batches))
+    expected, _ = logits_and_states(worker.adapted.model, batch)
     torch.testing.assert_close(logits_and_states(load_exported(folder), batch)[0], expected)
     assert json.loads((folder / "fedlora.json").read_text())["model"]["pooling"] == "mean"
     card = (folder / "README.md").read_text()

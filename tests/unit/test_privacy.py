@@ -13,7 +13,7 @@ from fedlora import lora
 from fedlora.config.run import ConfigError, PrivacyConfig
 from fedlora.federation.schedule import scheduled
 from fedlora.learning import gradient_init
-from fedlora.learning.tasks import SequenceClassification
+from fedlora.learning.classification import SequenceClassification
 from fedlora.learning.train import LengthSorted, cycle, train_steps
 from fedlora.learning.worker import Worker
 from fedlora.privacy.accounting import ClientPlan, calibrate, client_delta, compress, epsilon, make_plan
@@ -23,7 +23,7 @@ TASK = SequenceClassification()
 
 
 def round_from_start(worker: Worker, history: list | None = None) -> dict:
-    start = worker.protocol.download(worker.initial_state())
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
     payload, _, _ = worker.train_round(3, start, server_round=1, history=history)
     return payload
 
@@ -31,17 +31,17 @@ def round_from_start(worker: Worker, history: list | None = None) -> dict:
 def local_round(worker: Worker, *, dp: bool) -> dict:
     """Two AdamW steps on client 3's first fixed batches, plain or through Opacus with fixed (non-Poisson)
     batches, no noise and a clipping bound no gradient reaches."""
-    lora.set_trainable(worker.params, worker.protocol.trainable)
-    lora.write(worker.params, worker.initial_state())
-    params = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+    lora.set_trainable(worker.adapted.params, worker.adapted.protocol.trainable)
+    lora.write(worker.adapted.params, worker.adapted.initial_state())
+    params = [worker.adapted.params[k] for k in sorted(worker.adapted.protocol.trainable)]
     optimizer = torch.optim.AdamW(params, lr=0.01)
-    batches = worker.shuffled(worker.client_data(3), seed=7)
+    batches = worker.data.shuffled(worker.data.tokenised(3), seed=7)
     run = partial(train_steps, steps=2, device=worker.device)
     if not dp:
-        run(worker.model, cycle(batches), loss_fn=TASK.loss, optimizer=optimizer)
+        run(worker.adapted.model, cycle(batches), loss_fn=TASK.loss, optimizer=optimizer)
     else:
         with dp_sgd(
-            worker.model,
+            worker.adapted.model,
             optimizer,
             batches,
             noise_multiplier=0.0,
@@ -52,7 +52,7 @@ def local_round(worker: Worker, *, dp: bool) -> dict:
             poisson=False,  # the same batches as the plain round
         ) as (model, dp_optimizer, loader, criterion):
             run(model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer)
-    return {k: worker.params[k].detach().clone() for k in worker.protocol.trainable}
+    return {k: worker.adapted.params[k].detach().clone() for k in worker.adapted.protocol.trainable}
 
 
 def test_without_noise_or_reachable_clipping_dp_sgd_equals_plain_training(make_config) -> None:
@@ -80,18 +80,18 @@ def test_dp_sgd_adds_noise_and_charges_the_ledger(make_config, mode: str) -> Non
     plan = worker.privacy_plan(3)
     assert history == plan.round_steps  # the DP-SGD steps, then the noised label counts (logit adjustment)
     assert history[1] == (dp.privacy.label_noise, 1.0, 1)
-    assert all(not hasattr(p, "grad_sample") for p in worker.model.parameters())  # Opacus is gone afterwards
+    assert all(not hasattr(p, "grad_sample") for p in worker.adapted.model.parameters())  # Opacus is gone afterwards
 
 
 def test_per_sample_gradients_are_clipped(make_config) -> None:
     """One plain-SGD step (lr 1) without noise moves the trainable tensors by the mean clipped
     gradient: its norm is at most C, though the raw gradients are far larger."""
     worker = Worker(make_config(), num_partitions=10)
-    model, c = worker.model, 1e-3
-    lora.set_trainable(worker.params, worker.protocol.trainable)
-    trainable = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+    model, c = worker.adapted.model, 1e-3
+    lora.set_trainable(worker.adapted.params, worker.adapted.protocol.trainable)
+    trainable = [worker.adapted.params[k] for k in sorted(worker.adapted.protocol.trainable)]
     before = [p.detach().clone() for p in trainable]
-    batches = worker.shuffled(worker.client_data(0), seed=1)
+    batches = worker.data.shuffled(worker.data.tokenised(0), seed=1)
     optimizer = torch.optim.SGD(trainable, lr=1.0)
     with dp_sgd(
         model,
@@ -205,29 +205,30 @@ def test_a_logical_batch_is_the_sum_of_its_physical_batches_and_one_accountant_s
 
     def round_with(physical: int | None, by_length: bool = False) -> tuple[dict, int]:
         worker = Worker(make_config("data.synthetic_train=320", "train.batch_size=16"), num_partitions=10)
-        for module in worker.model.modules():  # dropout draws per physical batch: the batches must see the same
+        for module in worker.adapted.model.modules():  # dropout draws per physical batch: the batches must see the same
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        lora.set_trainable(worker.params, worker.protocol.trainable)
-        params = [worker.params[k] for k in sorted(worker.protocol.trainable)]
+        lora.set_trainable(worker.adapted.params, worker.adapted.protocol.trainable)
+        params = [worker.adapted.params[k] for k in sorted(worker.adapted.protocol.trainable)]
         optimizer = torch.optim.SGD(params, lr=0.5)
         with dp_sgd(
-            worker.model, optimizer, worker.shuffled(worker.client_data(3), seed=7), noise_multiplier=0.0,
+            worker.adapted.model, optimizer, worker.data.shuffled(worker.data.tokenised(3), seed=7),
+            noise_multiplier=0.0,
             max_grad_norm=0.05, grad_sample_mode="hooks", criterion=TASK.criterion(),
             generator=torch.Generator().manual_seed(0), poisson=False, max_physical_batch_size=physical,
-            lengths=worker.lengths(3) if by_length else None,
+            lengths=worker.data.lengths(3) if by_length else None,
         ) as (model, dp_optimizer, loader, criterion):  # fmt: skip
             result = train_steps(
                 model, cycle(loader), loss_fn=partial(TASK.loss, criterion=criterion), optimizer=dp_optimizer,
                 steps=2, device=worker.device,
             )  # fmt: skip
-        return {k: worker.params[k].detach().clone() for k in worker.protocol.trainable}, result.steps
+        return {k: worker.adapted.params[k].detach().clone() for k in worker.adapted.protocol.trainable}, result.steps
 
     whole, steps_whole = round_with(None)
     split, steps_split = round_with(4)
     by_length, steps_by_length = round_with(4, by_length=True)
     assert steps_whole == steps_split == steps_by_length == 2  # logical steps, though 8 physical batches
-    start = Worker(make_config("data.synthetic_train=320"), num_partitions=10).initial_state()
+    start = Worker(make_config("data.synthetic_train=320"), num_partitions=10).adapted.initial_state()
     moved = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in whole))
     for other in (split, by_length):
         differ = math.sqrt(sum(float((other[k] - whole[k]).square().sum()) for k in whole))
@@ -246,7 +247,7 @@ def test_a_dp_round_charges_one_accountant_step_per_logical_batch(make_config) -
     cfg = make_config("privacy=dp", "privacy.noise_multiplier=1.0", "privacy.max_physical_batch_size=3")
     worker = Worker(cfg, num_partitions=10)
     history: list = []
-    start = worker.protocol.download(worker.initial_state())
+    start = worker.adapted.protocol.download(worker.adapted.initial_state())
     _, _, result = worker.train_round(3, start, server_round=1, history=history)
     plan = worker.privacy_plan(3)
     assert result.steps == cfg.train.local_steps
@@ -261,7 +262,7 @@ def test_fed_sb_s_init_release_is_charged_at_its_poisson_rate(make_config) -> No
     worker = Worker(cfg, num_partitions=cfg.clients)
     round_zero = scheduled(cfg, 0)
     pid, share = round_zero[0], math.ceil(6 / len(round_zero))
-    plan, n = worker.privacy_plan(pid), len(worker.rows(pid))
+    plan, n = worker.privacy_plan(pid), len(worker.data.rows(pid))
     assert plan.init_release and plan.init_rate == pytest.approx(share / n) and 0 < share / n < 1
     assert plan.planned()[0] == plan.init_step == (plan.noise_multiplier, share / n, 1)
     assert plan.spent([plan.init_step]) < plan.spent([plan.init_step_at(1.0)])  # amplification by subsampling

@@ -11,8 +11,8 @@ from fedlora.config.run import ConfigError
 from fedlora.federation.server_step import server_step
 from fedlora.flower import records
 from fedlora.learning import gradient_init
+from fedlora.learning.classification import SequenceClassification
 from fedlora.learning.model import resolve_path
-from fedlora.learning.tasks import SequenceClassification
 from fedlora.learning.worker import Worker
 from fedlora.lora import LORA_ROLES, AdapterKey, Role
 from fedlora.outputs.checkpoint import load_checkpoint_meta, save_checkpoint
@@ -22,20 +22,20 @@ TASK = SequenceClassification()
 
 
 def base_weights(worker: Worker) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in worker.model.named_parameters() if "lora_" not in n}
+    return {n: p.detach().clone() for n, p in worker.adapted.model.named_parameters() if "lora_" not in n}
 
 
 @pytest.mark.parametrize("head", ["train", "freeze"])
 def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> None:
     worker = Worker(make_config(f"train.head={head}", "train.lr=0.01"), num_partitions=10)
-    received = worker.protocol.download(worker.initial_state())
+    received = worker.adapted.protocol.download(worker.adapted.initial_state())
     before = base_weights(worker)
     payload, num_examples, result = worker.train_round(3, received, server_round=1)
 
-    assert num_examples == len(worker.partitions[3]) and result.steps == 2
+    assert num_examples == len(worker.data.partitions[3]) and result.steps == 2
     sent_roles = {k.role for k in payload}
     assert sent_roles == ({Role.A, Role.B, Role.DENSE} if head == "train" else {Role.A, Role.B})
-    assert all(k in worker.protocol.trainable for k in payload)
+    assert all(k in worker.adapted.protocol.trainable for k in payload)
     # The base model (and a frozen head) is bit-identical after local training.
     after = base_weights(worker)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
@@ -43,7 +43,7 @@ def test_only_trainable_tensors_change_and_are_sent(make_config, head: str) -> N
         assert changed and all("modules_to_save" in n for n in changed)
     else:
         assert changed == []
-        assert not any(k.role is Role.DENSE for k in worker.protocol.download(worker.initial_state()))
+        assert not any(k.role is Role.DENSE for k in worker.adapted.protocol.download(worker.adapted.initial_state()))
     # LoRA B starts at zero and moves: the round did train.
     assert any(k.role is Role.B and v.abs().sum() > 0 for k, v in payload.items())
 
@@ -52,8 +52,8 @@ def test_a_client_round_is_reproducible(make_config) -> None:
     cfg = make_config("train.lr=0.01", "lora.dropout=0.1")
     first = Worker(cfg, num_partitions=10)
     second = Worker(cfg, num_partitions=10)
-    start = first.initial_state()
-    assert all(torch.equal(start[k], v) for k, v in second.initial_state().items())
+    start = first.adapted.initial_state()
+    assert all(torch.equal(start[k], v) for k, v in second.adapted.initial_state().items())
     a, _, _ = first.train_round(1, start, server_round=2)
     b, _, _ = second.train_round(1, start, server_round=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -66,20 +66,20 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config
     cfg = make_config(f"strategy={strategy}")
     worker = Worker(cfg, num_partitions=10)
     g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.initial_state().items()}
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in worker.adapted.initial_state().items()}
     folder = export_adapter(worker, state, tmp_path / "adapter")
 
-    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
-    worker.model.eval()
+    batch = {k: v for k, v in next(iter(worker.data.test_batches)).items() if k != "labels"}
+    worker.adapted.model.eval()
     with torch.no_grad():
-        expected = worker.model(**batch).logits
+        expected = worker.adapted.model(**batch).logits
 
     # A fresh base built the documented way (the tiny model is a seeded random init).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         base = TASK.build(
             resolve_path(cfg.model.path),
-            labels=worker.splits.label_names,
+            labels=worker.data.splits.label_names,
             pretrained=False,
             architecture=cfg.model.architecture,
         )
@@ -90,7 +90,7 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(make_config
 
 def test_checkpoint_and_wire_round_trips_are_bit_exact(make_config, tmp_path) -> None:
     worker = Worker(make_config(), num_partitions=10)
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     path = save_checkpoint(tmp_path, state, server_round=7)
     loaded, server_round, _ = load_checkpoint_meta(path)
     assert server_round == 7 and loaded.keys() == state.keys()
@@ -105,7 +105,7 @@ def test_checkpoint_and_wire_round_trips_are_bit_exact(make_config, tmp_path) ->
 def test_lora_count_matches_the_formula(make_config) -> None:
     cfg = make_config()
     worker = Worker(cfg, num_partitions=10)
-    lora_numbers = sum(v.numel() for k, v in worker.initial_state().items() if k.role in LORA_ROLES)
+    lora_numbers = sum(v.numel() for k, v in worker.adapted.initial_state().items() if k.role in LORA_ROLES)
     d, r = cfg.model.architecture["hidden_size"], cfg.lora.rank
     layers, targets = cfg.model.architecture["num_hidden_layers"], len(cfg.lora.target_modules)
     assert lora_numbers == layers * targets * (d * r + r * d)
@@ -125,7 +125,7 @@ def test_minilm_learns_the_easy_synthetic_task() -> None:
         ]
     )
     worker = Worker(cfg, num_partitions=2)
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     before = worker.evaluate(state)["accuracy"]
     for server_round in (1, 2):
         payload, _, _ = worker.train_round(0, state, server_round=server_round)
@@ -141,18 +141,18 @@ SENT = {"ffa_lora": {Role.B, Role.DENSE}, "fedsvd": {Role.B, Role.DENSE}, "fed_s
 @pytest.mark.parametrize("strategy", sorted(FROZEN_LORA))
 def test_only_the_strategy_s_tensors_train_and_travel(make_config, strategy: str) -> None:
     worker = Worker(make_config(f"strategy={strategy}", "train.lr=0.01"), num_partitions=10)
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     if strategy == "fed_sb":  # B = 0 before the LoRA-SB init would hide R's gradient
         gradients, _ = gradient_init.client_share(worker, 0, num_examples=8)
         state = gradient_init.initialise(worker, state, gradients)
-        worker.load(state)
-    frozen = {k: v.detach().clone() for k, v in worker.params.items() if k.role in FROZEN_LORA[strategy]}
+        worker.adapted.load(state)
+    frozen = {k: v.detach().clone() for k, v in worker.adapted.params.items() if k.role in FROZEN_LORA[strategy]}
     payload, _, _ = worker.train_round(
-        2, {**worker.protocol.download(state), **worker.strategy.fixed(state)}, server_round=1
+        2, {**worker.adapted.protocol.download(state), **worker.strategy.fixed(state)}, server_round=1
     )
     assert {k.role for k in payload} == SENT[strategy]
-    assert all(torch.equal(worker.params[k], v) for k, v in frozen.items())  # bit-identical
-    assert all(not worker.params[k].requires_grad for k in frozen)
+    assert all(torch.equal(worker.adapted.params[k], v) for k, v in frozen.items())  # bit-identical
+    assert all(not worker.adapted.params[k].requires_grad for k in frozen)
     trained = [k for k in payload if k.role not in (Role.DENSE,)]
     assert any(not torch.equal(payload[k], state[k]) for k in trained)  # the round did train them
 
@@ -160,30 +160,33 @@ def test_only_the_strategy_s_tensors_train_and_travel(make_config, strategy: str
 def test_ffa_lora_a_is_bit_identical_in_every_process_and_never_sent(make_config) -> None:
     cfg = make_config("strategy=ffa_lora", "train.lr=0.01")
     server, client = Worker(cfg, num_partitions=10), Worker(cfg, num_partitions=10)
-    a_keys = [k for k in server.params if k.role is Role.A]
-    start = server.initial_state()
-    assert a_keys and all(torch.equal(client.params[k], start[k]) for k in a_keys)
+    a_keys = [k for k in server.adapted.params if k.role is Role.A]
+    start = server.adapted.initial_state()
+    assert a_keys and all(torch.equal(client.adapted.params[k], start[k]) for k in a_keys)
     state = start
     for server_round in (1, 2):
-        down = server.protocol.download(state)
+        down = server.adapted.protocol.download(state)
         assert not any(k.role is Role.A for k in down)
         payload, _, _ = client.train_round(server_round, down, server_round=server_round)
         state = server_step(server.strategy, state, [payload], server.strategy.weights([1])).state
-        assert all(torch.equal(client.params[k], start[k]) for k in a_keys)
+        assert all(torch.equal(client.adapted.params[k], start[k]) for k in a_keys)
 
 
 def test_fed_sb_model_and_lora_sb_init(make_config) -> None:
     cfg = make_config("strategy=fed_sb", "strategy.init_svd=exact")
     worker = Worker(cfg, num_partitions=10)
-    assert cfg.scaling == 1.0 and {k.role for k in worker.protocol.trainable} == {Role.R, Role.DENSE}
-    r_keys = [k for k in worker.params if k.role is Role.R]
+    assert cfg.scaling == 1.0 and {k.role for k in worker.adapted.protocol.trainable} == {Role.R, Role.DENSE}
+    r_keys = [k for k in worker.adapted.params if k.role is Role.R]
     assert len(r_keys) == 2 * 2  # layers x target modules
-    assert all(isinstance(worker.params[k], torch.nn.Parameter) and worker.params[k].shape == (8, 8) for k in r_keys)
+    assert all(
+        isinstance(worker.adapted.params[k], torch.nn.Parameter) and worker.adapted.params[k].shape == (8, 8)
+        for k in r_keys
+    )
     gradients, used = gradient_init.client_share(worker, 1, num_examples=12)
-    assert used == min(12, len(worker.partitions[1]))
-    base = {k.module: w for k, w in lora.base_weights(worker.model).items()}
+    assert used == min(12, len(worker.data.partitions[1]))
+    base = {k.module: w for k, w in lora.base_weights(worker.adapted.model).items()}
     assert {k.module for k in gradients} == set(base) and all(not w.requires_grad for w in base.values())
-    state = gradient_init.initialise(worker, worker.initial_state(), gradients)
+    state = gradient_init.initialise(worker, worker.adapted.initial_state(), gradients)
     for key, grad in gradients.items():
         b, r0, a = (state[AdapterKey(key.module, role)] for role in (Role.B, Role.R, Role.A))
         eye = torch.eye(8)
@@ -196,15 +199,15 @@ def test_fed_sb_model_and_lora_sb_init(make_config) -> None:
 
 def test_an_identity_r_leaves_the_model_unchanged(make_config) -> None:
     worker = Worker(make_config("train.lr=0.01"), num_partitions=10)
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     payload, _, _ = worker.train_round(0, state, server_round=1)  # B != 0
-    worker.load({**state, **payload})
-    batch = {k: v for k, v in next(iter(worker.test_batches)).items() if k != "labels"}
-    worker.model.eval()
+    worker.adapted.load({**state, **payload})
+    batch = {k: v for k, v in next(iter(worker.data.test_batches)).items() if k != "labels"}
+    worker.adapted.model.eval()
     with torch.no_grad():
-        before = worker.model(**batch).logits
-        lora.insert_r(worker.model)
-        after = worker.model(**batch).logits
+        before = worker.adapted.model(**batch).logits
+        lora.insert_r(worker.adapted.model)
+        after = worker.adapted.model(**batch).logits
     torch.testing.assert_close(after, before)
 
 
@@ -213,7 +216,7 @@ def test_fed_sb_can_initialise_from_a_calibration_file(make_config, tmp_path) ->
     calib.write_text("text,label\n" + "goal match team,sports\nrain storm wind,weather\nrecipe pasta chef,food\n" * 4)
     worker = Worker(make_config("strategy=fed_sb", f"strategy.init_source={calib}"), num_partitions=10)
     rows = gradient_init.calibration(worker, str(calib))
-    names = worker.splits.label_names
+    names = worker.data.splits.label_names
     assert len(rows) == 12 and {names[i] for i in rows["labels"]} == {"sports", "weather", "food"}
     gradients, used = gradient_init.base_gradients(worker, rows, num_examples=100, seed=0)
     assert used == 12 and all(g.abs().sum() > 0 for g in gradients.values())

@@ -1,0 +1,137 @@
+"""One client round, with no Flower in it: load what the server sent, train the partition (plainly or
+with DP-SGD), and return the payload the strategy sends.
+
+What the round exchanges is :class:`~fedlora.federation.protocol.Protocol`'s (held by the
+:class:`~fedlora.learning.adapted_model.AdaptedModel`); method-specific steps live with the method
+(``fedlora.learning.gradient_init``, ``fedlora.federation.folding``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from fedlora import lora
+from fedlora.config.run import RunConfig
+from fedlora.federation.schedule import rounds_taken, scheduled
+from fedlora.learning.adapted_model import AdaptedModel
+from fedlora.learning.client_data import ClientData
+from fedlora.learning.train import LocalResult, cycle, local_steps, make_optimizer, round_lr, train_steps
+from fedlora.lora import Tensors
+from fedlora.privacy.accounting import ClientPlan, Step, make_plan
+from fedlora.privacy.dp_sgd import dp_generator, dp_sgd
+from fedlora.seeds import Stream, seed_of
+from strategies import Strategy
+
+
+def privacy_plan(cfg: RunConfig, strategy: Strategy, *, partition_id: int, num_examples: int) -> ClientPlan:
+    """Client ``partition_id``'s DP-SGD plan over the rounds the schedule gives it (``privacy=dp``)."""
+    init = strategy.gradient_init
+    round_zero = scheduled(cfg, 0)  # the server splits the init's examples among them
+    return make_plan(
+        cfg.privacy,
+        num_examples=num_examples,
+        batch_size=cfg.train.batch_size,
+        steps=local_steps(cfg.train, num_examples),
+        rounds=rounds_taken(cfg, partition_id),
+        init_release=init is not None and init.from_clients and partition_id in round_zero,
+        init_share=math.ceil(init.samples / len(round_zero)) if init is not None else None,
+        label_prior=bool(cfg.train.logit_adjustment),
+    )
+
+
+def train_round(
+    cfg: RunConfig,
+    data: ClientData,
+    adapted: AdaptedModel,
+    partition_id: int,
+    received: Tensors,
+    *,
+    server_round: int,
+    base: Tensors | None = None,
+    history: list[Step] | None = None,
+    plan: ClientPlan | None = None,
+) -> tuple[Tensors, int | None, LocalResult]:
+    """Load ``received`` (and base delta ``base``), train the partition; (payload, num_examples, result).
+
+    With ``privacy=dp`` the round is DP-SGD by ``plan`` and ``history`` (the client's accountant
+    history, kept by the caller between rounds) is extended by this round's steps; the caller
+    checks the budget first (:meth:`ClientPlan.affords`). ``num_examples`` is then the sum of the
+    round's noised label counts (None without logit adjustment), unless ``privacy.public_counts``
+    declares the exact count public.
+    """
+    protocol, params, strategy = adapted.protocol, adapted.params, adapted.protocol.strategy
+    examples = data.tokenised(partition_id)
+    adapted.set_base(base or {})
+    adapted.load(protocol.start(partition_id, received, server_round=server_round))
+    mask = protocol.rank_mask(partition_id)
+    mask.apply(params)
+    lora.set_trainable(params, protocol.trainable)
+    seed = seed_of(Stream.LOCAL_BATCHES, cfg.seed, server_round=server_round, client=partition_id)
+    private = cfg.privacy.enabled  # DP-SGD cuts its Poisson batches itself (privacy.max_physical_batch_size)
+    batches = data.shuffled(examples, seed=seed, micro=not private)
+    lr = round_lr(cfg.train, server_round, cfg.rounds)
+    optimizer = make_optimizer(cfg.train, [params[k] for k in sorted(protocol.trainable)], lr=lr)
+    train = partial(
+        train_steps,
+        steps=local_steps(cfg.train, len(examples)),
+        device=adapted.device,
+        after_step=partial(mask.apply, params),
+    )
+    with torch.autocast(adapted.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        if private:
+            if history is None or plan is None:
+                raise ValueError("privacy=dp needs the client's plan and accountant history")
+            result, noised_count = _private_steps(
+                cfg, data, adapted, train, optimizer, batches, partition_id, server_round=server_round, plan=plan
+            )
+            history.extend(plan.round_steps)
+        else:
+            loss_fn = _loss(data, None, data.label_offset(partition_id))
+            result, noised_count = train(adapted.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer), None
+    trained = lora.read({k: params[k] for k in protocol.trainable})  # copy only what was trained
+    exact = not private or cfg.privacy.public_counts
+    return strategy.payload(mask.view(trained)), len(examples) if exact else noised_count, result
+
+
+def _private_steps(
+    cfg: RunConfig,
+    data: ClientData,
+    adapted: AdaptedModel,
+    train: Callable[..., LocalResult],
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    partition_id: int,
+    *,
+    server_round: int,
+    plan: ClientPlan,
+) -> tuple[LocalResult, int | None]:
+    """The round's DP-SGD steps (Opacus) with the noised label prior; (result, noised example count)."""
+    privacy = cfg.privacy
+    unsafe_seed = seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=server_round, client=partition_id)
+    g = dp_generator(privacy, unsafe_seed)
+    offset, noised_count = data.noised_prior(partition_id, g)  # charged with the round
+    with dp_sgd(
+        adapted.model,
+        optimizer,
+        batches,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        grad_sample_mode=privacy.grad_sample_mode,
+        criterion=data.task.criterion(),
+        generator=g,
+        max_physical_batch_size=privacy.max_physical_batch_size or cfg.train.micro_batch_size,
+        lengths=data.lengths(partition_id),
+    ) as (model, dp_optimizer, loader, criterion):
+        result = train(model, cycle(loader), loss_fn=_loss(data, criterion, offset), optimizer=dp_optimizer)
+    return result, noised_count
+
+
+def _loss(data: ClientData, criterion: torch.nn.Module | None, offset: torch.Tensor | None) -> Callable[..., Any]:
+    """The task's training loss, with the label offset when there is one (causal LMs take none)."""
+    loss = partial(data.task.loss, criterion=criterion)
+    return loss if offset is None else partial(loss, offset=offset)

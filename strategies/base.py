@@ -25,8 +25,7 @@ A method's extra steps are declared here and carried out elsewhere, once:
   of a round (FLoRA's fresh adapter); ``prepare_model``: changes to the peft model
   (Fed-SB's R between A and B).
 
-(``DESIGN.md`` sketches ``init(adapters, state)`` and ``apply(model, state)``; here the
-seeded draw is ``initial_state``, a client's per-round draw ``start``, and the one change
+(The seeded draw is ``initial_state``, a client's per-round draw ``start``, and the one change
 to the model ``prepare_model``, so that loading a state is the same ``lora.write`` for all.)
 
 Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
@@ -65,7 +64,7 @@ class StrategyConfig:
 
     name: str
     weighting: str | None = None
-    client_lr: float | None = None  # the clients' learning rate when train.lr is null (this strategy's default)
+    client_lr: float | None = 5e-3  # the clients' learning rate when train.lr is null (this strategy's default)
     client_lr_dp: float | None = None  # the same under privacy=dp (None: client_lr)
 
     def __post_init__(self) -> None:

@@ -66,6 +66,7 @@ class FedSBConfig(StrategyConfig):
     examples in all, first-step learning rate ``init_lr`` (None: the warm-up formula with
     ``init_warmup_ratio``), ``init_svd`` and its ``init_svd_iters``."""
 
+    client_lr: float | None = 2e-2  # R-only training wants a larger step (conf/strategy/fed_sb.yaml agrees)
     init_source: str = "clients"
     init_samples: int = 256
     init_lr: float | None = None

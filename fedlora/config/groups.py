@@ -46,7 +46,7 @@ class ModelConfig:
     architecture: Dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (CUDA only; refused on CPU)
-    pooling: str = "cls"  # cls: the encoder's [CLS] pooler | mean: masked mean of the token states (learning.pooling)
+    pooling: str = "mean"  # mean: masked mean of the token states (learning.pooling) | cls: the [CLS] pooler
 
     def __post_init__(self) -> None:
         require(bool(self.path), "model.path must not be empty")
@@ -132,7 +132,7 @@ class LoraConfig:
 class TrainConfig:
     """Local training on a client each round: ``local_steps`` or ``local_epochs`` (one of them)."""
 
-    local_steps: Optional[int] = 10
+    local_steps: Optional[int] = 20
     local_epochs: Optional[int] = None
     batch_size: int = 16
     # compute each batch in length-ordered micro-batches of at most this many examples, accumulating

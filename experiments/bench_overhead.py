@@ -53,7 +53,8 @@ def main() -> None:
     from fedlora.config.compose import compose
     from fedlora.flower.simulation import run_flower_simulation
     from fedlora.outputs.console import setup_logging
-    from fedlora.outputs.metrics import METRICS, read_metrics
+    from fedlora.outputs.metrics import read_metrics
+    from fedlora.outputs.run_folder import METRICS
 
     setup_logging(verbose=False)
     logging.getLogger("fedlora").setLevel(logging.WARNING)
@@ -109,11 +110,11 @@ def plain_loop(cfg: RunConfig, *, parallel: int, cores: int) -> tuple[list[float
         )
         list(pool.map(_noop, range(parallel)))  # start the processes before timing, as Ray's actors are
     started = time.perf_counter()
-    state = worker.initial_state()
+    state = worker.adapted.initial_state()
     times = []
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        received = worker.protocol.download(state)
+        received = worker.adapted.protocol.download(state)
         jobs = [(pid, received, server_round) for pid in range(cfg.clients)]
         replies = list(pool.map(_train, jobs)) if pool else [_train(job, worker) for job in jobs]
         p = worker.strategy.weights([n for _, n in replies])

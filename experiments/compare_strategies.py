@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from fedlora.outputs.console import human_bytes as human
-from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.run_folder import METRICS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
 HEADER = (

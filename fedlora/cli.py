@@ -18,6 +18,7 @@ from fedlora.commands import deploy as deploy_cli
 from fedlora.config.compose import GROUPS, HYDRA_KEYS, compose, group_options
 from fedlora.config.run import ConfigError, RunFailed
 from fedlora.outputs.console import console, err_console, setup_logging
+from fedlora.outputs.run_folder import EXPORT_META
 
 EXIT_USAGE = 2
 
@@ -202,7 +203,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from fedlora.commands.predict import generate, merge
 
-    if not (args.adapter / "fedlora.json").is_file():
+    if not (args.adapter / EXPORT_META).is_file():
         raise ConfigError(f"{args.adapter} is not a fedlora export (no fedlora.json in it)")
     completions = generate(args.adapter, args.prompts, max_new_tokens=args.max_new_tokens)
     for prompt, completion in zip(args.prompts, completions, strict=True):

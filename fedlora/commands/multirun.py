@@ -23,7 +23,8 @@ import yaml
 from fedlora.config.compose import compose
 from fedlora.config.run import ConfigError
 from fedlora.outputs.console import console
-from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.run_folder import METRICS
 
 
 def jobs(overrides: list[str]) -> list[list[str]]:

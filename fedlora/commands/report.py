@@ -24,7 +24,8 @@ from pathlib import Path
 
 from fedlora.commands.sweep import CELL, CENTRALISED, SWEEP
 from fedlora.outputs.console import human_bytes
-from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.run_folder import ADAPTER_DIR, EXPORT_LABELS, METRICS
 from fedlora.privacy.dp_sgd import NOT_PRIVATE_COLUMN
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
@@ -57,7 +58,7 @@ def load_cells(folder: Path) -> list[CellResult]:
         rows = [r for r in read_metrics(marker.parent / METRICS) if r["test_accuracy"]]
         trained = [r for r in rows if int(r["round"]) > 0]
         spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]
-        labels = marker.parent / "adapter" / "labels.json"
+        labels = marker.parent / ADAPTER_DIR / EXPORT_LABELS
         cells.append(
             CellResult(
                 strategy=meta["strategy"],

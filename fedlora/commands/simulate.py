@@ -13,8 +13,9 @@ from fedlora.config.app import run_config_for
 from fedlora.config.run import ConfigError, RunConfig, RunFailed
 from fedlora.outputs import console
 from fedlora.outputs.checkpoint import write_json
-from fedlora.outputs.metrics import METRICS, read_metrics
+from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.metrics import summarise as summarise_metrics
+from fedlora.outputs.run_folder import CHECKPOINT, CONFIG, HYDRA, HYDRA_OVERRIDES, METRICS, RUN_CONFIG, held_outputs
 from fedlora.privacy.budget import check_budget, user_dp_plan
 
 RowCallback = Callable[[dict[str, Any]], None]
@@ -27,23 +28,12 @@ def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
     return dataclasses.replace(cfg, output_dir=str(out)), out
 
 
-# What a run writes in its folder: a folder holding any of these holds a run.
-RUN_OUTPUTS = (
-    "metrics.csv", "checkpoint.safetensors", "server_optimizer.safetensors", "adapter", "server.log",
-    "partitions.csv", "config.yaml", "run_config.json", ".hydra", "tensorboard", "mlflow.db", "mlartifacts",
-)  # fmt: skip
-
-
-def held_outputs(out: Path) -> list[str]:
-    return [name for name in RUN_OUTPUTS if (out / name).exists()]
-
-
 def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds another run, unless resuming from its checkpoint or told to overwrite."""
     held = held_outputs(out)
-    if not held or overwrite or (resume and (out / "checkpoint.safetensors").is_file()):
+    if not held or overwrite or (resume and (out / CHECKPOINT).is_file()):
         return
-    hint = "continue it with server.resume=true, " if (out / "checkpoint.safetensors").is_file() else ""
+    hint = "continue it with server.resume=true, " if (out / CHECKPOINT).is_file() else ""
     raise ConfigError(
         f"{out} already holds a run ({', '.join(held[:4])}); choose another output_dir, {hint}or pass --overwrite"
     )
@@ -60,11 +50,12 @@ def clear_outputs(out: Path) -> None:
 
 def check_resume(cfg: RunConfig, worker: Any) -> None:
     """With ``server.resume``, the checkpoint in the output folder must fit this run (before anything starts)."""
-    from fedlora.outputs.checkpoint import CHECKPOINT, read_checkpoint
+    from fedlora.outputs.checkpoint import read_checkpoint
+    from fedlora.outputs.run_folder import CHECKPOINT
 
     path = Path(cfg.output_dir) / CHECKPOINT
     if cfg.server.resume and path.exists():
-        read_checkpoint(path, initial=worker.initial_state(), cfg=cfg)
+        read_checkpoint(path, initial=worker.adapted.initial_state(), cfg=cfg)
 
 
 def check_aggregated(out: Path, min_replies: int) -> None:
@@ -97,11 +88,11 @@ def write_config(cfg: RunConfig, composed: Any, out: Path, overrides: list[str])
     from omegaconf import OmegaConf
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(composed))
-    write_json(out / "run_config.json", cfg.to_flat() | privacy_plan(cfg))
-    (out / ".hydra").mkdir(exist_ok=True)
-    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(composed))
-    (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    (out / CONFIG).write_text(OmegaConf.to_yaml(composed))
+    write_json(out / RUN_CONFIG, cfg.to_flat() | privacy_plan(cfg))
+    (out / HYDRA).mkdir(exist_ok=True)
+    (out / HYDRA / CONFIG).write_text(OmegaConf.to_yaml(composed))
+    (out / HYDRA / HYDRA_OVERRIDES).write_text(yaml.safe_dump(list(overrides)))
 
 
 def privacy_plan(cfg: RunConfig) -> dict[str, float]:
@@ -123,7 +114,7 @@ def record_spent(out: Path) -> None:
     """run_config.json gets the epsilon the run spent (``privacy.spent.epsilon``), under user-level DP."""
     import json
 
-    path = out / "run_config.json"
+    path = out / RUN_CONFIG
     flat = json.loads(path.read_text())
     if "privacy.plan.epsilon" in flat:
         flat["privacy.spent.epsilon"] = summarise_metrics(out / METRICS)["epsilon_spent"]
@@ -201,7 +192,7 @@ def simulate(
     check_resume(cfg, worker)
     init = worker.strategy.gradient_init
     if init is not None and not init.from_clients:  # the calibration file fails now, not after the nodes started
-        load_calibration(cfg.data, init.source, label_names=worker.splits.label_names)
+        load_calibration(cfg.data, init.source, label_names=worker.data.splits.label_names)
     check_budget(cfg, worker.privacy_plan)  # an impossible budget fails here (the ServerApp checks it too)
     if cfg.privacy.enabled:
         console.show_privacy(worker)
@@ -250,3 +241,18 @@ def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (),
         run_centralised(cfg, out, on_round=on_round)
     summarise(out)
     return 0
+
+
+def run(overrides: Sequence[str] = (), *, overwrite: bool = False, verbose: bool = False) -> Path:
+    """``fedlora simulate <overrides>`` from Python: compose, check, run; the run's folder.
+
+    Raises :class:`ConfigError` for bad input (before any work) and :class:`RunFailed` when the run
+    stopped without finishing (interrupted, or no round aggregated)."""
+    from fedlora.config.compose import compose
+
+    cfg, composed = compose(list(overrides))
+    cfg, out = output_folder(cfg, composed)
+    code = simulate(cfg, composed, overrides=overrides, dry_run=False, verbose=verbose, overwrite=overwrite)
+    if code != 0:
+        raise RunFailed(f"fedlora simulate stopped with exit status {code}; its folder: {out}")
+    return out

@@ -192,7 +192,8 @@ def cell_overrides(cell: Cell, overrides: list[str]) -> list[str]:
 
 def summary(folder: Path) -> str:
     """A finished cell in a few words: its last accuracy and largest epsilon spent."""
-    from fedlora.outputs.metrics import METRICS, read_metrics
+    from fedlora.outputs.metrics import read_metrics
+    from fedlora.outputs.run_folder import METRICS
 
     rows = [r for r in read_metrics(folder / METRICS) if r["test_accuracy"]]
     eps = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if r.get(k)]

@@ -30,17 +30,11 @@ from fedlora.flower.rounds import FlowerRounds
 from fedlora.learning import gradient_init
 from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Role
-from fedlora.outputs.checkpoint import (
-    CHECKPOINT,
-    SERVER_OPTIMIZER,
-    read_checkpoint,
-    resumable_settings,
-    save_checkpoint,
-    save_tensors,
-)
+from fedlora.outputs.checkpoint import read_checkpoint, resumable_settings, save_checkpoint, save_tensors
 from fedlora.outputs.console import quiet_libraries, round_line, summary_text
 from fedlora.outputs.export import export_adapter
-from fedlora.outputs.metrics import METRICS, MetricsLog, columns, round_row, summarise
+from fedlora.outputs.metrics import MetricsLog, columns, round_row, summarise
+from fedlora.outputs.run_folder import ADAPTER_DIR, CHECKPOINT, METRICS, SERVER_LOG, SERVER_OPTIMIZER
 from fedlora.outputs.tracking import open_trackers
 from fedlora.privacy.budget import check_budget
 from fedlora.privacy.dp_sgd import UNSAFE_WARNING
@@ -49,8 +43,6 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]  # (replies so far, messages) within a round
-ADAPTER_DIR = "adapter"
-SERVER_LOG = "server.log"
 
 
 def make_server_app(
@@ -145,9 +137,9 @@ def _run_server(
     check_budget(
         cfg, worker.privacy_plan
     )  # the same check as fedlora simulate's: a budget that cannot be met stops here
-    known_sizes = {pid: len(worker.rows(pid)) for pid in range(clients)}  # the server's own table
+    known_sizes = {pid: len(worker.data.rows(pid)) for pid in range(clients)}  # the server's own table
     rounds = FlowerRounds(
-        cfg, worker.protocol, worker.initial_state(), nodes, label_names=worker.splits.label_names,
+        cfg, worker.adapted.protocol, worker.adapted.initial_state(), nodes, label_names=worker.data.splits.label_names,
         known_sizes=known_sizes, own_data=own_data, on_progress=on_progress,
     )  # fmt: skip
     resumed = resume(rounds, out) if cfg.server.resume else None

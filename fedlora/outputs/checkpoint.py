@@ -13,9 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.lora import AdapterKey, Tensors
-
-CHECKPOINT = "checkpoint.safetensors"
-SERVER_OPTIMIZER = "server_optimizer.safetensors"  # the server optimiser's moments, beside the checkpoint
+from fedlora.outputs.run_folder import CHECKPOINT
 
 
 def _atomic(path: Path, write: Any) -> None:

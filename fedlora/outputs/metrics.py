@@ -21,7 +21,6 @@ from typing import Any
 from fedlora.config.federated import PrivacyConfig
 from fedlora.privacy.dp_sgd import NOT_PRIVATE, NOT_PRIVATE_COLUMN
 
-METRICS = "metrics.csv"
 COLUMNS = (
     "round",
     "test_accuracy",

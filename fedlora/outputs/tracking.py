@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedlora.config.groups import TRACKERS  # noqa: F401 - the names, defined with the other choices
+from fedlora.outputs.run_folder import MLFLOW_ARTIFACTS, MLFLOW_DB, TENSORBOARD
 
 
 class Tracker(Protocol):
@@ -56,7 +57,7 @@ class MLflow:
         experiment_id = (
             experiment.experiment_id
             if experiment
-            else self.client.create_experiment("fedlora", artifact_location=(out / "mlartifacts").resolve().as_uri())
+            else self.client.create_experiment("fedlora", artifact_location=(out / MLFLOW_ARTIFACTS).resolve().as_uri())
         )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         params = [Param(k, str(v)[:500]) for k, v in flat_config.items()]
@@ -80,7 +81,7 @@ class MLflow:
 
 def tracking_uri(out: Path) -> str:
     """The MLflow store of the run folder ``out``."""
-    return f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(out / MLFLOW_DB).resolve()}"
 
 
 def open_trackers(names: list[str], out: Path, flat_config: Mapping[str, Any]) -> list[Tracker]:
@@ -88,7 +89,7 @@ def open_trackers(names: list[str], out: Path, flat_config: Mapping[str, Any]) -
     trackers: list[Tracker] = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoard(out / "tensorboard", flat_config))
+            trackers.append(TensorBoard(out / TENSORBOARD, flat_config))
         elif name == "mlflow":
             trackers.append(MLflow(out, flat_config, run_name=out.name))
     return trackers

@@ -21,9 +21,9 @@ left at its default takes the preset's value (``model.name = "tiny"`` brings the
 tiny model's ``pretrained = false``). ``simulation.*`` keys are simulation-only and
 not part of the App's config.
 
-Both apps, simulated and deployed, read their config this one way. (``DESIGN.md`` has
-the apps call ``RunConfig.from_flat``; a Flower user's run config names presets, whose
-defaults only Hydra knows, so the apps compose instead, once per process.)
+Both apps, simulated and deployed, read their config this one way. (Not ``RunConfig.from_flat``:
+a Flower user's run config names presets, whose defaults only Hydra knows, so the apps compose
+instead, once per process.)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.config.app import run_config_for
 from fedlora.config.run import ConfigError, RunConfig, RunFailed
@@ -15,8 +15,20 @@ from fedlora.outputs import console
 from fedlora.outputs.checkpoint import write_json
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.metrics import summarise as summarise_metrics
-from fedlora.outputs.run_folder import CHECKPOINT, CONFIG, HYDRA, HYDRA_OVERRIDES, METRICS, RUN_CONFIG, held_outputs
+from fedlora.outputs.run_folder import (
+    CHECKPOINT,
+    CONFIG,
+    HYDRA,
+    HYDRA_OVERRIDES,
+    METRICS,
+    RUN_CONFIG,
+    held_outputs,
+    write_partitions,
+)
 from fedlora.privacy.budget import check_budget, user_dp_plan
+
+if TYPE_CHECKING:
+    from fedlora.learning.worker import Worker
 
 RowCallback = Callable[[dict[str, Any]], None]
 
@@ -48,7 +60,7 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def check_resume(cfg: RunConfig, worker: Any) -> None:
+def check_resume(cfg: RunConfig, worker: Worker) -> None:
     """With ``server.resume``, the checkpoint in the output folder must fit this run (before anything starts)."""
     from fedlora.outputs.checkpoint import read_checkpoint
     from fedlora.outputs.run_folder import CHECKPOINT
@@ -200,7 +212,9 @@ def simulate(
         console.show_user_privacy(worker)
     if overwrite and not dry_run:
         clear_outputs(out)
-    console.show_partitions(worker, out if not dry_run else None)
+    counts = console.show_partitions(worker)
+    if not dry_run:
+        write_partitions(out, worker.data.splits.label_names, counts.tolist())
     if dry_run:
         from omegaconf import OmegaConf
 

@@ -9,12 +9,14 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedlora.outputs.run_folder import PARTITIONS
+if TYPE_CHECKING:  # the console reads a worker, it never builds one
+    from fedlora.learning.worker import Worker
+
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -29,7 +31,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def header(worker: Any, out: Path) -> str:
+def header(worker: Worker, out: Path) -> str:
     """The run in one line: strategy, model and what trains, data, federation, output folder."""
     cfg, splits = worker.cfg, worker.data.splits
     trainable = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
@@ -101,7 +103,7 @@ def _fmt(value: str, spec: str) -> str:
     return format(float(value), spec) if value not in ("", None) else ""
 
 
-def show_user_privacy(worker: Any) -> None:
+def show_user_privacy(worker: Worker) -> None:
     """privacy=user: the server's plan (rate, noise, clip, planned epsilon) and the noise over the signal."""
     from fedlora.privacy.dp_sgd import UNSAFE_WARNING
     from fedlora.privacy.user_level import UserLevelDP
@@ -120,7 +122,7 @@ def show_user_privacy(worker: Any) -> None:
     )
 
 
-def show_privacy(worker: Any) -> None:
+def show_privacy(worker: Worker) -> None:
     """Every client's DP-SGD plan, summarised: noise, delta, scheduled rounds, planned spend."""
     from fedlora.privacy.accounting import epsilon
     from fedlora.privacy.dp_sgd import UNSAFE_WARNING
@@ -164,8 +166,8 @@ def show_privacy(worker: Any) -> None:
         )
 
 
-def show_partitions(worker: Any, out: Path | None) -> None:
-    """Per-client sizes and label counts: a summary on the console, every client in a CSV."""
+def show_partitions(worker: Worker) -> Any:
+    """Per-client sizes and label counts, summarised on the console; the counts, (clients, labels)."""
     import numpy as np
 
     from fedlora.learning.data import label_counts, label_skew
@@ -190,11 +192,7 @@ def show_partitions(worker: Any, out: Path | None) -> None:
         f"examples per client: min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}  "
         f"total {sizes.sum()};  label skew (mean TV distance to the global mix) {label_skew(counts):.3f}"
     )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        header_row = "client,examples," + ",".join(names)
-        rows = [f"{i},{sizes[i]}," + ",".join(map(str, counts[i])) for i in range(len(sizes))]
-        (out / PARTITIONS).write_text("\n".join([header_row, *rows]) + "\n")
+    return counts
 
 
 _EXPECTED_FLOWER_NOTICES = ("DEPRECATED FEATURE: The `run_simulation`",)  # the simulation API this project uses

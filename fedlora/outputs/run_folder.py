@@ -7,6 +7,7 @@ Hydra's ``.hydra/``), the final ``adapter/`` and, with trackers, ``tensorboard/`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 METRICS = "metrics.csv"
@@ -36,3 +37,10 @@ RUN_OUTPUTS = (
 def held_outputs(out: Path) -> list[str]:
     """The run outputs ``out`` already holds."""
     return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def write_partitions(out: Path, label_names: Sequence[str], counts: Sequence[Sequence[int]]) -> None:
+    """``partitions.csv``: every client's example count and label counts."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [f"{i},{sum(row)}," + ",".join(map(str, row)) for i, row in enumerate(counts)]
+    (out / PARTITIONS).write_text("\n".join(["client,examples," + ",".join(label_names), *rows]) + "\n")

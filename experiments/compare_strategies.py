@@ -14,6 +14,10 @@ round 0 is Fed-SB's one-off gradient upload) and the wall time.
         partition.alpha=0.5 clients=20 clients_per_round=5 rounds=20
     # variants with their own overrides: "label=override,override"
     python experiments/compare_strategies.py --variants "fedavgm=strategy=fedavg,server.optimizer=momentum" -- ...
+    # seeds: each run once per seed; the table gives mean ± 95% t interval (n) and each variant against the first
+    python experiments/compare_strategies.py --seeds 0 1 2 --strategies fedavg fed_sb -- ...
+
+For the published tables use ``fedlora bench`` (results files in docs/results/, tables generated).
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from pathlib import Path
 from fedlora.outputs.console import human_bytes as human
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS
+from fedlora.outputs.stats import paired_difference, t_interval, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
+SEEDED_HEADER = (
+    "| run | final acc | best acc | lowest of the last 5 | up per round | down per round | n | wall min |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
 HEADER = (
     "| run | final acc | best acc | first round >= {target} | lowest of the last 5 | up per round | down per round "
     "| round-0 up | wall min |\n"
@@ -47,6 +56,33 @@ def run(command: str, overrides: list[str], out: Path) -> float:
     wall = time.perf_counter() - started
     (out / "wall_s").write_text(f"{wall:.1f}")
     return wall
+
+
+def measures(out: Path, target: float) -> dict[str, float]:
+    """One run's numbers: final, best, first round at ``target`` (nan: never), lowest of the last 5, bytes."""
+    rows = read_metrics(out / METRICS)
+    rounds = [r for r in rows if int(r["round"]) > 0]
+    accs = [float(r["test_accuracy"]) for r in rounds if r["test_accuracy"]]
+    reached = next((i + 1 for i, acc in enumerate(accs) if acc >= target), float("nan"))
+    return {
+        "final": accs[-1], "best": max(accs), "reached": reached, "low5": min(accs[-5:]),
+        "up": sum(float(r["bytes_up"] or 0) for r in rounds) / len(rounds),
+        "down": sum(float(r["bytes_down"] or 0) for r in rounds) / len(rounds),
+    }  # fmt: skip
+
+
+def seeded_row(label: str, outs: list[Path], walls: list[float], target: float) -> str:
+    """A variant over its seeds: each accuracy as mean ± 95% t half-width, and n."""
+    runs = [measures(out, target) for out in outs]
+
+    def cell(key: str) -> str:
+        return t_interval([r[key] for r in runs]).format().rsplit(" (n=", 1)[0]
+
+    up, down = (human(runs[0][k]) if runs[0][k] else "-" for k in ("up", "down"))
+    return (
+        f"| {label} | {cell('final')} | {cell('best')} | {cell('low5')} | {up} | {down} | {len(runs)} "
+        f"| {sum(walls) / 60:.1f} |"
+    )
 
 
 def row(label: str, out: Path, wall_s: float, target: float) -> str:
@@ -73,15 +109,18 @@ def main() -> int:
     parser.add_argument("--centralised", action="store_true", help="add the centralised reference")
     parser.add_argument("--target", type=float, default=0.85, help="report the first round at this accuracy")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="run each variant once per seed")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
     args = parser.parse_args()
     variants = [(s, [f"strategy={s}"]) for s in args.strategies]
     for spec in args.variants:
         label, _, extra = spec.partition("=")
         variants.append((label, [o for o in extra.split(",") if o]))
-    lines = [HEADER.format(target=args.target)]
     runs = [("centralised", "centralised", [])] if args.centralised else []
     runs += [(label, "simulate", extra) for label, extra in variants]
+    if args.seeds:
+        return over_seeds(runs, args)
+    lines = [HEADER.format(target=args.target)]
     for label, command, extra in runs:
         out = args.out / label.replace("/", "_")
         wall_s = run(command, [*args.overrides, *extra], out)
@@ -90,6 +129,29 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"table: {args.out / 'table.md'}")
+    return 0
+
+
+def over_seeds(runs: list[tuple[str, str, list[str]]], args: argparse.Namespace) -> int:
+    """Every run once per seed (``seed=<s>`` last), a row per variant over its seeds, each against the first."""
+    lines = [SEEDED_HEADER]
+    finals: dict[str, dict[int, float]] = {}
+    for label, command, extra in runs:
+        outs, walls = [], []
+        for seed in args.seeds:
+            out = args.out / label.replace("/", "_") / f"seed-{seed}"
+            walls.append(run(command, [*args.overrides, *extra, f"seed={seed}"], out))
+            outs.append(out)
+        finals[label] = {seed: measures(out, args.target)["final"] for seed, out in zip(args.seeds, outs, strict=True)}
+        lines.append(seeded_row(label, outs, walls, args.target))
+        print("\n".join(lines), flush=True)
+    first = next(label for label, command, _ in runs if command == "simulate")
+    lines.append("")
+    lines += [f"- {verdict(label, first, paired_difference(f, finals[first]))}" for label, f in finals.items()
+              if label not in (first, "centralised")]  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(finals) :]) + f"\ntable: {args.out / 'table.md'}")
     return 0
 
 

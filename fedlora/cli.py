@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedlora.commands import bench
 from fedlora.commands import deploy as deploy_cli
 from fedlora.config.compose import GROUPS, HYDRA_KEYS, compose, group_options
 from fedlora.config.run import ConfigError, RunFailed
@@ -79,32 +80,7 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     central.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the federated run's overrides")
     central.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     central.set_defaults(handler=run_centralised)
-    sweep = sub.add_parser(
-        "sweep",
-        help="run a grid of simulations (strategies x epsilon x seeds) and write its report",
-        description="Run a sweep (conf/sweep/<name>.yaml); a finished cell is not run again. "
-        "Arguments after the options are Hydra overrides for every cell.",
-    )
-    sweep.add_argument("name", choices=["privacy"], help="the sweep (its grid: conf/sweep/<name>.yaml)")
-    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for every cell")
-    sweep.add_argument("--preset", default=None, help="a preset grid and settings: conf/sweep/<name>_<preset>.yaml")
-    sweep.add_argument("--out", type=Path, default=None, help="the sweep folder (default: sweeps/<name>[_<preset>])")
-    sweep.add_argument("--strategies", nargs="+", default=None, help="replace the grid's strategies")
-    sweep.add_argument("--epsilons", nargs="+", default=None, help="replace the grid's epsilons (inf: no DP)")
-    sweep.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the grid's seeds")
-    sweep.add_argument(
-        "--centralised",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with (or without) the centralised reference cell (default: the grid's)",
-    )
-    sweep.add_argument(
-        "--level",
-        choices=["sample", "user"],
-        default=None,
-        help="the DP level of the private cells: sample (DP-SGD, privacy=dp) or user (DP-FedAvg, privacy=user)",
-    )
-    sweep.set_defaults(handler=run_sweep)
+    bench.add_parsers(sub)
     predict = sub.add_parser("predict", help="label texts with an exported model (adapter/ of a run)")
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     predict.add_argument("--adapter", type=Path, required=True, help="an export: a run's adapter/ folder")
@@ -120,7 +96,7 @@ def build_parser(*, describe: list[str] | None = None) -> argparse.ArgumentParse
     report.add_argument("folder", type=Path, help="a sweep folder (holding cells/)")
     report.set_defaults(handler=run_report)
     deploy_cli.add_parser(sub)
-    for p in (central, sweep, predict, gen, report):
+    for p in (central, predict, gen, report):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -156,33 +132,6 @@ def run_centralised(args: argparse.Namespace) -> int:
     overrides = overrides_for(list(args.overrides))
     cfg, composed = compose(overrides)
     return centralised(cfg, composed, overrides=overrides, overwrite=args.overwrite)
-
-
-def run_sweep(args: argparse.Namespace) -> int:
-    from fedlora.commands.report import write_report
-    from fedlora.commands.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
-
-    grid_defaults = defaults(args.name, args.preset)
-    given = {override_key(o) for o in args.overrides}  # the command line's keys win over a preset's
-    per_strategy = {
-        name: [o for o in settings if override_key(o) not in given]
-        for name, settings in (grid_defaults["strategy_overrides"] or {}).items()
-    }
-    cells = grid(
-        args.strategies or list(grid_defaults["strategies"]),
-        [parse_epsilon(e) for e in (args.epsilons or grid_defaults["epsilons"])],
-        args.seeds or [int(s) for s in grid_defaults["seeds"]],
-        centralised=bool(grid_defaults["centralised"] if args.centralised is None else args.centralised),
-        level=args.level or grid_defaults["level"],
-        strategy_overrides=per_strategy,
-    )
-    overrides = [*grid_defaults["overrides"], *args.overrides]
-    for cell in cells:  # bad overrides fail here, not in every cell (each cell as it will run: no privacy keys
-        compose(cell_overrides(cell, overrides))  # where it is not private, none of the other DP level's)
-    out = (args.out or Path("sweeps") / (f"{args.name}_{args.preset}" if args.preset else args.name)).resolve()
-    run_cells(cells, overrides, out)
-    console.print(f"report: {write_report(out)}")
-    return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -229,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     wants_help = bool(argv) and argv[0] == "simulate" and ("-h" in argv or "--help" in argv)
     parser = build_parser(describe=[a for a in argv[1:] if "=" in a and not a.startswith("-")] if wants_help else None)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "sweep" or any("=" not in e or e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("sweep", "bench") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # a sweep's overrides may come after its options
+    if extra:  # a sweep's (or benchmark's) overrides may come after its options
         args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(args.verbose)

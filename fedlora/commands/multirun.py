@@ -8,7 +8,9 @@ last override varies fastest), as Hydra's basic sweeper lays them out. They run 
 after the other in this process, each in ``<sweep dir>/<job number>``
 (``hydra.sweep.dir``, default ``multirun/<date>/<time>``), with ``.hydra/`` like any
 run; every job is composed and validated before the first starts. The sweep folder
-gets ``multirun.yaml`` (the jobs' overrides) and ``summary.md`` (a row per job).
+gets ``multirun.yaml`` (the jobs' overrides) and ``summary.md`` (a row per job). Seeds are an axis
+like any other (``seed=0,1,2``): when they are swept, the summary adds a row per setting over its seeds,
+the final accuracy as mean ± the half-width of its 95% t interval, and n.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedlora.config.run import ConfigError
 from fedlora.outputs.console import console
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS
+from fedlora.outputs.stats import t_interval
 
 
 def jobs(overrides: list[str]) -> list[list[str]]:
@@ -59,6 +62,7 @@ def multirun(overrides: list[str], *, sweep_dir: str | None, verbose: bool) -> i
     console.print(f"[bold]multirun[/]: {len(plan)} jobs -> {folder}")
     swept = [k for k in range(len(plan[0])) if len({job[k] for job in plan}) > 1]  # what differs between jobs
     rows = ["| job | swept values | final accuracy | best accuracy | wall min |", "|---|---|---|---|---|"]
+    finals: dict[int, float | None] = {}
     for i, (job, (cfg, dict_config)) in enumerate(zip(plan, composed, strict=True)):
         console.print(f"job {i}/{len(plan) - 1}: {' '.join(job)}")
         started = time.perf_counter()
@@ -67,6 +71,25 @@ def multirun(overrides: list[str], *, sweep_dir: str | None, verbose: bool) -> i
         final, best = (f"{accuracy[-1]:.4f}", f"{max(accuracy):.4f}") if accuracy else ("-", "-")
         values = " ".join(job[k] for k in swept) or "-"
         rows.append(f"| {i} | `{values}` | {final} | {best} | {(time.perf_counter() - started) / 60:.1f} |")
-        (folder / "summary.md").write_text("\n".join(rows) + "\n")
-    console.print("\n".join(rows))
+        finals[i] = accuracy[-1] if accuracy else None
+        (folder / "summary.md").write_text("\n".join(rows + over_seeds(plan, swept, finals)) + "\n")
+    console.print("\n".join(rows + over_seeds(plan, swept, finals)))
     return 0
+
+
+def over_seeds(plan: list[list[str]], swept: list[int], finals: dict[int, float | None]) -> list[str]:
+    """With ``seed`` swept: a row per setting of the other swept values, its final accuracy over the seeds."""
+    seed_at = [k for k in swept if plan[0][k].split("=", 1)[0] == "seed"]
+    if not seed_at:
+        return []
+    groups: dict[str, list[float]] = {}
+    for i, job in enumerate(plan):
+        if finals.get(i) is not None:
+            key = " ".join(job[k] for k in swept if k not in seed_at) or "-"
+            groups.setdefault(key, []).append(finals[i])  # type: ignore[arg-type]
+    rows = ["", "| setting | final accuracy over seeds (mean ± 95% t CI) | n |", "|---|---|---|"]
+    for key, values in groups.items():
+        interval = t_interval(values)
+        shown = interval.format().rsplit(" (n=", 1)[0]
+        rows.append(f"| `{key}` | {shown} | {interval.n} |")
+    return rows

@@ -22,15 +22,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.commands.report_figures import PLOTS, eps_label, plot
 from fedlora.commands.sweep import CELL, CENTRALISED, SWEEP
 from fedlora.outputs.console import human_bytes
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import ADAPTER_DIR, EXPORT_LABELS, METRICS
+from fedlora.outputs.stats import paired_difference, t_interval, verdict
 from fedlora.privacy.dp_sgd import NOT_PRIVATE_COLUMN
-
-PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), (0, (5, 2, 1, 2)))
 
 
 @dataclass
@@ -76,15 +74,27 @@ def load_cells(folder: Path) -> list[CellResult]:
     return cells
 
 
-def eps_label(epsilon: float) -> str:
-    return "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:g}"
-
-
 def _spread(values: list[float]) -> str:
-    """mean +- std over seeds; with one seed, the value alone (the seeds column says how many)."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """mean ± the 95% t interval's half-width over seeds; with one seed the value alone (no interval; the seeds
+    column says how many)."""
+    interval = t_interval(values)
+    if interval.n == 1:
+        return f"{interval.mean:.3f}"
+    return f"{interval.mean:.3f} ± {interval.half_width:.3f}"
+
+
+def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
+    """Each strategy against ``baseline`` at each epsilon, on paired seeds (final accuracy)."""
+    finals: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    for c in cells:
+        finals[(c.strategy, c.epsilon)][c.seed] = c.final
+    out = []
+    for (strategy, epsilon), by_seed in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if strategy in (baseline, CENTRALISED) or (baseline, epsilon) not in finals:
+            continue
+        where = "without DP" if math.isinf(epsilon) else f"at epsilon {epsilon:g}"
+        out.append(verdict(strategy, baseline, paired_difference(by_seed, finals[(baseline, epsilon)]), what=where))
+    return out
 
 
 def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
@@ -96,7 +106,7 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
         "strategy",
         "target epsilon",
         "seeds",
-        "final accuracy",
+        "final accuracy (mean ± 95% t CI)",
         "best accuracy",
         "epsilon spent",
         "refused rounds",
@@ -120,108 +130,6 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, body
-
-
-def _mean_final(cells: list[CellResult]) -> float:
-    return statistics.mean(c.final for c in cells)
-
-
-def plot(cells: list[CellResult], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    federated = [c for c in cells if c.strategy != CENTRALISED]
-    strategies = sorted({c.strategy for c in federated})
-    colours = {s: f"C{i}" for i, s in enumerate(strategies)}
-    finite = sorted({c.epsilon for c in federated if not math.isinf(c.epsilon)})
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for i, s in enumerate(strategies):
-        points = []
-        for e in finite:
-            group = [c for c in federated if c.strategy == s and c.epsilon == e]
-            if group:
-                finals = [c.final for c in group]
-                points.append((e, statistics.mean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0))
-        if points:
-            xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=errs,
-                color=colours[s],
-                marker=MARKERS[i % len(MARKERS)],
-                linestyle=LINESTYLES[i % len(LINESTYLES)],
-                capsize=3,
-                markersize=7,
-                label=f"{s}, DP",
-            )
-        plain = [c for c in federated if c.strategy == s and math.isinf(c.epsilon)]
-        if plain:
-            ax.axhline(
-                _mean_final(plain), color=colours[s], linestyle="--", linewidth=1, alpha=0.7, label=f"{s}, no DP"
-            )
-    reference = [c for c in cells if c.strategy == CENTRALISED]
-    if reference:
-        ax.axhline(_mean_final(reference), color="black", linewidth=1.6, label="centralised, no DP")
-    labels = {c.labels for c in cells if c.labels}
-    if len(labels) == 1:
-        ax.axhline(1 / labels.pop(), color="grey", linestyle=":", linewidth=1.2, label="chance")
-    if finite:
-        ax.set_xscale("log")
-        ax.set_xticks(finite, [f"{e:g}" for e in finite])
-        ax.minorticks_off()
-    ax.set(xlabel="epsilon per client (log scale)", ylabel="final test accuracy", title="Accuracy vs privacy budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(folder / PLOTS[0], dpi=120)
-    plt.close(fig)
-
-    groups = sorted({c.strategy for c in cells}, key=lambda s: (s != CENTRALISED, s))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.6), sharey=True, squeeze=False)
-    for ax, s in zip(axes[0], groups, strict=True):
-        for j, c in enumerate(sorted((c for c in cells if c.strategy == s), key=lambda c: (c.epsilon, c.seed))):
-            ax.plot(
-                c.rounds,
-                c.accuracy,
-                marker=MARKERS[j % len(MARKERS)],
-                linestyle=LINESTYLES[j % len(LINESTYLES)],
-                markersize=4,
-                label=f"eps {eps_label(c.epsilon)}, seed {c.seed}",
-            )
-        ax.set(title=s, xlabel="round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("test accuracy")
-    fig.tight_layout()
-    fig.savefig(folder / PLOTS[1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for i, c in enumerate(sorted(federated, key=lambda c: (c.strategy, c.epsilon, c.seed))):
-        cumulative = [0.0]
-        for b in c.upload:
-            cumulative.append(cumulative[-1] + b)
-        ax.plot(
-            [x / 1e6 for x in cumulative[: len(c.accuracy)]],
-            c.accuracy,
-            color=colours[c.strategy],
-            marker=MARKERS[strategies.index(c.strategy) % len(MARKERS)],
-            linestyle=LINESTYLES[i % len(LINESTYLES)],
-            markersize=4,
-            label=f"{c.strategy}, eps {eps_label(c.epsilon)}, seed {c.seed}",
-        )
-    ax.set(xlabel="cumulative upload, all clients (MB)", ylabel="test accuracy", title="Accuracy vs upload")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(folder / PLOTS[2], dpi=120)
-    plt.close(fig)
 
 
 def write_report(folder: Path) -> Path:
@@ -258,12 +166,17 @@ def write_report(folder: Path) -> Path:
         f"{len(cells)} finished cells. Every cell: the command's settings with the cell's strategy, seed and "
         f"privacy. Private cells use {'; '.join(meaning[lv] for lv in sorted(levels))} (delta as in the run's "
         "config). Upload is all clients' bytes per round, as sent (empty under user-level DP, where it would "
-        "tell the cohort's size). With one seed the accuracy is that run's (no spread). The centralised reference "
+        "tell the cohort's size). Accuracy over seeds is the mean ± the half-width of its 95% t interval (n - 1 "
+        "degrees of freedom); with one seed the accuracy is that run's (no interval). The centralised reference "
         "trains plain LoRA on the pooled data, without DP, for as many optimizer steps as a federated run."
     )
     md = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in body]
+    versus = comparisons(cells)
+    if versus:
+        md += ["", "Against FedAvg, final accuracy on paired seeds (an ordering only where the interval excludes 0):"]
+        md += [f"- {line}" for line in versus]
     md += [""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in PLOTS]
     (folder / "report.md").write_text("\n".join(md) + "\n")
 
@@ -288,6 +201,7 @@ code {{ background: #f6f6f6; padding: 1px 4px; }}
 <p>{html.escape(notes)}</p>
 <table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>
 <tbody>{cells_html}</tbody></table>
+{"<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in versus) + "</ul>" if versus else ""}
 {"".join(embedded(name) for name in PLOTS)}
 </body></html>
 """

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -126,8 +127,18 @@ def grid(
     ]
 
 
-def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: str = "") -> None:
-    """Run every unfinished cell, with a progress bar (a plain line per cell when not on a terminal)."""
+def run_cells(
+    cells: list[Cell],
+    overrides: list[str],
+    out: Path,
+    *,
+    command: str = "",
+    recorded: Callable[[Cell], bool] | None = None,
+    on_done: Callable[[Cell, Path, float], None] | None = None,
+) -> None:
+    """Run every unfinished cell, with a progress bar (a plain line per cell, with the time left, when not on a
+    terminal). ``recorded(cell)``: the cell is in a results file already (not run again); ``on_done(cell, folder,
+    wall_s)``: after each finished cell (e.g. to add it to that file)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedlora import __version__
@@ -146,7 +157,8 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             indent=2,
         )
     )
-    todo = [c for c in cells if not (out / "cells" / c.name / CELL).is_file()]
+    todo = [c for c in cells if not (out / "cells" / c.name / CELL).is_file() and not (recorded and recorded(c))]
+    spent: list[float] = []
     plain = not console.is_terminal
     columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, TextColumn("{task.description}"), console=console, disable=plain) as progress:
@@ -160,16 +172,22 @@ def run_cells(cells: list[Cell], overrides: list[str], out: Path, *, command: st
             started = time.perf_counter()
             with (folder / "log.txt").open("w") as log:
                 done = subprocess.run([*cmd, f"output_dir={folder}"], stdout=log, stderr=subprocess.STDOUT, check=False)
-            minutes = (time.perf_counter() - started) / 60
+            wall_s = time.perf_counter() - started
+            minutes = wall_s / 60
             if done.returncode != 0:
                 console.print(
                     f"cell {i}/{len(cells)} {cell.name} failed (exit {done.returncode}); see {folder / 'log.txt'}"
                 )
                 continue
             (folder / CELL).write_text(json.dumps(asdict(cell) | {"epsilon": format_epsilon(cell.epsilon)}))
+            if on_done is not None:
+                on_done(cell, folder, wall_s)
             progress.advance(task)
+            spent.append(minutes)
+            left = len(cells) - i
+            eta = f"; about {left * sum(spent) / len(spent):.0f} min left ({left} cells)" if left else ""
             if plain:
-                console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}")
+                console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}{eta}")
 
 
 def override_key(override: str) -> str:

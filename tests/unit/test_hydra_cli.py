@@ -68,3 +68,16 @@ def test_hydra_run_dir_is_the_run_s_folder_with_its_hydra_folder(tmp_path) -> No
     assert main(["simulate", *TINY, "clients=2", "rounds=1", "data.synthetic_test=16", f"hydra.run.dir={out}"]) == 0
     assert (out / "metrics.csv").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert f"hydra.run.dir={out}" in yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_a_multirun_over_seeds_summarises_each_setting_with_its_interval() -> None:
+    from fedlora.commands.multirun import over_seeds
+
+    plan = jobs(["strategy=fedavg,fed_sb", "seed=0,1,2", "rounds=2"])
+    swept = [0, 1]
+    finals = {0: 0.80, 1: 0.82, 2: 0.81, 3: 0.70, 4: None, 5: 0.72}  # job 4 left no accuracy
+    rows = over_seeds(plan, swept, finals)
+    # fedavg: 0.80, 0.82, 0.81 -> 0.810 ± 4.303 x 0.01 / sqrt(3) = 0.025; fed_sb: two seeds -> n = 2
+    assert "| `strategy=fedavg` | 0.810 ± 0.025 | 3 |" in rows
+    assert any(r.startswith("| `strategy=fed_sb` | 0.710 ± ") and r.endswith("| 2 |") for r in rows)
+    assert over_seeds(jobs(["strategy=fedavg,fed_sb"]), [0], {0: 0.8, 1: 0.7}) == []  # no seed axis: no rows

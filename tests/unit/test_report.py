@@ -36,7 +36,7 @@ def fake_cell(root: Path, strategy: str, epsilon: float, seed: int, accuracy: li
     )
 
 
-def test_the_report_tables_mean_and_std_over_seeds_and_writes_its_files(tmp_path: Path) -> None:
+def test_the_report_tables_mean_and_a_t_interval_over_seeds_and_writes_its_files(tmp_path: Path) -> None:
     fake_cell(tmp_path, "fedavg", 1.0, 0, [0.25, 0.5, 0.6], eps=0.98)
     fake_cell(tmp_path, "fedavg", 1.0, 1, [0.25, 0.5, 0.8], eps=0.97)
     fake_cell(tmp_path, "fedavg", math.inf, 0, [0.25, 0.7, 0.9], eps=None)
@@ -45,7 +45,8 @@ def test_the_report_tables_mean_and_std_over_seeds_and_writes_its_files(tmp_path
     for name in ("report.md", *PLOTS):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
-    assert "| fedavg | 1 | 2 | 0.700 ± 0.141 | 0.700 | 0.980 | 0 | 2.00 KB |" in md
+    # [0.6, 0.8]: mean 0.7, s = 0.1414, half-width t_{0.975,1} s / sqrt(2) = 12.706 x 0.1 = 1.271
+    assert "| fedavg | 1 | 2 | 0.700 ± 1.271 | 0.700 | 0.980 | 0 | 2.00 KB |" in md
     assert "| fedavg | inf (no DP) | 1 | 0.900 | 0.900 | - | 0 | 2.00 KB |" in md  # one seed: no spread
     html = page.read_text()
     assert html.count('src="data:image/png;base64,') == len(PLOTS)  # one file that renders when mailed
@@ -85,7 +86,7 @@ def test_a_strategy_takes_its_own_settings_after_the_shared_ones(tmp_path: Path,
         grid(["fedavg"], [4.0], [0], strategy_overrides={"fedsdv": ["lora.rank=6"]})
 
     started: list[list] = []
-    monkeypatch.setattr(fedlora.commands.sweep, "run_cells", lambda cells, overrides, out: started.append(cells))
+    monkeypatch.setattr(fedlora.commands.sweep, "run_cells", lambda cells, overrides, out, **_: started.append(cells))
     monkeypatch.setattr("fedlora.commands.report.write_report", lambda out: out / "report.html")
     assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "a")]) == 0
     assert {c.settings for c in started.pop() if c.strategy == "fed_sb"} == {("lora.rank=32",)}
@@ -117,3 +118,15 @@ def test_the_centralised_reference_heads_the_table_and_the_grid(tmp_path: Path) 
     cells = grid(["fedavg"], [4.0], [0, 1], centralised=True)
     assert [c.name for c in cells[:2]] == ["centralised/eps-inf/seed-0", "centralised/eps-inf/seed-1"]
     assert cells[0].command == "centralised" and cells[0].overrides() == ["seed=0"]
+
+
+def test_the_report_compares_each_strategy_with_fedavg_on_paired_seeds(tmp_path: Path) -> None:
+    for seed, (avg, sb) in enumerate([(0.80, 0.83), (0.82, 0.84), (0.81, 0.85)]):
+        fake_cell(tmp_path, "fedavg", 1.0, seed, [0.25, avg], eps=0.99)
+        fake_cell(tmp_path, "fed_sb", 1.0, seed, [0.25, sb], eps=0.99)
+    fake_cell(tmp_path, "ffa_lora", 1.0, 0, [0.25, 0.9], eps=0.99)
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    # differences 3, 2, 4 points: mean 3.0, s = 1, half-width 4.303 / sqrt(3) = 2.48 -> [+0.5, +5.5]
+    assert "fed_sb - fedavg at epsilon 1: +3.0 points, 95% CI [+0.5, +5.5], 3 paired seeds: fed_sb is ahead" in md
+    assert "ffa_lora - fedavg at epsilon 1: +10.0 points, 1 seed: no interval, no ordering can be stated" in md

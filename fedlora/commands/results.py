@@ -1,0 +1,140 @@
+"""Results files: what a benchmark measured, kept small enough to commit, and the tables made from them.
+
+A sweep run with a results file (``fedlora bench <name>`` writes ``docs/results/<name>.json``) adds
+each finished cell to it: its strategy, epsilon, seed and own settings, every round's metrics, its wall
+time and its flat config, with the sweep's command and the library versions. A cell already in the file
+is not run again, so a benchmark continues where it stopped, on another day or machine.
+
+Tables in the docs are generated from these files, never typed: a block
+
+    <!-- table: results/ag_news.json -->
+    ...
+    <!-- /table -->
+
+in a Markdown page is replaced by :func:`render` of that file (``fedlora tables``), and
+``fedlora tables --check`` (run by the tests) fails when a page differs from its files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedlora.commands.sweep import Cell, format_epsilon
+from fedlora.outputs.metrics import read_metrics
+from fedlora.outputs.run_folder import METRICS, RUN_CONFIG
+
+KEPT_COLUMNS = ("round", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "epsilon", "epsilon_max", "refused")
+LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
+BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def cell_key(cell: Cell) -> str:
+    return cell.name
+
+
+def cell_record(cell: Cell, folder: Path, *, wall_s: float) -> dict[str, Any]:
+    """One finished cell, compact: identity, every round's kept metrics, wall time, flat config."""
+    rows = [
+        {k: _number(r[k]) for k in KEPT_COLUMNS if k in r and r[k] not in ("", None)}
+        for r in read_metrics(folder / METRICS)
+    ]
+    config = json.loads((folder / RUN_CONFIG).read_text()) if (folder / RUN_CONFIG).is_file() else {}
+    return asdict(cell) | {"epsilon": format_epsilon(cell.epsilon), "wall_s": round(wall_s, 1), "rounds": rows,
+                           "config": config}  # fmt: skip
+
+
+def _number(text: str) -> float | int | str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in str(text) else value
+
+
+class ResultsFile:
+    """A benchmark's results on disk (JSON); cells keyed by ``strategy/eps-e/seed-s``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"cells": {}}
+
+    def done(self, cell: Cell) -> bool:
+        return cell_key(cell) in self.data["cells"]
+
+    def add(self, cell: Cell, record: dict[str, Any], *, name: str, command: str, overrides: list[str]) -> None:
+        self.data.update(name=name, command=command, overrides=overrides, versions=versions())
+        self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.data["cells"][cell_key(cell)] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.path)  # a benchmark stopped mid-write keeps its earlier cells
+
+
+def load_results(path: Path) -> list:
+    """The file's cells as the report's :class:`~fedlora.commands.report.CellResult` (for tables)."""
+    from fedlora.commands.report import CellResult
+
+    cells = []
+    for record in json.loads(Path(path).read_text())["cells"].values():
+        rows = [r for r in record["rounds"] if "test_accuracy" in r]
+        spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if k in r]
+        cells.append(
+            CellResult(
+                strategy=record["strategy"],
+                epsilon=math.inf if record["epsilon"] == "inf" else float(record["epsilon"]),
+                seed=int(record["seed"]),
+                rounds=[int(r["round"]) for r in rows],
+                accuracy=[float(r["test_accuracy"]) for r in rows],
+                upload=[float(r.get("bytes_up", 0)) for r in rows if int(r["round"]) > 0],
+                spent=max(spent) if spent else None,
+                refused=sum(int(r.get("refused", 0)) for r in rows),
+            )
+        )
+    return cells
+
+
+def render(path: Path) -> str:
+    """The Markdown a docs block shows for results file ``path``: the table, then the paired comparisons."""
+    from fedlora.commands.report import comparisons, table
+
+    cells = load_results(path)
+    data = json.loads(Path(path).read_text())
+    header, body = table(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    minutes = sum(r["wall_s"] for r in data["cells"].values()) / 60
+    lines += ["", f"{len(cells)} runs, {minutes:.0f} min of wall time in all; `{data.get('command', '?')}`."]
+    lines += [f"- {line}" for line in comparisons(cells)]
+    return "\n".join(lines) + "\n"
+
+
+def update_pages(pages: list[Path], *, check: bool) -> list[Path]:
+    """Regenerate every results block in ``pages`` (or, with ``check``, only compare); the pages that differ."""
+    stale = []
+    for page in pages:
+        text = page.read_text()
+        new = BLOCK.sub(lambda m, here=page.parent: m.group(1) + render(here / m.group("path")) + m.group(4), text)
+        if new != text:
+            stale.append(page)
+            if not check:
+                page.write_text(new)
+    return stale

@@ -1,0 +1,92 @@
+"""Benchmarks as results files: cells recorded as they finish, never run twice, and the docs' tables generated
+from the file (a number edited by hand fails the check). Cells are faked: no simulation runs here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.commands.results import load_results, render, update_pages
+from fedlora.outputs.metrics import COLUMNS
+
+ACCURACY = {("fedavg", 0): 0.80, ("fedavg", 1): 0.82, ("fedavg", 2): 0.81, ("fed_sb", 0): 0.83,
+            ("fed_sb", 1): 0.84, ("fed_sb", 2): 0.85}  # fmt: skip
+
+
+def fake_simulate(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """What a cell's ``fedlora simulate`` leaves: metrics.csv (2 rounds) and run_config.json."""
+    args = dict(a.split("=", 1) for a in cmd if "=" in a)
+    out = Path(args["output_dir"])
+    final = ACCURACY[(args["strategy"], int(args["seed"]))]
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r, acc in enumerate([0.25, final - 0.1, final]):
+            writer.writerow({"round": r, "test_accuracy": acc, "bytes_up": 1000 * r, "wall_s": 1.5})
+    (out / "run_config.json").write_text(json.dumps({"seed": int(args["seed"]), "strategy.name": args["strategy"]}))
+    return subprocess.CompletedProcess(cmd, 0)
+
+
+def sweep(tmp_path: Path, seeds: list[int], *overrides: str) -> int:
+    return main(["sweep", "privacy", "model=tiny", "rounds=2", *overrides, "--out", str(tmp_path / "sweep"),
+                 "--results", str(tmp_path / "ab.json"), "--strategies", "fedavg", "fed_sb", "--epsilons", "inf",
+                 "--no-centralised", "--seeds", *map(str, seeds)])  # fmt: skip
+
+
+def test_cells_are_recorded_as_they_finish_and_never_run_again(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0, 1]) == 0
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert sorted(data["cells"]) == [f"{s}/eps-inf/seed-{k}" for s in ("fed_sb", "fedavg") for k in (0, 1)]
+    cell = data["cells"]["fedavg/eps-inf/seed-1"]
+    assert [r["test_accuracy"] for r in cell["rounds"]] == [0.25, pytest.approx(0.72), 0.82]
+    assert cell["config"]["seed"] == 1 and cell["wall_s"] >= 0 and data["versions"]["torch"]
+    assert "model=tiny" in data["overrides"] and data["command"].startswith("fedlora")
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a recorded cell ran again")
+
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", no_runs)
+    import shutil
+
+    shutil.rmtree(tmp_path / "sweep")  # the runs' folder gone (another machine): the results file still says done
+    assert sweep(tmp_path, [0, 1]) == 0
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0, 1, 2]) == 0  # one more seed: only its two cells run
+    assert len(json.loads((tmp_path / "ab.json").read_text())["cells"]) == 6
+
+
+def test_a_results_file_refuses_cells_of_other_settings(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0]) == 0
+    assert sweep(tmp_path, [0], "train.lr=0.1") == 2  # one line, exit 2: the file holds other settings
+
+
+def test_the_docs_table_is_generated_and_a_hand_edited_number_fails_the_check(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0, 1, 2]) == 0
+    assert {c.seed for c in load_results(tmp_path / "ab.json")} == {0, 1, 2}
+    page = tmp_path / "page.md"
+    page.write_text("# Results\n\n<!-- table: ab.json -->\nanything\n<!-- /table -->\n\nText after.\n")
+    assert update_pages([page], check=True) == [page]  # stale until generated
+    assert update_pages([page], check=False) == [page]
+    text = page.read_text()
+    assert render(tmp_path / "ab.json") in text and text.endswith("Text after.\n")
+    # fedavg 0.80, 0.82, 0.81: mean 0.810, s = 0.01, half-width 4.303 x 0.01 / sqrt(3) = 0.025
+    assert "| fedavg | inf (no DP) | 3 | 0.810 ± 0.025 |" in text
+    assert "fed_sb - fedavg without DP: +3.0 points, 95% CI [+0.5, +5.5], 3 paired seeds: fed_sb is ahead" in text
+    assert update_pages([page], check=True) == []
+    page.write_text(text.replace("0.810 ± 0.025", "0.815 ± 0.025"))  # a number typed by hand
+    assert update_pages([page], check=True) == [page]
+    assert main(["tables", "--check", str(page)]) == 1
+
+
+def test_the_repository_s_docs_equal_their_results_files() -> None:
+    root = Path(__file__).resolve().parents[2]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert update_pages(pages, check=True) == []

@@ -178,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     wants_help = bool(argv) and argv[0] == "simulate" and ("-h" in argv or "--help" in argv)
     parser = build_parser(describe=[a for a in argv[1:] if "=" in a and not a.startswith("-")] if wants_help else None)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("sweep", "bench") or any("=" not in e or e.startswith("-") for e in extra)):
+    takes_overrides = args.command in ("sweep", "bench", "simulate", "centralised")
+    if extra and (not takes_overrides or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # a sweep's (or benchmark's) overrides may come after its options
+    if extra:  # overrides may come after the options too (argparse stops its positionals at an option)
         args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(args.verbose)

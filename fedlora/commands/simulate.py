@@ -22,7 +22,12 @@ from fedlora.outputs.run_folder import (
     HYDRA_OVERRIDES,
     METRICS,
     RUN_CONFIG,
-    held_outputs,
+    check_output,
+    check_overwrite,
+    check_writable,
+    clear_outputs,
+    lock,
+    run_inputs,
     write_partitions,
 )
 from fedlora.privacy.budget import check_budget, user_dp_plan
@@ -40,30 +45,9 @@ def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
     return dataclasses.replace(cfg, output_dir=str(out)), out
 
 
-def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds another run, unless resuming from its checkpoint or told to overwrite."""
-    held = held_outputs(out)
-    if not held or overwrite or (resume and (out / CHECKPOINT).is_file()):
-        return
-    hint = "continue it with server.resume=true, " if (out / CHECKPOINT).is_file() else ""
-    raise ConfigError(
-        f"{out} already holds a run ({', '.join(held[:4])}); choose another output_dir, {hint}or pass --overwrite"
-    )
-
-
-def clear_outputs(out: Path) -> None:
-    """Remove an earlier run's outputs (``--overwrite``), and nothing else of the folder."""
-    import shutil
-
-    for name in held_outputs(out):
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
 def check_resume(cfg: RunConfig, worker: Worker) -> None:
     """With ``server.resume``, the checkpoint in the output folder must fit this run (before anything starts)."""
     from fedlora.outputs.checkpoint import read_checkpoint
-    from fedlora.outputs.run_folder import CHECKPOINT
 
     path = Path(cfg.output_dir) / CHECKPOINT
     if cfg.server.resume and path.exists():
@@ -187,14 +171,16 @@ def simulate(
     unless resuming from its checkpoint or ``overwrite``."""
     import torch
 
-    from fedlora.flower.simulation import run_flower_simulation
     from fedlora.learning.data import load_calibration
     from fedlora.learning.worker import get_worker
 
     if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
         raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
     cfg, out = output_folder(cfg, composed)
+    check_writable(out)
     check_output(out, resume=cfg.server.resume, overwrite=overwrite or dry_run)
+    if overwrite and not dry_run:
+        check_overwrite(out, inputs=run_inputs(cfg), resume=cfg.server.resume)
     run_config_for(cfg)  # a setting the Flower run config cannot carry fails here, as it would deployed
 
     # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
@@ -210,16 +196,23 @@ def simulate(
         console.show_privacy(worker)
     if cfg.privacy.user_level:
         console.show_user_privacy(worker)
-    if overwrite and not dry_run:
-        clear_outputs(out)
     counts = console.show_partitions(worker)
-    if not dry_run:
-        write_partitions(out, worker.data.splits.label_names, counts.tolist())
     if dry_run:
         from omegaconf import OmegaConf
 
         console.console.print(OmegaConf.to_yaml(composed))
         return 0
+    with lock(out):  # a second run into this folder stops here, before it writes anything
+        if overwrite:
+            clear_outputs(out)
+        write_partitions(out, worker.data.splits.label_names, counts.tolist())
+        return _run(cfg, composed, out, worker, overrides=overrides, verbose=verbose)
+
+
+def _run(cfg: RunConfig, composed: Any, out: Path, worker: Worker, *, overrides: Sequence[str], verbose: bool) -> int:
+    """The checked run: its config written, the simulation, the summary."""
+    from fedlora.flower.simulation import run_flower_simulation
+
     write_config(cfg, composed, out, list(overrides))
     console.console.print(console.header(worker, out))
     with round_lines(cfg.rounds) as (on_round, on_progress):
@@ -240,19 +233,23 @@ def centralised(cfg: RunConfig, composed: Any, *, overrides: Sequence[str] = (),
     from fedlora.learning.data import load_splits
 
     cfg, out = output_folder(cfg, composed)
+    check_writable(out)
     check_output(out, resume=False, overwrite=overwrite)
+    if overwrite:
+        check_overwrite(out, inputs=run_inputs(cfg), resume=False)
     train_size = len(load_splits(cfg.data, seed=cfg.seed).train)
     steps = steps_per_round(cfg, train_size)
-    if overwrite:
-        clear_outputs(out)
-    write_config(cfg, composed, out, list(overrides))
-    console.console.print(
-        f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "
-        f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "
-        f"(= {cfg.sampled_per_round} clients x their local steps), lr {cfg.train.lr:g} -> {out}"
-    )
-    with round_lines(cfg.rounds) as (on_round, _):
-        run_centralised(cfg, out, on_round=on_round)
+    with lock(out):
+        if overwrite:
+            clear_outputs(out)
+        write_config(cfg, composed, out, list(overrides))
+        console.console.print(
+            f"[bold]fedlora centralised[/] plain LoRA r={cfg.lora.rank} model={cfg.model.name} data={cfg.data.name} "
+            f"({train_size} pooled training examples), {cfg.rounds} rounds of {steps} steps "
+            f"(= {cfg.sampled_per_round} clients x their local steps), lr {cfg.train.lr:g} -> {out}"
+        )
+        with round_lines(cfg.rounds) as (on_round, _):
+            run_centralised(cfg, out, on_round=on_round)
     summarise(out)
     return 0
 

@@ -55,8 +55,7 @@ def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(make_config, tmp_p
 
 
 def test_overwrite_replaces_only_the_runs_outputs(make_config, tmp_path) -> None:
-    from fedlora.commands.simulate import clear_outputs
-    from fedlora.outputs.run_folder import held_outputs
+    from fedlora.outputs.run_folder import clear_outputs, held_outputs
 
     out = local_run(make_config, tmp_path)
     (out / "mine.txt").write_text("keep")

@@ -2,7 +2,7 @@
 
 A deployment's clients are other people's machines: a reply may come from a bug,
 a flipped bit or an attacker. The server knows what each client must send (the
-keys and shapes its strategy, rank and trainable set give) and what it started
+keys, shapes and dtypes its strategy, rank and trainable set give) and what it started
 from, so it can refuse a reply that does not fit, that holds NaN or Inf, or whose
 change is larger than ``server.max_update_norm``.
 """
@@ -31,8 +31,8 @@ def reject_reason(payload: Tensors, expected: Tensors, *, max_norm: float | None
         got, want = payload[key], expected[key]
         if tuple(got.shape) != tuple(want.shape):
             return f"{key} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        if not got.is_floating_point():
-            return f"{key} has dtype {got.dtype}, expected a floating-point tensor"
+        if got.dtype != want.dtype:  # a client never decides the server's dtype (its state, its checkpoint)
+            return f"{key} has dtype {got.dtype}, expected {want.dtype}"
         if not torch.isfinite(got).all():
             return f"{key} holds NaN or Inf"
     if max_norm is not None:

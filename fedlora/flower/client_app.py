@@ -79,6 +79,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     init = config.get(records.PHASE) == records.PHASE_INIT
     ledger = Ledger(context, msg) if cfg.privacy.enabled else None
     metrics = MetricRecord({records.PARTITION_ID: pid})
+    if records.ROUND_NONCE in config:  # echoed: the server takes this reply for this round only
+        metrics[records.ROUND_NONCE] = int(config[records.ROUND_NONCE])
     content = RecordDict({records.METRICS: metrics})
     if ledger is not None:
         plan = worker.privacy_plan(pid)

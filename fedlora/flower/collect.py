@@ -33,10 +33,15 @@ POLL_S = 0.5  # how often the server asks for replies (Flower's own loop waits 3
 
 
 def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress: Progress | None) -> list[Message]:
-    """Push ``messages`` and pull their replies until all came or ``timeout`` seconds passed."""
+    """Push ``messages`` and pull their replies until every node answered or ``timeout`` seconds passed.
+
+    A node has answered once anything of it arrived: a reply to its message, or one to another message
+    (an old round's), which will be rejected; the server never waits for a reply that cannot come."""
     if not messages:
         return []
-    waiting = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+    waiting = set(ids)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting and time.monotonic() < deadline:
@@ -44,7 +49,11 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress
         pulled = list(grid.pull_messages(waiting))
         if pulled:
             replies += pulled
-            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            for m in pulled:
+                answered = m.metadata.reply_to_message_id
+                waiting -= (
+                    {answered} if answered in node_of else {i for i in waiting if node_of[i] == m.metadata.src_node_id}
+                )
             if on_progress is not None:
                 on_progress(len(replies), len(messages))
         if waiting:
@@ -98,7 +107,12 @@ def collect(
     asked = {o.message.metadata.message_id: o for o in outgoing}  # ids are set once sent
     arrived: list[tuple[int, Message]] = []
     strays = 0
+    seen: set[str] = set()
     for m in replies:
+        if (answered := m.metadata.reply_to_message_id) in seen:  # delivered twice: counted, aggregated once
+            log.warning("round %d: dropped a second copy of node %d's reply", server_round, m.metadata.src_node_id)
+            continue
+        seen.add(answered)
         o = asked.get(m.metadata.reply_to_message_id)  # by message id: an error reply comes from the SuperLink
         if o is None:
             strays += 1

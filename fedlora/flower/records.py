@@ -16,6 +16,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SERVER_ROUND = "server-round"
+ROUND_NONCE = "round-nonce"  # a random number per round that every reply echoes: a reply answers this round
 NUM_EXAMPLES = "num-examples"  # only when weighting by examples (under DP: noised, or declared public)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

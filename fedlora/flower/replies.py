@@ -28,6 +28,7 @@ METRIC_KEYS = {
     records.EPSILON,
     records.REFUSED,
     records.BASE_DIGEST,
+    records.ROUND_NONCE,
 }
 LEDGER_KEYS = {"noise", "rate", "steps"}
 
@@ -45,6 +46,7 @@ class Reply:
     refused: bool = False
     ledger: list[Step] | None = None
     base_digest: int | None = None  # the fingerprint of the base-weight delta D it trained on
+    round_nonce: int | None = None  # the round's nonce it echoes
 
 
 class Malformed(ValueError):
@@ -99,6 +101,7 @@ def _parse(m: Message, *, private: bool) -> Reply:
         refused=refused,
         ledger=ledger,
         base_digest=_integer(metrics, records.BASE_DIGEST),
+        round_nonce=_integer(metrics, records.ROUND_NONCE),
     )
 
 
@@ -114,6 +117,9 @@ def _number(metrics: MetricRecord, key: str) -> float | None:
 
 
 def _integer(metrics: MetricRecord, key: str, *, default: int | None = None) -> int | None:
+    raw = metrics[key] if key in metrics else None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw  # exactly: through a float, a 62-bit round nonce would lose its last bits
     value = _number(metrics, key)
     if value is None:
         return default

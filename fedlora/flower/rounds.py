@@ -25,6 +25,7 @@ Flower strategy: it runs its own loop, so it can start at a checkpoint's round.
 from __future__ import annotations
 
 import logging
+import secrets
 from functools import partial
 
 from flwr.serverapp import Grid
@@ -83,6 +84,7 @@ class FlowerRounds:
         self.label_names = list(label_names)
         self.on_progress = on_progress  # (replies so far, messages) within a round
         self._fixed_digest = ""
+        self.nonces: dict[int, int] = {}  # round -> the nonce its replies must echo
         self._asked: dict[int, int] = {}  # late node id -> partition queries sent to it (JOIN_ASKS: no more)
         self._digest_of: tuple[int, int] = (-1, 0)  # (D's version, its digest_number)
         self.user_dp = UserLevelDP(cfg) if cfg.privacy.user_level else None
@@ -196,8 +198,10 @@ class FlowerRounds:
             self._fixed_digest = digest
             for node in self.nodes.values():
                 node.holds_fixed = False
+        self.nonces[server_round] = secrets.randbits(62)  # not from the seed: it only ties replies to this round
         config = {
-            records.SERVER_ROUND: server_round, records.FIXED_DIGEST: digest, records.LABELS: self.label_names,
+            records.SERVER_ROUND: server_round, records.ROUND_NONCE: self.nonces[server_round],
+            records.FIXED_DIGEST: digest, records.LABELS: self.label_names,
             records.CLIENTS: self.cfg.clients,
         }  # fmt: skip
         return train_messages(
@@ -210,6 +214,8 @@ class FlowerRounds:
         by_examples = self.cfg.strategy.weighting == "examples"
         if by_examples and reply.num_examples is None:
             return f"no {records.NUM_EXAMPLES} (the run weights by examples)"
+        if reply.round_nonce != self.nonces.get(server_round):
+            return f"it does not answer round {server_round}'s message (round nonce {reply.round_nonce})"
         expected = self.protocol.expected_reply(pid, self.state, server_round=server_round)
         reason = reject_reason(reply.tensors or {}, expected, max_norm=self.cfg.server.max_update_norm)
         if reason is not None:

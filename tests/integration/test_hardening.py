@@ -76,6 +76,10 @@ KINDS: dict[str, Callable[[Records], Records]] = {
     "unexpected tensor": lambda r: _with_arrays(r, lambda a: _set(a, _renamed(_first(a)), a[_first(a)])),
     "not an adapter key": lambda r: _with_arrays(r, lambda a: _set(a, "garbage", a[_first(a)])),
     "integer tensor": lambda r: _with_arrays(r, lambda a: _set(a, _first(a), a[_first(a)].astype(np.int64))),
+    "float64 tensors": lambda r: _with_arrays(r, lambda a: a.update({k: v.astype(np.float64) for k, v in a.items()})),
+    "a float16 tensor": lambda r: _with_arrays(r, lambda a: _set(a, _first(a), a[_first(a)].astype(np.float16))),
+    "another round's nonce": lambda r: _with_metrics(r, round_nonce=r[records.METRICS][records.ROUND_NONCE] + 1),
+    "no round nonce": lambda r: _with_metrics(r, round_nonce=None),
     "claims partition 0": lambda r: _with_metrics(r, partition_id=0),
     "fractional partition id": lambda r: _with_metrics(r, partition_id=2.5),
     "no partition id": lambda r: _with_metrics(r, partition_id=None),
@@ -229,3 +233,71 @@ def test_robust_aggregation_keeps_one_attacker_in_five_within_the_honest_range(
         honest_values = np.stack([s[key] for s in seen])
         got = state[key].numpy()
         assert (got >= honest_values.min(0) - 1e-6).all() and (got <= honest_values.max(0) + 1e-6).all(), key
+
+
+class RepeatingGrid(LocalGrid):
+    """Delivers node ``twice``'s reply two times, as a flaky transport might."""
+
+    def __init__(self, nodes, twice: int) -> None:
+        super().__init__(nodes)
+        self.twice = twice
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        return replies + [m for m in replies if m.metadata.src_node_id == self.twice]
+
+
+def test_a_reply_delivered_twice_counts_once(make_config, tmp_path) -> None:
+    runs = {}
+    for name in ("twice", "once"):
+        cfg = make_config("clients=3", "clients_per_round=3", "rounds=2", f"output_dir={tmp_path / name}")
+        run_config = run_config_for(cfg)
+        nodes = {
+            pid + 1: (honest(run_config), {records.PARTITION_ID: pid, records.NUM_PARTITIONS: 3}) for pid in range(3)
+        }
+        runs[name] = run_server(RepeatingGrid(nodes, twice=2 if name == "twice" else -1), cfg)
+    assert [r["replies_received"] for r in table(runs["twice"])[1:]] == ["3", "3"]
+    assert same_tensors(runs["twice"], runs["once"])
+    assert "round 1: dropped a second copy of node 2's reply" in (runs["twice"] / "server.log").read_text()
+
+
+def test_a_replayed_or_stray_reply_is_rejected_and_never_waited_for(make_config, tmp_path, monkeypatch) -> None:
+    """Round 1's reply sent again in round 2 (nonce of round 1), and in round 3 a reply to round 1's message
+    instead of round 3's: both rejected, and the server stops waiting once every node has answered."""
+    import fedlora.flower.collect as collect
+
+    sleeps: list[float] = []
+    real_sleep = collect.time.sleep
+    monkeypatch.setattr(collect.time, "sleep", lambda s: (sleeps.append(s), real_sleep(0))[1])
+    kept: dict[str, object] = {}
+    app = ClientApp()
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return client_app.query(msg, context)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        from fedlora.config.app import from_run_config
+
+        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+        reply = client_app.train(msg, context, from_run_config(run_config))
+        if rnd == 1:
+            kept["content"], kept["message"] = dict(reply.content.items()), msg
+            return reply
+        if rnd == 2:
+            return Message(RecordDict(kept["content"]), reply_to=msg)  # round 1's reply, replayed
+        return Message(reply.content, reply_to=kept["message"])  # a reply to an old round's message
+
+    cfg = make_config("clients=3", "clients_per_round=3", "rounds=3", "server.round_timeout=600",
+                      f"output_dir={tmp_path}")  # fmt: skip
+    run_config = run_config_for(cfg)
+    nodes = {p + 1: (honest(run_config), {records.PARTITION_ID: p, records.NUM_PARTITIONS: 3}) for p in range(2)}
+    nodes[3] = (app, {records.PARTITION_ID: 2, records.NUM_PARTITIONS: 3})
+    out = run_server(LocalGrid(nodes), cfg)
+    rows = table(out)
+    assert [r["replies_rejected"] for r in rows[1:]] == ["0", "1", "1"]
+    log = (out / "server.log").read_text()
+    assert "round 2: rejected the reply of partition 2 (node 3): it does not answer round 2's message" in log
+    assert "round 3: rejected a reply of node 3 to no message of this round" in log
+    assert len(sleeps) < 10  # not the 1,200 polls of a 600 s round_timeout

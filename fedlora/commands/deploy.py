@@ -103,6 +103,8 @@ def print_config(args: argparse.Namespace) -> int:
 def certificates(args: argparse.Namespace) -> int:
     files = deploy.certificate_files(args.folder, nodes=args.nodes)
     deploy.check_server_hosts(args.folder, args.hosts)
+    for kept in (args.folder / deploy.CA_KEY, args.folder / deploy.SERVER_KEY):
+        deploy.check_private(kept)  # kept keys are used again: refused, as ssh does, when others can read them
     if not args.print_only:
         deploy.make_certificates(args.folder, hosts=args.hosts, nodes=args.nodes)
     verb = "would write" if args.print_only else "wrote"
@@ -119,6 +121,7 @@ def certificates(args: argparse.Namespace) -> int:
 def superlink(args: argparse.Namespace) -> int:
     names = (deploy.CA_CERT, deploy.SERVER_CERT, deploy.SERVER_KEY)
     require_files(*(args.certs / name for name in names), hint=" (make it with: fedlora deploy certs)")
+    deploy.check_private(args.certs / deploy.SERVER_KEY)
     argv = deploy.superlink_command(args.certs, host=args.host, port=args.port, database=args.database)
     if not ipaddress_is_loopback(args.host):
         console.print(
@@ -163,6 +166,7 @@ def register_nodes(args: argparse.Namespace) -> int:
 
 def supernode(args: argparse.Namespace) -> int:
     require_files(args.ca, args.key)
+    deploy.check_private(args.key)
     argv = deploy.supernode_command(
         superlink=args.superlink,
         ca=args.ca,

@@ -117,7 +117,7 @@ def _number(metrics: MetricRecord, key: str) -> float | None:
 
 
 def _integer(metrics: MetricRecord, key: str, *, default: int | None = None) -> int | None:
-    raw = metrics[key] if key in metrics else None
+    raw = metrics.get(key)
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw  # exactly: through a float, a 62-bit round nonce would lose its last bits
     value = _number(metrics, key)

@@ -171,9 +171,15 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
 
 
 # -- 4. the docs' commands are the ones this harness runs ----------------------------------------------------
-def test_the_deployment_docs_use_the_commands_this_harness_checks(fed) -> None:
-    """Every ``fedlora deploy`` step of docs/deployment.md, with its flags, ran above (``--data-path`` and
-    ``--stream`` are optional there and left out here: the nodes share the run's data; runs are watched)."""
+def test_the_deployment_docs_use_the_commands_this_harness_checks(fed, tmp_path) -> None:
+    """Every ``fedlora deploy`` step of docs/deployment.md, with its flags, is one this harness runs (``--data-path``
+    and ``--stream`` are optional there and left out here: the nodes share the run's data; runs are watched).
+    The federation's start ran the setup steps; a run is submitted here when no test before this one did, so that
+    the test holds alone and in any order."""
+    if "run" not in fed.used:
+        out = tmp_path / "docs-run"
+        fed.submit([*TINY, "clients=3", "clients_per_round=3", "rounds=1", f"output_dir={out}"])
+        wait(lambda: finished(out, 1), timeout=RUN_S, what="a one-round run", fed=fed)
     text = (netns.ROOT / "docs" / "deployment.md").read_text().replace("\\\n", " ")  # continued lines
     documented: dict[str, set[str]] = {}
     for line in re.findall(r"^\s*fedlora deploy ([a-z]+)(.*?)(?:#.*)?$", text, flags=re.M):

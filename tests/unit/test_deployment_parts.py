@@ -256,3 +256,23 @@ def test_deploy_says_only_true_things(tmp_path, capsys, monkeypatch) -> None:
     inline = command[command.index("--run-config") + 1]
     parsed = parse_config_args([inline])
     assert parsed["strategy.name"] == "fedsvd" and parsed["output_dir"] == "/tmp/a b"
+
+
+def test_a_private_key_others_can_read_is_refused_with_the_fix(tmp_path, capsys) -> None:
+    """As ssh does: an existing ca.key or server.key of mode 0644 is not passed to the SuperLink or kept."""
+    deploy.make_certificates(tmp_path, nodes=1)
+    assert (tmp_path / deploy.SERVER_KEY).stat().st_mode & 0o777 == 0o600  # what fedlora writes
+    (tmp_path / deploy.SERVER_KEY).chmod(0o644)
+    for argv in (
+        ["deploy", "superlink", "--certs", str(tmp_path), "--print"],
+        ["deploy", "certs", str(tmp_path), "--print"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"chmod 600 {tmp_path / deploy.SERVER_KEY}" in err, err
+    (tmp_path / deploy.SERVER_KEY).chmod(0o600)
+    (tmp_path / "node-0").chmod(0o640)
+    args = ["deploy", "supernode", "--superlink", "127.0.0.1:8000", "--ca", str(tmp_path / deploy.CA_CERT),
+            "--key", str(tmp_path / "node-0"), "--partition-id", "0", "--num-partitions", "1", "--print"]  # fmt: skip
+    assert main(args) == 2 and "mode 0640" in capsys.readouterr().err
+    assert main(["deploy", "superlink", "--certs", str(tmp_path), "--print"]) == 0

@@ -20,6 +20,7 @@ _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 
 def load_files(cfg: DataConfig, *, seed: int) -> DatasetDict:
     path = Path(cfg.path).expanduser()
+    _check_links(path)
     if not path.exists():
         raise ConfigError(f"data.path {str(path)!r} does not exist")
     if path.is_dir():
@@ -28,6 +29,10 @@ def load_files(cfg: DataConfig, *, seed: int) -> DatasetDict:
         }
     else:
         files = {"train": path}
+    for f in files.values():
+        _check_links(f)
+        if not f.is_file():  # a FIFO would hang the read, /dev/zero fill the memory
+            raise ConfigError(f"data file {f} cannot be read: it is {_kind(f)}, not a regular file")
     suffixes = {f.suffix.lower() for f in files.values()}
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FORMATS:
         raise ConfigError(f"data.path: unsupported file type(s) {sorted(suffixes)}; use {sorted(_FORMATS)}")
@@ -93,8 +98,14 @@ def read_table(path: Path, cfg: DataConfig):
             first = int(empty.argmax()) + 1
             count = int(empty.sum())
             raise ConfigError(f"data file {path}: {count} record(s) have no {label!r} (first: record {first})")
-        if labels.str.fullmatch(r"-?\d+").all():
+        numbers = labels.str.fullmatch(r"-?\d+")
+        if numbers.all():
             table[label] = labels.astype("int64")
+        elif numbers.any():  # "0" and "sports" would both become classes
+            raise ConfigError(
+                f"data file {path}: column {label!r} mixes numbers and words (e.g. {labels[numbers].iloc[0]!r} and "
+                f"{labels[~numbers].iloc[0]!r}); use one kind of label"
+            )
     return table
 
 
@@ -103,3 +114,29 @@ def _find_split(folder: Path, stem: str) -> Path:
     if not matches:
         raise ConfigError(f"data.path {str(folder)!r} has no {stem}.* file ({'/'.join(sorted(_FORMATS))})")
     return matches[0]
+
+
+def _check_links(path: Path) -> None:
+    """A symlink loop is named as one (``exists()`` would call it missing)."""
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return  # missing: said by the caller
+    except (RuntimeError, OSError) as err:  # RuntimeError: Python's own loop detection; OSError: ELOOP
+        if "loop" in str(err).lower() or getattr(err, "errno", None) == 40:
+            raise ConfigError(f"data.path {str(path)!r} is a symlink loop") from None
+        raise
+
+
+def _kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"),
+    )  # fmt: skip
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "not a file"

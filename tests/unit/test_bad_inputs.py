@@ -112,3 +112,28 @@ def test_dp_keys_are_fine_with_dp() -> None:
     assert compose(["privacy=dp", "privacy.epsilon=0.5"])[0].privacy.epsilon == 0.5
     with pytest.raises(ConfigError):
         compose(["privacy=none", "privacy.delta=1e-6"])
+
+
+def test_a_label_column_of_numbers_and_words_is_refused(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "mixed.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},{'sports' if i % 2 else 0}\n" for i in range(20)))
+    assert "mixes numbers and words (e.g. '0' and 'sports')" in run(capsys, "data=files", f"data.path={path}")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "loop"])
+def test_data_that_is_not_a_regular_file_is_named_not_read(tmp_path: Path, capsys, kind: str) -> None:
+    """A FIFO hung the run, a symlink to /dev/zero filled the memory, a symlink loop was called missing."""
+    import os
+
+    path = tmp_path / "data.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+        expected = "it is a FIFO, not a regular file"
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+        expected = "it is a character device, not a regular file"
+    else:
+        path.symlink_to(tmp_path / "other.csv")
+        (tmp_path / "other.csv").symlink_to(path)
+        expected = "is a symlink loop"
+    assert expected in run(capsys, "data=files", f"data.path={path}")

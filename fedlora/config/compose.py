@@ -154,4 +154,12 @@ def _hydra_message(err: BaseException) -> str:
         return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         return f"unknown config key {cause.full_key!r} (see fedlora simulate --help)"
-    return str(err).splitlines()[0]
+    first = str(err).splitlines()[0]
+    if first.startswith("LexerNoViableAltException: ") and "=" in first:  # spaces, accents, brackets in a value
+        key, _, value = first.removeprefix("LexerNoViableAltException: ").partition("=")
+        quoted = value.replace('"', '\\"')
+        return (
+            f"Hydra cannot read the value of {key}={value}: quote it, {key}=\"{quoted}\" "
+            f"(in a shell: '{key}=\"{quoted}\"')"
+        )
+    return first

@@ -137,3 +137,15 @@ def test_data_that_is_not_a_regular_file_is_named_not_read(tmp_path: Path, capsy
         (tmp_path / "other.csv").symlink_to(path)
         expected = "is a symlink loop"
     assert expected in run(capsys, "data=files", f"data.path={path}")
+
+
+def test_an_impossible_epsilon_is_one_line_without_the_accountant_s_warnings(capsys, recwarn) -> None:
+    assert "cannot be met with any noise multiplier" in run(capsys, "privacy=dp", "privacy.epsilon=1e-9")
+    assert not [w for w in recwarn if "Optimal order" in str(w.message)]  # 22 of them printed before
+
+
+def test_an_unquoted_value_hydra_cannot_read_gets_the_quoting_that_works(capsys) -> None:
+    err = run(capsys, "data.text_column=Überschrift (de)")
+    assert 'quote it, data.text_column="Überschrift (de)"' in err and "LexerNoViableAlt" not in err
+    quoted = run(capsys, 'data.text_column="Überschrift (de)"')  # the quoting it suggests is read
+    assert "is not a column of the data" in quoted

@@ -186,7 +186,10 @@ def simulate(
     # Load data and model here, before Ray starts: bad paths and columns fail fast, and the
     # ServerApp (a thread of this process) finds them in the worker cache.
     worker = get_worker(cfg)
-    worker.warm_up()
+    with console.console.status(
+        f"loading the data and model {cfg.model.name}; partitioning for {cfg.clients:,} clients"
+    ):
+        worker.warm_up()
     check_resume(cfg, worker)
     init = worker.strategy.gradient_init
     if init is not None and not init.from_clients:  # the calibration file fails now, not after the nodes started

@@ -159,7 +159,7 @@ def _hydra_message(err: BaseException) -> str:
         key, _, value = first.removeprefix("LexerNoViableAltException: ").partition("=")
         quoted = value.replace('"', '\\"')
         return (
-            f"Hydra cannot read the value of {key}={value}: quote it, {key}=\"{quoted}\" "
+            f'Hydra cannot read the value of {key}={value}: quote it, {key}="{quoted}" '
             f"(in a shell: '{key}=\"{quoted}\"')"
         )
     return first

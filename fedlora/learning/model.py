@@ -136,9 +136,26 @@ def build_peft_model(
             modules_to_save=task.heads(base) or None,
         )
         try:
-            return get_peft_model(base, peft_config)
+            peft_model = get_peft_model(base, peft_config)
         except ValueError as err:
             raise ConfigError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    warn_rank_above_dimensions(peft_model, lora.rank)
+    return peft_model
+
+
+def warn_rank_above_dimensions(model: torch.nn.Module, rank: int) -> None:
+    """A LoRA rank above min(d_in, d_out) of an adapted weight adds numbers to train and send, never capacity:
+    B A of such a module has rank at most that dimension. Said once, with the smallest dimension."""
+    from peft.tuners.lora import LoraLayer
+
+    dims = [min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer)
+            and hasattr(m, "in_features")]  # fmt: skip
+    if dims and rank > min(dims):
+        log.warning(
+            "lora.rank=%d exceeds min(d_in, d_out)=%d of an adapted weight: its update has rank at most %d, and the "
+            "extra rank only adds numbers to train and send; consider lora.rank<=%d", rank, min(dims), min(dims),
+            min(dims),
+        )  # fmt: skip
 
 
 def check_model(path: str, model: ModelConfig, task: Any) -> None:

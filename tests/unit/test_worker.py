@@ -224,3 +224,16 @@ def test_fed_sb_can_initialise_from_a_calibration_file(make_config, tmp_path) ->
     calib.write_text("text,label\n" + "some text,cooking\nmore text,sports\n" * 3)
     with pytest.raises(ConfigError, match=r"calibration labels \['cooking'\]"):
         gradient_init.calibration(Worker(make_config("strategy=fed_sb"), num_partitions=10), str(calib))
+
+
+def test_a_rank_above_the_adapted_dimensions_is_warned(make_config, caplog) -> None:
+    """The tiny model's weights are 32 wide: rank 64 adds numbers, not capacity (the upload was 3.8x, silently)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        Worker(make_config("lora.rank=64"), num_partitions=10).adapted  # noqa: B018 - builds the model
+    assert "lora.rank=64 exceeds min(d_in, d_out)=32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        Worker(make_config("lora.rank=8"), num_partitions=10).adapted  # noqa: B018
+    assert "exceeds min(d_in, d_out)" not in caplog.text

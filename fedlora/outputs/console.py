@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +20,13 @@ if TYPE_CHECKING:  # the console reads a worker, it never builds one
     from fedlora.learning.worker import Worker
 
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# Piped (| tee run.log) or in CI, rich would wrap at 80 columns and cut table headers (repli..., epsi...):
+# a wide page instead, so a log keeps each line whole. A terminal keeps its own width.
+PIPED_WIDTH = 200
+console = Console(stderr=False, width=None if sys.stdout.isatty() else PIPED_WIDTH, soft_wrap=not sys.stdout.isatty())
+err_console = Console(
+    stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH, soft_wrap=not sys.stderr.isatty()
+)
 
 
 def human_bytes(n: float) -> str:
@@ -118,8 +125,18 @@ def show_user_privacy(worker: Worker) -> None:
     console.print(f"privacy=user ({cfg.privacy.accountant}): {dp.header()}; cohort and noise: {randomness}")
     console.print(
         f"  {d:,} numbers averaged per client; noise/signal per round {ratio:.2g} (z sqrt(d) / m: the noise norm "
-        "over the largest clipped mean; well above 1, the cohort or the rounds are too few for this budget)"
+        f"over the largest clipped mean){noise_verdict(ratio, cfg.rounds, 'rounds')}"
     )
+
+
+def noise_verdict(ratio: float, steps: int, what: str) -> str:
+    """A warning only when it holds: over ``steps`` noisy steps the noise grows as sqrt(steps) and a consistent
+    signal as steps, so the run's noise/signal is ``ratio / sqrt(steps)``; above 1 the noise outweighs even
+    the whole run's signal. Else nothing."""
+    overall = ratio / math.sqrt(max(1, steps))
+    if overall <= 1:
+        return ""
+    return f"; over the run's {steps} {what} still {overall:.2g} (> 1): the noise outweighs the signal"
 
 
 def show_privacy(worker: Worker) -> None:
@@ -157,7 +174,7 @@ def show_privacy(worker: Worker) -> None:
         f"  per client: sample rate {min(p.sample_rate for p in active):.3g}..{max(p.sample_rate for p in active):.3g}"
         f", {active[0].steps} steps of an expected batch of {cfg.train.batch_size} per round, {d:,} trainable numbers; "
         f"noise/signal per step {min(ratio):.2g}..{max(ratio):.2g} (sigma sqrt(d) / batch: the noise norm over the "
-        "largest clipped mean; well above 1, few steps learn nothing)"
+        f"largest clipped mean){noise_verdict(min(ratio), min(p.steps * p.rounds for p in active), 'steps')}"
     )
     if cfg.train.logit_adjustment:
         console.print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fedlora.cli import main
@@ -180,3 +182,17 @@ def test_every_sweep_preset_starts_and_composes_in_every_cell(tmp_path, monkeypa
     # An override no cell can take stops the sweep before its first cell.
     assert main(["sweep", "privacy", "--preset", "sst2", "--out", str(tmp_path / "bad"), "train.lr=-1"]) == 2
     assert not started
+
+
+def test_piped_output_keeps_each_line_whole() -> None:
+    """Through a pipe (| tee run.log) rich wrapped at 80 columns and cut table headers; now lines stay whole."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "simulate", "--dry-run", "model=tiny", "privacy=dp", "privacy.epsilon=8"],
+        capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    line = next(line for line in done.stdout.splitlines() if "noise/signal per step" in line)
+    assert "largest clipped mean" in line and len(line) > 120  # one line, not cut at 80 columns
+    assert "epsilon" in done.stdout and "epsi…" not in done.stdout

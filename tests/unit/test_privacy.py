@@ -270,3 +270,15 @@ def test_fed_sb_s_init_release_is_charged_at_its_poisson_rate(make_config) -> No
         history: list = []
         gradient_init.client_share(worker, pid, num_examples=asked, history=history)
         assert history == [(plan.noise_multiplier, pytest.approx(rate), 1)]
+
+
+def test_the_noise_verdict_is_printed_only_when_it_holds() -> None:
+    """The header said "well above 1, few steps learn nothing" for a run that reached 1.000, whatever the ratio:
+    a per-step ratio of 8.8 over 100 steps averages to 0.88, under the signal."""
+    from fedlora.outputs.console import noise_verdict
+
+    assert noise_verdict(8.8, 100, "steps") == ""
+    assert noise_verdict(0.45, 10, "rounds") == ""
+    assert (
+        noise_verdict(8.8, 16, "steps") == "; over the run's 16 steps still 2.2 (> 1): the noise outweighs the signal"
+    )

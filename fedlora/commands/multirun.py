@@ -64,7 +64,7 @@ def multirun(overrides: list[str], *, sweep_dir: str | None, verbose: bool) -> i
     rows = ["| job | swept values | final accuracy | best accuracy | wall min |", "|---|---|---|---|---|"]
     finals: dict[int, float | None] = {}
     for i, (job, (cfg, dict_config)) in enumerate(zip(plan, composed, strict=True)):
-        console.print(f"job {i}/{len(plan) - 1}: {' '.join(job)}")
+        console.print(f"job {i + 1}/{len(plan)} (folder {i}): {' '.join(job)}")
         started = time.perf_counter()
         simulate(cfg, dict_config, overrides=[*job, f"output_dir={folder / str(i)}"], dry_run=False, verbose=verbose)
         accuracy = [float(r["test_accuracy"]) for r in read_metrics(folder / str(i) / METRICS) if r["test_accuracy"]]

@@ -53,6 +53,7 @@ def generate(folder: Path, prompts: Iterable[str], *, max_new_tokens: int = 64) 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = load_exported(folder).eval()
     for prompt in prompts:
+        prompt = prompt.replace("\\n", "\n")  # a shell passes "\n" as backslash-n: the user meant a new line
         ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = generate_ids(model, ids, max_new_tokens=max_new_tokens, eos=tokenizer.eos_token_id)

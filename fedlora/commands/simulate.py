@@ -176,6 +176,7 @@ def simulate(
 
     if cfg.simulation.num_gpus > 0 and not torch.cuda.is_available() and not cfg.simulation.ray_address:
         raise ConfigError("simulation.num_gpus > 0 but this machine has no CUDA GPU")
+    cfg_output_dir = cfg.output_dir
     cfg, out = output_folder(cfg, composed)
     check_writable(out)
     check_output(out, resume=cfg.server.resume, overwrite=overwrite or dry_run)
@@ -203,7 +204,10 @@ def simulate(
     if dry_run:
         from omegaconf import OmegaConf
 
+        composed.output_dir = cfg_output_dir  # as given: a dry run makes no folder
+        where = out if cfg_output_dir else "outputs/<date>/<time>"
         console.console.print(OmegaConf.to_yaml(composed))
+        console.console.print(f"dry run: the config is valid; nothing was trained or written (a run writes to {where})")
         return 0
     with lock(out):  # a second run into this folder stops here, before it writes anything
         if overwrite:

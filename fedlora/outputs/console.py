@@ -183,6 +183,9 @@ def show_privacy(worker: Worker) -> None:
         )
 
 
+MAX_LABEL_COLUMNS = 8  # more labels: each client's label count and largest label instead of a column each
+
+
 def show_partitions(worker: Worker) -> Any:
     """Per-client sizes and label counts, summarised on the console; the counts, (clients, labels)."""
     import numpy as np
@@ -197,13 +200,20 @@ def show_partitions(worker: Worker) -> Any:
     table.add_column("client", justify="right")
     table.add_column("examples", justify="right")
     names = worker.data.splits.label_names
-    for name in names:
-        table.add_column(name[:12], justify="right")
+    many = len(names) > MAX_LABEL_COLUMNS  # a column per label would be cut to unreadable "c…" columns
+    columns = ["labels held", "largest label (share)"] if many else [name[:12] for name in names]
+    for name in columns:
+        table.add_column(name, justify="right")
     shown = list(range(min(len(sizes), 8)))
     for i in shown:
-        table.add_row(str(i), str(sizes[i]), *map(str, counts[i]))
+        if many:
+            top = int(np.argmax(counts[i]))
+            cells = [f"{int((counts[i] > 0).sum())} of {len(names)}", f"{names[top]} ({counts[i][top] / sizes[i]:.0%})"]
+        else:
+            cells = list(map(str, counts[i]))
+        table.add_row(str(i), str(sizes[i]), *cells)
     if len(sizes) > len(shown):
-        table.add_row(f"... {len(sizes) - len(shown)} more", "", *[""] * len(names))
+        table.add_row(f"... {len(sizes) - len(shown)} more", "", *[""] * len(columns))
     console.print(table)
     console.print(
         f"examples per client: min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}  "

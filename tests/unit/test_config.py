@@ -196,3 +196,13 @@ def test_piped_output_keeps_each_line_whole() -> None:
     line = next(line for line in done.stdout.splitlines() if "noise/signal per step" in line)
     assert "largest clipped mean" in line and len(line) > 120  # one line, not cut at 80 columns
     assert "epsilon" in done.stdout and "epsi…" not in done.stdout
+
+
+def test_a_dry_run_says_nothing_was_trained_and_makes_no_folder(tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    assert main(["simulate", "--dry-run", "model=tiny", f"output_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "nothing was trained or written" in text and not out.exists()
+    assert main(["simulate", "--dry-run", "model=tiny"]) == 0
+    text = capsys.readouterr().out
+    assert "output_dir: null" in text and "outputs/<date>/<time>" in text  # not a dated folder it never makes

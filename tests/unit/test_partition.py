@@ -77,3 +77,21 @@ def test_string_and_sparse_labels_become_0_to_k_minus_1(tmp_path) -> None:
     assert splits.label_names == ("neg", "pos")
     assert splits.train.features["label"].dtype == "int64"
     assert sorted(set(splits.train["label"])) == [0, 1] and splits.test["label"] == [0, 1]
+
+
+def test_the_partition_table_summarises_clients_when_labels_are_many(capsys) -> None:
+    """14 labels made 14 columns cut to 'c…'; above 8 each client shows its label count and largest label."""
+    from types import SimpleNamespace
+
+    from fedlora.config.groups import PartitionConfig
+    from fedlora.outputs.console import show_partitions
+
+    names = tuple(f"category-{i}" for i in range(14))
+    labels = [i % 14 for i in range(280)]
+    parts = partition(labels, PartitionConfig(name="pathological", labels_per_client=2), num_partitions=10, seed=0)
+    splits = SimpleNamespace(train={"label": labels}, num_labels=14, label_names=names)
+    cfg = SimpleNamespace(partition=SimpleNamespace(name="pathological"), clients=10)
+    counts = show_partitions(SimpleNamespace(cfg=cfg, data=SimpleNamespace(splits=splits, partitions=parts)))
+    out = capsys.readouterr().out
+    assert "labels held" in out and "2 of 14" in out and "category-" in out and "c…" not in out
+    assert counts.shape == (10, 14)

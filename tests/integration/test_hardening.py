@@ -99,8 +99,13 @@ def honest(run_config: dict) -> ClientApp:
     return client_app.make_client_app(run_config)
 
 
-def attacker(run_config: dict, corrupt: Callable[[int, Records], Records | None]) -> ClientApp:
-    """A ClientApp that computes its honest reply, then ``corrupt(round, records)`` (None: it fails)."""
+def attacker(
+    run_config: dict,
+    corrupt: Callable[[int, Records], Records | None],
+    answer: Callable[[int, Message], Message] = lambda rnd, msg: msg,
+) -> ClientApp:
+    """A ClientApp that computes its honest reply, then ``corrupt(round, records)`` (None: it fails), sent as the
+    reply to ``answer(round, message)`` (default: the message it got)."""
     from fedlora.config.app import from_run_config
 
     app = ClientApp()
@@ -112,10 +117,11 @@ def attacker(run_config: dict, corrupt: Callable[[int, Records], Records | None]
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         reply = client_app.train(msg, context, from_run_config(run_config))
-        changed = corrupt(int(msg.content[records.CONFIG][records.SERVER_ROUND]), dict(reply.content.items()))
+        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+        changed = corrupt(rnd, dict(reply.content.items()))
         if changed is None:
             raise RuntimeError("the attacker's node fails")
-        return Message(RecordDict(changed), reply_to=msg)
+        return Message(RecordDict(changed), reply_to=answer(rnd, msg))
 
     return app
 
@@ -269,31 +275,21 @@ def test_a_replayed_or_stray_reply_is_rejected_and_never_waited_for(make_config,
     sleeps: list[float] = []
     real_sleep = collect.time.sleep
     monkeypatch.setattr(collect.time, "sleep", lambda s: (sleeps.append(s), real_sleep(0))[1])
-    kept: dict[str, object] = {}
-    app = ClientApp()
+    kept: dict[int, object] = {}
 
-    @app.query()
-    def _query(msg: Message, context: Context) -> Message:
-        return client_app.query(msg, context)
+    def replay(rnd: int, r: Records) -> Records:  # round 1's reply, sent again in round 2
+        kept.setdefault(rnd, r)
+        return kept[1] if rnd == 2 else r
 
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        from fedlora.config.app import from_run_config
-
-        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
-        reply = client_app.train(msg, context, from_run_config(run_config))
-        if rnd == 1:
-            kept["content"], kept["message"] = dict(reply.content.items()), msg
-            return reply
-        if rnd == 2:
-            return Message(RecordDict(kept["content"]), reply_to=msg)  # round 1's reply, replayed
-        return Message(reply.content, reply_to=kept["message"])  # a reply to an old round's message
+    def stray(rnd: int, msg: Message) -> Message:  # in round 3, the reply goes to round 1's message
+        kept.setdefault(-rnd, msg)
+        return kept[-1] if rnd == 3 else msg  # type: ignore[return-value]
 
     cfg = make_config("clients=3", "clients_per_round=3", "rounds=3", "server.round_timeout=600",
                       f"output_dir={tmp_path}")  # fmt: skip
     run_config = run_config_for(cfg)
     nodes = {p + 1: (honest(run_config), {records.PARTITION_ID: p, records.NUM_PARTITIONS: 3}) for p in range(2)}
-    nodes[3] = (app, {records.PARTITION_ID: 2, records.NUM_PARTITIONS: 3})
+    nodes[3] = (attacker(run_config, replay, stray), {records.PARTITION_ID: 2, records.NUM_PARTITIONS: 3})
     out = run_server(LocalGrid(nodes), cfg)
     rows = table(out)
     assert [r["replies_rejected"] for r in rows[1:]] == ["0", "1", "1"]

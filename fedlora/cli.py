@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]failed:[/] {err}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        from fedlora.federation.stopping import RESUME_HINT
+
+        err_console.print(f"interrupted; {RESUME_HINT}" if args.command == "simulate" else "interrupted")
         return 130
     log.debug("done in %.1f s", time.perf_counter() - started)
     return code

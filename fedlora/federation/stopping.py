@@ -11,12 +11,18 @@ driver makes SIGTERM a bare ``sys.exit``); see :func:`fedlora.flower.simulation`
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
 
 STOP = threading.Event()
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
+FIRST_CTRL_C = (
+    "\nstopping: the run stops once the clients' current round is in (the folder stays resumable); "
+    "Ctrl-C again to stop now\n"
+)
+RESUME_HINT = "the folder keeps every finished round: continue with the same overrides plus server.resume=true"
 
 
 class Interrupted(Exception):
@@ -34,6 +40,8 @@ class Signals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
         STOP.set()
+        if signum == signal.SIGINT:  # said at once: the stop itself waits for the server's next wait
+            os.write(2, FIRST_CTRL_C.encode())
 
     @property
     def exit_code(self) -> int:

@@ -276,3 +276,20 @@ def test_a_private_key_others_can_read_is_refused_with_the_fix(tmp_path, capsys)
             "--key", str(tmp_path / "node-0"), "--partition-id", "0", "--num-partitions", "1", "--print"]  # fmt: skip
     assert main(args) == 2 and "mode 0640" in capsys.readouterr().err
     assert main(["deploy", "superlink", "--certs", str(tmp_path), "--print"]) == 0
+
+
+def test_the_first_ctrl_c_says_at_once_what_happens_and_the_second_stops_now(capfd) -> None:
+    import signal
+
+    from fedlora.federation import stopping
+
+    signals = stopping.Signals()
+    stopping.STOP.clear()
+    try:
+        signals.handle(signal.SIGINT, None)
+        assert stopping.STOP.is_set() and signals.exit_code == 130
+        assert "Ctrl-C again to stop now" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            signals.handle(signal.SIGINT, None)
+    finally:
+        stopping.STOP.clear()

@@ -122,7 +122,8 @@ def render(path: Path) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     minutes = sum(r["wall_s"] for r in data["cells"].values()) / 60
-    lines += ["", f"{len(cells)} runs, {minutes:.0f} min of wall time in all; `{data.get('command', '?')}`."]
+    runs = f"{len(cells)} run" + ("s" if len(cells) != 1 else "")
+    lines += ["", f"{runs}, {minutes:.0f} min of wall time in all; `{data.get('command', '?')}`."]
     lines += [f"- {line}" for line in comparisons(cells)]
     return "\n".join(lines) + "\n"
 

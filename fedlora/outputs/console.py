@@ -58,7 +58,13 @@ def header(worker: Worker, out: Path) -> str:
 def round_line(row: dict[str, Any], rounds: int) -> str:
     acc = row.get("test_accuracy")
     parts = [f"round {row['round']}/{rounds}"]
-    parts.append(f"acc {acc:.4f} loss {row['test_loss']:.4f}" if acc is not None else "acc -")
+    loss, perplexity = row.get("test_loss"), row.get("test_perplexity")
+    if acc is not None:
+        parts.append(f"acc {acc:.4f} loss {loss:.4f}")
+    elif loss is not None:  # instruction data: no labels to score, the response loss and its perplexity
+        parts.append(f"loss {loss:.4f}" + (f" ppl {perplexity:.3g}" if perplexity is not None else ""))
+    else:
+        parts.append("not evaluated")
     if row.get("train_loss") is not None:
         parts.append(f"train {row['train_loss']:.4f}")
     if row.get("replies_expected"):

@@ -155,3 +155,12 @@ def test_bad_input_exits_2_with_one_line(overrides: list[str], message: str, tmp
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_the_round_line_of_instruction_data_shows_loss_and_perplexity() -> None:
+    from fedlora.outputs.console import round_line
+
+    row = {"round": 1, "test_accuracy": None, "test_loss": 2.5, "test_perplexity": 12.18, "wall_s": 3.0}
+    line = round_line(row, 2)
+    assert "loss 2.5000 ppl 12.2" in line and "acc -" not in line
+    assert "not evaluated" in round_line({"round": 1, "wall_s": 1.0}, 2)

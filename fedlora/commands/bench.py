@@ -80,6 +80,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from fedlora.commands.report import write_report
     from fedlora.commands.results import render
 
+    if not (RESULTS_DIR.parent.is_dir() and Path("pyproject.toml").is_file()):
+        raise ConfigError("fedlora bench runs from the repository's root (its results go to docs/results/)")
     results = RESULTS_DIR / f"{args.name}.json"
     out = (args.out or Path("sweeps") / f"bench_{args.name}").resolve()
     run_grid(args, name="privacy", preset=args.name, out=out, results=results)

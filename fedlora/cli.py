@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]failed:[/] {err}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        from fedlora.federation.stopping import RESUME_HINT
+        from fedlora.commands.simulate import RESUME_HINT
 
         err_console.print(f"interrupted; {RESUME_HINT}" if args.command == "simulate" else "interrupted")
         return 130

@@ -67,6 +67,9 @@ def check_aggregated(out: Path, min_replies: int) -> None:
         )
 
 
+RESUME_HINT = "the folder keeps every finished round: continue with the same overrides plus server.resume=true"
+
+
 def interrupted_message(out: Path, rounds: int) -> str:
     """Where a stopped run stands and how to continue it."""
     done = read_metrics(out / METRICS) if (out / METRICS).is_file() else []

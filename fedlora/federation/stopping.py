@@ -22,7 +22,6 @@ FIRST_CTRL_C = (
     "\nstopping: the run stops once the clients' current round is in (the folder stays resumable); "
     "Ctrl-C again to stop now\n"
 )
-RESUME_HINT = "the folder keeps every finished round: continue with the same overrides plus server.resume=true"
 
 
 class Interrupted(Exception):

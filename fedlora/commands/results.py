@@ -46,10 +46,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cell_key(cell: Cell) -> str:
-    return cell.name
-
-
 def cell_record(cell: Cell, folder: Path, *, wall_s: float) -> dict[str, Any]:
     """One finished cell, compact: identity, every round's kept metrics, wall time, flat config."""
     rows = [
@@ -77,12 +73,12 @@ class ResultsFile:
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"cells": {}}
 
     def done(self, cell: Cell) -> bool:
-        return cell_key(cell) in self.data["cells"]
+        return cell.name in self.data["cells"]
 
     def add(self, cell: Cell, record: dict[str, Any], *, name: str, command: str, overrides: list[str]) -> None:
         self.data.update(name=name, command=command, overrides=overrides, versions=versions())
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.data["cells"][cell_key(cell)] = record
+        self.data["cells"][cell.name] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")

@@ -11,11 +11,14 @@ from strategies.fedavg import FedAvg
 from strategies.fedex import FedEx
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALora
+from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoraFair
+from strategies.rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB, FLoRA, LoraFair, FedEx)
+    cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB, FLoRA, LoraFair, FedEx, RoLoRA, FlexLoRA, HetLoRA)
 }
 
 

@@ -175,6 +175,7 @@ class Strategy:
     server_optimizer_note: ClassVar[str] = ""
     # Whether server.aggregation (a robust mean) applies: everything the server combines is an average.
     robust_aggregation: ClassVar[bool] = True
+    robust_note: ClassVar[str] = "it combines the clients' adapters exactly (stacking or an exact residual)"
     # Whether privacy=user (strategies.user_dp) applies: the server step is an average of the clients'
     # payloads, so a sum of clipped updates has sensitivity C; else why not (user_dp_note).
     user_level_dp: ClassVar[bool] = True
@@ -216,8 +217,12 @@ class Strategy:
         return received
 
     def trainable(self, key: AdapterKey) -> bool:
-        """Whether clients train (and so send) this LoRA tensor. Default: A and B."""
+        """Whether clients train (and so send) this LoRA tensor in some round. Default: A and B."""
         return True
+
+    def trains(self, key: AdapterKey, *, server_round: int) -> bool:
+        """Whether they train it in ``server_round`` (RoLoRA alternates). Default: ``trainable``."""
+        return self.trainable(key)
 
     def payload(self, trained: Tensors) -> Tensors:
         """What a client sends, given the tensors it trained this round. Default: all of them."""

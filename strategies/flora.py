@@ -12,12 +12,9 @@ folds it into the base weights: W0 <- W0 + s B A. The stacked rank is the sum of
 the ranks of the clients that replied this round. There is no global adapter to
 average: a trained head (``train.head=train``) is averaged as in FedAvg.
 
-Heterogeneous ranks (``client_ranks``): the model is built with the largest rank
-and a client of rank r_k < r_max zeroes A's rows and B's columns beyond r_k (they
-then get zero gradients) and sends only its first r_k. The scale s = alpha / r
-(``lora.alpha / lora.rank``) is the same for every client and the server, as the
-authors intend (alpha_k = 2 r_k, s = 2); scaling each client by alpha / r_k
-instead is the inconsistency their users reported.
+Heterogeneous ranks (``client_ranks``, ``strategies/ranks.py``): the model is built with the
+largest rank, a client of rank r_k trains and sends its first r_k directions, and the scale
+s = alpha / r is the same for every client and the server.
 
 Where this differs from the authors' code: they hard-code the stacked rank as
 rank * num_clients, which breaks under partial participation (here it is the sum
@@ -30,7 +27,6 @@ accumulated delta when that is smaller (``fedlora/federation/folding.py``).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,48 +36,21 @@ from fedlora.lora import LORA_ROLES, Role, Tensors
 from strategies.base import (
     Combine,
     Strategy,
-    StrategyConfig,
     average_payloads,
     by_role,
     kaiming_a,
     stack,
     weighted_mean,
 )
-
-RANK_RULES = ("cycle", "random")
+from strategies.ranks import HeterogeneousRanks, RankedConfig
 
 
 @dataclass(frozen=True)
-class FLoRAConfig(StrategyConfig):
-    """``client_ranks``: empty (every client trains ``lora.rank``) or ranks such as ``[2,4,8,16]``;
-    ``rank_rule``: ``cycle`` gives partition i rank ``client_ranks[i % len]``, ``random`` a draw
-    seeded by (``rank_seed``, i)."""
-
-    client_ranks: str = ""
-    rank_rule: str = "cycle"
-    rank_seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rank_rule not in RANK_RULES:
-            raise ValueError(f"strategy.rank_rule must be one of {list(RANK_RULES)}, got {self.rank_rule!r}")
-        object.__setattr__(self, "client_ranks", ",".join(map(str, self.ranks())))  # [2, 4] -> "2,4"
-
-    def ranks(self) -> tuple[int, ...]:
-        """The rank list (empty when homogeneous)."""
-        text = str(self.client_ranks).strip().strip("[]()").replace(" ", "")
-        try:
-            ranks = tuple(int(part) for part in text.split(",") if part)
-        except ValueError:
-            raise ValueError(
-                f"strategy.client_ranks must be ranks such as [2,4,8], got {self.client_ranks!r}"
-            ) from None
-        if any(r < 1 for r in ranks):
-            raise ValueError(f"strategy.client_ranks must be >= 1, got {list(ranks)}")
-        return ranks
+class FLoRAConfig(RankedConfig):
+    """FLoRA's settings are the heterogeneous ranks' (``strategies.ranks.RankedConfig``)."""
 
 
-class FLoRA(Strategy):
+class FLoRA(HeterogeneousRanks, Strategy):
     """Stack the clients' adapters, fold them into the base weights, start afresh."""
 
     name = "flora"
@@ -97,23 +66,6 @@ class FLoRA(Strategy):
         "flora's server step stacks the clients' adapters and folds them into W0; "
         "it is not an average of updates for a server optimiser to step on"
     )
-
-    @classmethod
-    def model_rank(cls, config: FLoRAConfig, *, rank: int) -> int:
-        return max(config.ranks(), default=rank)
-
-    @classmethod
-    def lora_alpha(cls, config: FLoRAConfig, *, rank: int, alpha: float) -> float:
-        """s = alpha / rank on every client, whatever the model's (largest) rank."""
-        return alpha / rank * cls.model_rank(config, rank=rank)
-
-    def client_rank(self, partition_id: int, *, rank: int) -> int:
-        ranks = self.config.ranks()
-        if not ranks:
-            return rank
-        if self.config.rank_rule == "random":
-            return random.Random(f"flora-rank:{self.config.rank_seed}:{partition_id}").choice(ranks)
-        return ranks[partition_id % len(ranks)]
 
     def initial_state(self, adapters: Tensors, *, generator: torch.Generator) -> Tensors:
         """B = 0: the global model is the merged base weights (plus a head), no adapter on top."""

@@ -119,8 +119,8 @@ class RunConfig:
         )
         require(
             self.server.aggregation == "mean" or cls.robust_aggregation,
-            f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: it combines the "
-            "clients' adapters exactly (stacking or an exact residual), not by an average",
+            f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: {cls.robust_note}, "
+            "not by an average",
         )
         if self.privacy.user_level:
             self._check_user_level(cls)

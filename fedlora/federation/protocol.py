@@ -28,6 +28,14 @@ class Protocol:
             k for k in initial if (strategy.trainable(k) if k.role in LORA_ROLES else train_head)
         )
 
+    def trained_in(self, server_round: int) -> frozenset[AdapterKey]:
+        """The tensors clients train (and send) in ``server_round``: ``trainable`` less what the strategy
+        freezes that round (RoLoRA's other factor)."""
+        strategy = self.strategy
+        return frozenset(
+            k for k in self.trainable if k.role not in LORA_ROLES or strategy.trains(k, server_round=server_round)
+        )
+
     def download(self, state: Tensors) -> Tensors:
         """What the server broadcasts: the strategy's choice, less a frozen head (clients have it)."""
         down = self.strategy.broadcast(state)
@@ -52,5 +60,5 @@ class Protocol:
         trainable set), and its values are where the client's change is measured from.
         """
         begin = self.initial | self.start(partition_id, state, server_round=server_round)
-        trained = {k: begin[k] for k in self.trainable}
+        trained = {k: begin[k] for k in self.trained_in(server_round)}
         return self.strategy.payload(self.rank_mask(partition_id).view(trained))

@@ -70,12 +70,13 @@ def train_round(
     adapted.load(protocol.start(partition_id, received, server_round=server_round))
     mask = protocol.rank_mask(partition_id)
     mask.apply(params)
-    lora.set_trainable(params, protocol.trainable)
+    trainable = protocol.trained_in(server_round)
+    lora.set_trainable(params, trainable)
     seed = seed_of(Stream.LOCAL_BATCHES, cfg.seed, server_round=server_round, client=partition_id)
     private = cfg.privacy.enabled  # DP-SGD cuts its Poisson batches itself (privacy.max_physical_batch_size)
     batches = data.shuffled(examples, seed=seed, micro=not private)
     lr = round_lr(cfg.train, server_round, cfg.rounds)
-    optimizer = make_optimizer(cfg.train, [params[k] for k in sorted(protocol.trainable)], lr=lr)
+    optimizer = make_optimizer(cfg.train, [params[k] for k in sorted(trainable)], lr=lr)
     train = partial(
         train_steps,
         steps=local_steps(cfg.train, len(examples)),
@@ -93,7 +94,7 @@ def train_round(
         else:
             loss_fn = _loss(data, None, data.label_offset(partition_id))
             result, noised_count = train(adapted.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer), None
-    trained = lora.read({k: params[k] for k in protocol.trainable})  # copy only what was trained
+    trained = lora.read({k: params[k] for k in trainable})  # copy only what was trained
     exact = not private or cfg.privacy.public_counts
     return strategy.payload(mask.view(trained)), len(examples) if exact else noised_count, result
 

@@ -41,7 +41,7 @@ def human_bytes(n: float) -> str:
 def header(worker: Worker, out: Path) -> str:
     """The run in one line: strategy, model and what trains, data, federation, output folder."""
     cfg, splits = worker.cfg, worker.data.splits
-    trainable = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
+    trainable = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trained_in(1))
     adapter_ids = {id(p) for p in worker.adapted.params.values()}
     total = sum(p.numel() for p in worker.adapted.model.parameters() if id(p) not in adapter_ids)  # the base model
     ranks = sorted({worker.adapted.protocol.rank_mask(pid).rank for pid in range(cfg.clients)})
@@ -126,7 +126,7 @@ def show_user_privacy(worker: Worker) -> None:
         err_console.print(f"[bold red]warning:[/] {UNSAFE_WARNING}", highlight=False, soft_wrap=True)
     dp = UserLevelDP(cfg)
     randomness = "NOT PRIVATE (seeded)" if cfg.privacy.unsafe_seeded_randomness else "private (OS entropy)"
-    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
+    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trained_in(1))
     ratio = dp.z_update * d**0.5 / dp.expected
     console.print(f"privacy=user ({cfg.privacy.accountant}): {dp.header()}; cohort and noise: {randomness}")
     console.print(
@@ -165,7 +165,7 @@ def show_privacy(worker: Worker) -> None:
     if weighting == "examples":
         weighting += " (declared public)" if cfg.privacy.public_counts else " (noised label counts)"
     # Per step the mean of clipped gradients has norm <= C; the noise on it has norm sigma C sqrt(d) / B.
-    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trainable)
+    d = sum(worker.adapted.params[k].numel() for k in worker.adapted.protocol.trained_in(1))
     ratio = [p.noise_multiplier * d**0.5 / (p.sample_rate * len(worker.data.rows(pid))) for pid, p in enumerate(plans)
              if p.rounds or p.init_release]  # fmt: skip
     console.print(

@@ -188,6 +188,25 @@ def test_flora_stacks_heterogeneous_ranks_and_catches_nodes_up(tmp_path: Path) -
     assert float(table[3]["test_loss"]) > 0
 
 
+@pytest.mark.parametrize("strategy", ["flexlora", "hetlora"])
+def test_heterogeneous_rank_strategies_send_each_clients_share_and_receive_the_largest_rank(
+    strategy: str, tmp_path: Path
+) -> None:
+    """Ranks 1, 2, 3 cycled over partitions, the model at rank 3: client k sends r_k (d_in + d_out) per weight
+    and receives the full rank-3 adapter; FlexLoRA logs what its truncation to rank 3 loses."""
+    ranks = [1, 2, 3]
+    run = [*TINY_RUN, f"strategy={strategy}", "strategy.client_ranks=[1,2,3]", "lora.rank=2"]
+    simulate(run, tmp_path, ray=False)
+    table = rows(tmp_path)
+    for rnd in (1, 2):
+        row = table[rnd]
+        assert int(row["numbers_up"]) == sum(MODULES * ranks[pid % 3] * 2 * D + HEAD for pid in sampled(rnd))
+        assert int(row["numbers_down"]) == 3 * (MODULES * 3 * 2 * D + HEAD)
+        assert (float(row["truncation"]) > 0) if strategy == "flexlora" else "truncation" not in row
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {tuple(v.shape) for k, v in adapter.items() if "lora_A" in k} == {(3, D)}
+
+
 @pytest.mark.parametrize("strategy", ["fedex", "flora"])
 def test_folding_strategies_send_the_dense_delta_when_it_is_smaller(strategy: str, tmp_path: Path) -> None:
     """At r = 8 a round's factors (rank 24 for FLoRA, 32 for FedEx) outweigh the 32 x 32 delta."""

@@ -23,6 +23,7 @@ from typing import Any
 from fedlora.config.federated import PrivacyConfig
 from fedlora.config.groups import PartitionConfig
 from fedlora.config.run import RunConfig
+from fedlora.learning.model import set_threads
 from fedlora.learning.train import local_steps
 from fedlora.learning.worker import Worker
 from fedlora.outputs.checkpoint import save_checkpoint
@@ -45,6 +46,7 @@ def steps_per_round(cfg: RunConfig, train_size: int) -> int:
 
 def run_centralised(cfg: RunConfig, out: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train ``cfg`` (already plain LoRA, see :func:`overrides_for`) on the pooled data; outputs in ``out``."""
+    set_threads(cfg.simulation.num_cpus)  # as many as one client owns: the same steps, pooled
     probe = Worker(cfg, num_partitions=1)
     steps = steps_per_round(cfg, len(probe.data.splits.train))
     pooled = dataclasses.replace(

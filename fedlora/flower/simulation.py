@@ -36,6 +36,8 @@ def run_flower_simulation(
     """
     from flwr.simulation import run_simulation
 
+    from fedlora.learning.model import set_threads
+
     run_config = run_config_for(cfg)
     init_args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if cfg.simulation.ray_address:
@@ -44,6 +46,7 @@ def run_flower_simulation(
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
     }
+    set_threads(cfg.simulation.num_cpus)  # the server's evaluation, beside the clients
     init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
     with stop_on_signals() as signals:
         try:

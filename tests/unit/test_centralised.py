@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlora.commands.centralised import overrides_for, run_centralised
 from fedlora.config.compose import compose
 from fedlora.learning import client_round
+from fedlora.learning.model import set_threads
 from fedlora.outputs.metrics import read_metrics
 from tests.conftest import TINY
 
@@ -26,11 +28,31 @@ def test_it_takes_as_many_optimizer_steps_as_the_federated_run(tmp_path: Path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(client_round, "train_steps", counting)
-    run_centralised(cfg, tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_centralised(cfg, tmp_path)
+        assert torch.get_num_threads() == 1  # simulation.num_cpus, what one client owns; not one per core
+    finally:
+        torch.set_num_threads(threads)
     assert steps == [3 * 4, 3 * 4]  # per round: clients per round x local steps; rounds: the federated run's
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["round"] for r in rows] == ["0", "1", "2"] and all(r["test_accuracy"] for r in rows)
     assert float(rows[2]["train_loss"]) > 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("env", "cpus", "expected"), [(None, 1.0, 1), (None, 2.5, 2), ("3", 1.0, 3), ("x", 2, 2)])
+def test_threads_are_the_cpus_a_process_owns_or_what_the_user_set(monkeypatch, env, cpus, expected) -> None:
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    threads = torch.get_num_threads()
+    try:
+        assert set_threads(cpus) == expected == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from strategies.base import Strategy, StrategyConfig
 from strategies.fed_sb import FedSB
 from strategies.fedavg import FedAvg
 from strategies.fedex import FedEx
+from strategies.fedsa_lora import FedSALora
 from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALora
 from strategies.flexlora import FlexLoRA
@@ -18,7 +19,8 @@ from strategies.lora_fair import LoraFair
 from strategies.rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FFALora, FedSVD, FedSB, FLoRA, LoraFair, FedEx, RoLoRA, FlexLoRA, HetLoRA)
+    cls.name: cls
+    for cls in (FedAvg, FFALora, FedSVD, FedSB, FLoRA, LoraFair, FedEx, RoLoRA, FlexLoRA, HetLoRA, FedSALora)
 }
 
 

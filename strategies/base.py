@@ -22,11 +22,8 @@ A method's extra steps are declared here and carried out elsewhere, once:
   ``fedlora.learning.gradient_init`` runs it and calls ``initialise``.
 - ``client_rank``: the rank each client trains (FLoRA's heterogeneous ranks;
   ``fedlora.lora.RankMask`` applies it); ``start``: what a client loads at the start
-  of a round (FLoRA's fresh adapter); ``prepare_model``: changes to the peft model
-  (Fed-SB's R between A and B).
-
-(The seeded draw is ``initial_state``, a client's per-round draw ``start``, and the one change
-to the model ``prepare_model``, so that loading a state is the same ``lora.write`` for all.)
+  of a round (FLoRA's fresh adapter); ``personal``: tensors a client trains and keeps
+  (FedSA-LoRA's B); ``prepare_model``: changes to the peft model (Fed-SB's R).
 
 Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
 A (r, d_in), s = alpha / r; client k holds n_k examples.
@@ -223,6 +220,10 @@ class Strategy:
     def trains(self, key: AdapterKey, *, server_round: int) -> bool:
         """Whether they train it in ``server_round`` (RoLoRA alternates). Default: ``trainable``."""
         return self.trainable(key)
+
+    def personal(self, key: AdapterKey) -> bool:
+        """Whether a client keeps this LoRA tensor to itself between rounds (FedSA-LoRA's B). Default: no."""
+        return False
 
     def payload(self, trained: Tensors) -> Tensors:
         """What a client sends, given the tensors it trained this round. Default: all of them."""

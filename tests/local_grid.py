@@ -53,14 +53,19 @@ class LocalGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_in_process(cfg) -> Path:
-    """``cfg``'s run on the real ServerApp and one fedlora ClientApp per partition, in this process."""
+def grid_for(cfg) -> LocalGrid:
+    """One fedlora ClientApp per partition of ``cfg``, node ids 1.. in partition order."""
     from fedlora.config.app import run_config_for
     from fedlora.flower import records
     from fedlora.flower.client_app import make_client_app
-    from fedlora.flower.server_app import run_server
 
     app = make_client_app(run_config_for(cfg))
     config = {records.NUM_PARTITIONS: cfg.clients}
-    nodes = {pid + 1: (app, {records.PARTITION_ID: pid, **config}) for pid in range(cfg.clients)}
-    return run_server(LocalGrid(nodes), cfg)
+    return LocalGrid({pid + 1: (app, {records.PARTITION_ID: pid, **config}) for pid in range(cfg.clients)})
+
+
+def run_in_process(cfg, grid: LocalGrid | None = None) -> Path:
+    """``cfg``'s run on the real ServerApp and one fedlora ClientApp per partition (or ``grid``), in this process."""
+    from fedlora.flower.server_app import run_server
+
+    return run_server(grid or grid_for(cfg), cfg)

@@ -153,6 +153,8 @@ class TrainConfig:
     logit_adjustment: Optional[float] = None
     eval_batch_size: int = 64
     eval_every: int = 1  # central evaluation every k rounds (and always after the last); 0: never
+    # each node's model on its own test shard when the central evaluation is due (classification, no DP)
+    personal_eval: bool = True
 
     def __post_init__(self) -> None:
         require(

@@ -27,6 +27,10 @@ class Protocol:
         self.trainable: frozenset[AdapterKey] = frozenset(
             k for k in initial if (strategy.trainable(k) if k.role in LORA_ROLES else train_head)
         )
+        # What a client keeps between rounds and never sends (FedSA-LoRA's B).
+        self.personal: frozenset[AdapterKey] = frozenset(
+            k for k in initial if k.role in LORA_ROLES and strategy.personal(k)
+        )
 
     def trained_in(self, server_round: int) -> frozenset[AdapterKey]:
         """The tensors clients train (and send) in ``server_round``: ``trainable`` less what the strategy
@@ -48,10 +52,17 @@ class Protocol:
         rank = self.strategy.client_rank(partition_id, rank=self.model_rank)
         return RankMask(rank, self.model_rank)
 
-    def start(self, partition_id: int, received: Tensors, *, server_round: int) -> Tensors:
-        """What the client loads before training: the strategy's start from ``received``, seeded per (round, client)."""
+    def start(
+        self, partition_id: int, received: Tensors, *, server_round: int, personal: Tensors | None = None
+    ) -> Tensors:
+        """What the client loads before training: the strategy's start from ``received``, seeded per (round, client).
+
+        The strategy's personal tensors come from ``personal`` (the node's own, kept between rounds),
+        else from the initial state: a client sampled for the first time.
+        """
+        mine = {k: self.initial[k] for k in self.personal} | (personal or {})
         g = generator(Stream.CLIENT_START, self.seed, server_round=server_round, client=partition_id)
-        return self.strategy.start(received, like=self.initial, generator=g)
+        return self.strategy.start(received | mine, like=self.initial, generator=g)
 
     def expected_reply(self, partition_id: int, state: Tensors, *, server_round: int) -> Tensors:
         """The payload the client would send had it not trained, from the server's full ``state``.

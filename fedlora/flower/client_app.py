@@ -42,6 +42,10 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             quiet_libraries()
         return train(msg, context, from_run_config(run_config if run_config is not None else context.run_config))
 
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, from_run_config(run_config if run_config is not None else context.run_config))
+
     return app
 
 
@@ -102,8 +106,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         if base is not None:  # the server checks that this node trained on its base weights
             metrics[records.BASE_DIGEST] = records.digest_number(base)
         payload, num_examples, result = worker.train_round(
-            pid, received, server_round=server_round, base=base, history=history
+            pid, received, server_round=server_round, base=base, history=history, personal=personal_tensors(context)
         )
+        if worker.adapted.protocol.personal:  # kept for this node's next round; never in the reply
+            context.state[records.PERSONAL] = records.to_record(worker.adapted.personal())
         if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client
             metrics[records.TRAIN_LOSS] = result.mean_loss
         if cfg.strategy.weighting == "examples":  # under DP: the noised count, or the exact one if declared public
@@ -114,6 +120,23 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         metrics[records.EPSILON] = worker.privacy_plan(pid).spent(ledger.history)
     content[records.ARRAYS] = records.to_record(payload)
     return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Personalised evaluation: the model this node would train from, on its test shard (two numbers back)."""
+    config = msg.content[records.CONFIG]
+    cfg = cfg.with_clients(int(config.get(records.CLIENTS, cfg.clients)))
+    worker = node_worker(msg, context, cfg)
+    pid = int(context.node_config[records.PARTITION_ID])
+    received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
+    base = base_delta(msg, context, scaling=worker.strategy.scaling)
+    result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context))
+    metrics = MetricRecord({
+        records.PARTITION_ID: pid, records.ROUND_NONCE: int(config[records.ROUND_NONCE]),
+        records.PERSONAL_ACCURACY: float(result.get("accuracy", 0.0)),
+        records.PERSONAL_EXAMPLES: int(result["examples"]),
+    })  # fmt: skip
+    return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
 
 
 app = make_client_app()
@@ -137,6 +160,11 @@ class Ledger:
 
     def save(self) -> None:
         self.context.state[records.PRIVACY] = records.ledger_record(self.history)
+
+
+def personal_tensors(context: Context) -> Tensors | None:
+    """This node's personal tensors (FedSA-LoRA's B) from its state; None before its first round."""
+    return records.from_record(context.state[records.PERSONAL]) if records.PERSONAL in context.state else None
 
 
 def fixed_tensors(msg: Message, context: Context) -> Tensors:

@@ -27,9 +27,11 @@ def train_messages(
     fold_log: FoldLog,
     stats: RoundStats,
     ttl: float,
+    message_type: str = MessageType.TRAIN,
 ) -> list[Outgoing]:
     """A training message per (partition, node): ``download`` and ``config`` for all, the fold update
-    each node's base version needs, ``fixed`` where the node does not hold it yet."""
+    each node's base version needs, ``fixed`` where the node does not hold it yet. (``message_type``
+    ``evaluate``: the same, for the personalised evaluation of the model each node would use.)"""
     server_round = config[records.SERVER_ROUND]
     arrays = records.to_record(download)
     fixed_record = records.to_record(fixed) if fixed else None
@@ -58,7 +60,7 @@ def train_messages(
         if carries_fixed:
             content[records.FIXED] = fixed_record
             stats.add_down(fixed_size)
-        message = Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN, ttl=ttl)
+        message = Message(content, dst_node_id=node.node_id, message_type=message_type, ttl=ttl)
         outgoing.append(Outgoing(pid, message, carries_fixed=carries_fixed, base_version=update.end))
     return outgoing
 

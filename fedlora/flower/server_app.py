@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 
 from fedlora.config.app import from_run_config
 from fedlora.config.run import ConfigError, RunConfig
+from fedlora.flower import personal_eval
 from fedlora.flower.discovery import FederationError, discover_partitions
 from fedlora.flower.init_round import gradient_round
+from fedlora.flower.personal_eval import personal_round
 from fedlora.flower.rounds import FlowerRounds
 from fedlora.learning import gradient_init
 from fedlora.learning.worker import Worker, get_worker
@@ -145,9 +147,11 @@ def _run_server(
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
         initialise(grid, rounds, worker)
+    personal = cfg.train.personal_eval and not cfg.privacy.any and cfg.task == "classification"
+    personal_columns = personal_eval.COLUMNS if personal else ()
     metrics = MetricsLog(
         out / METRICS,
-        columns(cfg.privacy, (*worker.task.metric_columns, *worker.strategy.metric_columns)),
+        columns(cfg.privacy, (*worker.task.metric_columns, *personal_columns, *worker.strategy.metric_columns)),
         resume_after=resumed,
         trackers=open_trackers(cfg.trackers, out, cfg.to_flat()),
     )
@@ -159,6 +163,8 @@ def _run_server(
         due = every > 0 and (server_round % every == 0 or server_round == cfg.rounds)
         base = rounds.fold_log.delta
         evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
+        if due and personal:
+            evaluation |= personal_round(rounds, grid, server_round)
         save_checkpoint(out, rounds.state | base, server_round=server_round, meta=checkpoint_meta(rounds))
         if moments := rounds.server_opt.state_tensors():
             save_tensors(out / SERVER_OPTIMIZER, moments)

@@ -52,6 +52,10 @@ class AdaptedModel:
         """Load the tensors the server sent into the model."""
         lora.write(self.params, received)
 
+    def personal(self) -> Tensors:
+        """The strategy's personal tensors as the model holds them now (after a client's round: that client's)."""
+        return lora.read({k: self.params[k] for k in self.protocol.personal})
+
     @torch.no_grad()
     def set_base(self, delta: Tensors) -> None:
         """W = W0 + D for every adapted module (D keyed by ``Role.BASE``; missing: W0).

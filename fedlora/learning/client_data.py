@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedlora.config.run import RunConfig
-from fedlora.learning.data import Splits, load_splits, partition
+from fedlora.learning.data import Splits, label_counts, load_splits, partition, shard_test_split
 from fedlora.learning.model import model_folder
 from fedlora.learning.tasks import Task
 from fedlora.learning.train import MicroBatches
@@ -54,6 +54,29 @@ class ClientData:
         train = self.cfg.train
         return self.task.evaluation_data(
             self.splits.test, self.tokenizer, max_len=train.max_seq_len, labels=self.splits.label_names,
+            batch_size=train.eval_batch_size,
+        )  # fmt: skip
+
+    @cached_property
+    def test_shards(self) -> list[list[int]]:
+        """Each client's share of the test split in its partition's label mix (:func:`.data.shard_test_split`)."""
+        labels = self.splits.train["label"] if "label" in self.splits.train.column_names else None
+        if labels is None:  # instruction records: one mix
+            n = len(self.splits.test)
+            return [list(range(n))[k :: self.num_partitions] for k in range(self.num_partitions)]
+        counts = label_counts(labels, self.partitions, len(self.splits.label_names))
+        return shard_test_split(counts, self.splits.test["label"], seed=self.cfg.seed)
+
+    def test_shard(self, partition_id: int) -> list[int]:
+        """Client ``partition_id``'s rows of the test split (a node's own file: its labels' test rows)."""
+        return self.test_shards[0 if self.num_partitions == 1 else partition_id]
+
+    def personal_test_batches(self, partition_id: int) -> Any:
+        """What the task evaluates client ``partition_id``'s model on: its test shard."""
+        rows = self.test_shard(partition_id)
+        train = self.cfg.train
+        return self.task.evaluation_data(
+            self.splits.test.select(rows), self.tokenizer, max_len=train.max_seq_len, labels=self.splits.label_names,
             batch_size=train.eval_batch_size,
         )  # fmt: skip
 

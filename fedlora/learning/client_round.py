@@ -55,6 +55,7 @@ def train_round(
     base: Tensors | None = None,
     history: list[Step] | None = None,
     plan: ClientPlan | None = None,
+    personal: Tensors | None = None,
 ) -> tuple[Tensors, int | None, LocalResult]:
     """Load ``received`` (and base delta ``base``), train the partition; (payload, num_examples, result).
 
@@ -62,12 +63,13 @@ def train_round(
     history, kept by the caller between rounds) is extended by this round's steps; the caller
     checks the budget first (:meth:`ClientPlan.affords`). ``num_examples`` is then the sum of the
     round's noised label counts (None without logit adjustment), unless ``privacy.public_counts``
-    declares the exact count public.
+    declares the exact count public. ``personal``: the node's own kept tensors (FedSA-LoRA's B; see
+    :meth:`AdaptedModel.personal`), missing on a client's first round.
     """
     protocol, params, strategy = adapted.protocol, adapted.params, adapted.protocol.strategy
     examples = data.tokenised(partition_id)
     adapted.set_base(base or {})
-    adapted.load(protocol.start(partition_id, received, server_round=server_round))
+    adapted.load(protocol.start(partition_id, received, server_round=server_round, personal=personal))
     mask = protocol.rank_mask(partition_id)
     mask.apply(params)
     trainable = protocol.trained_in(server_round)

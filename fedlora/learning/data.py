@@ -249,3 +249,31 @@ def label_skew(counts: np.ndarray) -> float:
     global_mix = counts.sum(0) / counts.sum()
     client_mix = counts / counts.sum(1, keepdims=True)
     return float(0.5 * np.abs(client_mix - global_mix).sum(1).mean())
+
+
+def shard_test_split(counts: np.ndarray, test_labels: list[int], *, seed: int) -> list[list[int]]:
+    """Each client's share of the test split, in the label mix of its training partition.
+
+    ``counts``: the (clients, labels) training counts (:func:`label_counts`). Each label's test rows,
+    shuffled with ``seed``, are dealt to the clients in proportion to their training examples of that
+    label (largest remainders, ties to the lower client id): the shards are disjoint, every client's
+    label mix follows its partition's, and a label no client trained on is left out. With one client
+    (a node's own data), the whole test split.
+    """
+    y = np.asarray(test_labels if isinstance(test_labels, list | np.ndarray) else list(test_labels))
+    counts = np.asarray(counts, dtype=np.float64)
+    shards: list[list[int]] = [[] for _ in range(len(counts))]
+    rng = np.random.default_rng(seed)
+    for label in range(counts.shape[1]):
+        rows = np.flatnonzero(y == label)
+        rng.shuffle(rows)
+        weight = counts[:, label]
+        if weight.sum() == 0 or len(rows) == 0:
+            continue
+        exact = len(rows) * weight / weight.sum()
+        dealt = np.floor(exact).astype(int)
+        for k in np.argsort(-(exact - dealt), kind="stable")[: len(rows) - dealt.sum()]:
+            dealt[k] += 1
+        for k, (start, stop) in enumerate(zip(np.cumsum(dealt) - dealt, np.cumsum(dealt), strict=True)):
+            shards[k].extend(rows[start:stop].tolist())
+    return [sorted(shard) for shard in shards]

@@ -106,13 +106,29 @@ class Worker:
         server_round: int,
         base: Tensors | None = None,
         history: list[Step] | None = None,
+        personal: Tensors | None = None,
     ) -> tuple[Tensors, int | None, LocalResult]:
         """:func:`fedlora.learning.client_round.train_round` on this process's data and model."""
         plan = self.privacy_plan(partition_id) if self.cfg.privacy.enabled and history is not None else None
         return client_round.train_round(
             self.cfg, self.data, self.adapted, partition_id, received,
-            server_round=server_round, base=base, history=history, plan=plan,
+            server_round=server_round, base=base, history=history, plan=plan, personal=personal,
         )  # fmt: skip
+
+    def evaluate_personal(
+        self, partition_id: int, received: Tensors, *, base: Tensors | None = None, personal: Tensors | None = None
+    ) -> dict[str, float]:
+        """Client ``partition_id``'s model on its test shard: what it would start a round from (``received``
+        at its rank, its ``personal`` tensors, base delta ``base``); the task's metrics and ``examples``."""
+        protocol = self.adapted.protocol
+        self.adapted.set_base(base or {})
+        self.adapted.load(protocol.start(partition_id, received, server_round=0, personal=personal))
+        protocol.rank_mask(partition_id).apply(self.adapted.params)
+        examples = len(self.data.test_shard(partition_id))
+        if not examples:
+            return {"examples": 0}
+        batches = self.data.personal_test_batches(partition_id)
+        return self.task.evaluate(self.adapted.model, batches, self.device) | {"examples": examples}
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""

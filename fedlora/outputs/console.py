@@ -61,6 +61,8 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     loss, perplexity = row.get("test_loss"), row.get("test_perplexity")
     if acc is not None:
         parts.append(f"acc {acc:.4f} loss {loss:.4f}")
+        if row.get("personal_accuracy") is not None:  # each client's model on its own test shard
+            parts.append(f"personal {row['personal_accuracy']:.4f} worst 10% {row['personal_worst10']:.4f}")
     elif loss is not None:  # instruction data: no labels to score, the response loss and its perplexity
         parts.append(f"loss {loss:.4f}" + (f" ppl {perplexity:.3g}" if perplexity is not None else ""))
     else:
@@ -83,15 +85,19 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
 def summary_table(rows: list[dict[str, str]]) -> Table:
     table = Table(title="fedlora: rounds")
     eps_key = next((k for k in ("epsilon_max", "epsilon") if rows and k in rows[0]), None)
-    names = ("round", "test acc", "test loss", "train loss", "replies", "up", "down", "wall s")
+    personal = bool(rows) and "personal_accuracy" in rows[0]
+    names = ("round", "test acc", *(("personal", "worst 10%") if personal else ()), "test loss", "train loss",
+             "replies", "up", "down", "wall s")  # fmt: skip
     for name in (*names, "epsilon") if eps_key else names:
         table.add_column(name, justify="right")
     for r in rows:
         extra = (_fmt(r[eps_key], ".3g"),) if eps_key else ()
+        mine = (_fmt(r["personal_accuracy"], ".4f"), _fmt(r["personal_worst10"], ".4f")) if personal else ()
         replies = f"{r['replies_received']}/{r['replies_expected']}" if r["replies_expected"] not in ("", "0") else ""
         table.add_row(
             r["round"],
             _fmt(r["test_accuracy"], ".4f"),
+            *mine,
             _fmt(r["test_loss"], ".4f"),
             _fmt(r["train_loss"], ".4f"),
             replies,

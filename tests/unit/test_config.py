@@ -50,7 +50,7 @@ def test_clients_per_round_is_a_count_or_a_fraction(cpr: float, clients: int, ex
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedex', 'fedsvd', "),
+        (["strategy=fedsdv"], "unknown strategy 'fedsdv'; choose from ['fed_sb', 'fedavg', 'fedex', 'fedsa_lora', "),
         (["model=bert-huge"], "unknown model 'bert-huge'"),
         (["strategy=flora", "strategy.client_ranks=[2,x]"], "strategy.client_ranks must be ranks such as [2,4,8]"),
         (["strategy=flora", "strategy.client_ranks=[0,4]"], "strategy.client_ranks must be >= 1"),

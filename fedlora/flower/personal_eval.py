@@ -1,0 +1,99 @@
+"""Personalised evaluation: every node evaluates the model it would use on its own test shard.
+
+After an evaluated round the server sends every connected node an ``evaluate`` message built
+like a training message (the download, the base-weight catch-up, fixed tensors it lacks); the
+node loads what it would train from (the global adapter at its rank, its personal tensors such
+as FedSA-LoRA's B, its base weights) and evaluates it on its share of the test split, in its
+partition's label mix (:meth:`fedlora.learning.client_data.ClientData.test_shards`). The reply
+is two numbers, parsed strictly; the server reports the mean over the clients and the mean of
+the worst tenth (at least one client), and the bytes the messages took (``personal_bytes_down``:
+not in ``bytes_down``, which counts the training messages; a node that catches up on base
+weights here needs that much less in its next training round). Off under DP: a client's accuracy on a shard chosen by
+its private label counts would be an unprotected release.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from typing import TYPE_CHECKING
+
+from flwr.app import Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+
+from fedlora.flower import records
+from fedlora.flower.collect import exchange
+from fedlora.flower.messages import train_messages
+from fedlora.outputs.metrics import RoundStats
+
+if TYPE_CHECKING:
+    from fedlora.flower.rounds import FlowerRounds
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("personal_accuracy", "personal_worst10", "personal_bytes_down")
+
+
+def summarise(accuracies: list[float]) -> dict[str, float]:
+    """The mean over the clients and the mean of the worst tenth of them (at least one)."""
+    if not accuracies:
+        return {}
+    worst = sorted(accuracies)[: max(1, math.ceil(len(accuracies) / 10))]
+    return {"personal_accuracy": sum(accuracies) / len(accuracies), "personal_worst10": sum(worst) / len(worst)}
+
+
+def read_reply(m: Message, pid: int, nonce: int) -> float | str:
+    """The accuracy a node reported, or why its reply is not one."""
+    metrics = m.content.get(records.METRICS)
+    if set(m.content.keys()) != {records.METRICS} or not isinstance(metrics, MetricRecord):
+        return "not a single metric record"
+    if set(metrics.keys()) != {records.PARTITION_ID, records.ROUND_NONCE, records.PERSONAL_ACCURACY,
+                               records.PERSONAL_EXAMPLES}:  # fmt: skip
+        return f"unexpected metrics {sorted(metrics.keys())[:5]}"
+    if metrics[records.PARTITION_ID] != pid or metrics[records.ROUND_NONCE] != nonce:
+        return "it answers another partition or round"
+    accuracy, examples = metrics[records.PERSONAL_ACCURACY], metrics[records.PERSONAL_EXAMPLES]
+    if not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1 and isinstance(examples, int)):
+        return f"accuracy {accuracy!r} on {examples!r} examples"
+    return float(accuracy) if examples > 0 else "an empty test shard"
+
+
+def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[str, float]:
+    """Every connected node's personalised accuracy after ``server_round``, summarised (empty: none replied)."""
+    online = set(grid.get_node_ids())
+    chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online]
+    nonce = secrets.randbits(62)
+    fixed = rounds.strategy.fixed(rounds.state)
+    config = {
+        records.SERVER_ROUND: server_round, records.ROUND_NONCE: nonce, records.LABELS: rounds.label_names,
+        records.FIXED_DIGEST: records.digest(fixed) if fixed else "", records.CLIENTS: rounds.cfg.clients,
+    }  # fmt: skip
+    stats = RoundStats()  # its own: bytes_down counts the training messages
+    outgoing = train_messages(
+        chosen, rounds.protocol.download(rounds.state), fixed, config, fold_log=rounds.fold_log,
+        stats=stats, ttl=rounds.ttl, message_type=MessageType.EVALUATE,
+    )  # fmt: skip
+    replies = exchange(grid, [o.message for o in outgoing], timeout=rounds.cfg.server.round_timeout, on_progress=None)
+    asked = {o.message.metadata.message_id: o for o in outgoing}
+    accuracies, answered = [], set()
+    for m in replies:
+        o = asked.pop(m.metadata.reply_to_message_id, None)
+        if o is None or m.metadata.src_node_id != rounds.nodes[o.partition].node_id:
+            continue
+        if m.has_error():
+            log.warning("round %d: partition %d failed its evaluation: %s", server_round, o.partition, m.error.reason)
+            continue
+        answered.add(o.partition)
+        value = read_reply(m, o.partition, nonce)
+        if isinstance(value, str):
+            log.warning("round %d: rejected partition %d's evaluation: %s", server_round, o.partition, value)
+        else:
+            accuracies.append(value)
+    for o in outgoing:  # what the messages brought the nodes that answered (as collect does for a training round)
+        node = rounds.nodes[o.partition]
+        if o.carries_fixed and o.partition in answered:
+            node.holds_fixed = True
+        if o.base_version is not None:
+            node.base_version = o.base_version if o.partition in answered else None
+    return summarise(accuracies) | {"personal_bytes_down": stats.bytes_down}

@@ -1,0 +1,128 @@
+"""FedSA-LoRA's personal B and the personalised evaluation of every strategy, through the real apps in-process."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedlora.config.compose import compose
+from fedlora.flower import records
+from fedlora.flower.personal_eval import read_reply, summarise
+from fedlora.learning.data import label_counts, shard_test_split
+from fedlora.lora import AdapterKey, Role
+from tests.conftest import TINY
+from tests.local_grid import LocalGrid, grid_for, run_in_process
+
+RUN = [*TINY, "clients=4", "clients_per_round=2", "rounds=2", "train.lr=0.05"]
+
+
+class RecordingGrid(LocalGrid):
+    """Keeps every reply the server receives."""
+
+    def __init__(self, grid: LocalGrid) -> None:
+        self.__dict__.update(grid.__dict__)
+        self.received: list[Message] = []
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        self.received += replies
+        return replies
+
+
+def rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fedsa_lora_b_never_leaves_a_client_and_stays_personal(tmp_path: Path) -> None:
+    cfg, _ = compose([*RUN, "strategy=fedsa_lora", f"output_dir={tmp_path}"])
+    grid = RecordingGrid(grid_for(cfg))
+    run_in_process(cfg, grid)
+    sent = [
+        AdapterKey.parse(k) for m in grid.received if records.ARRAYS in m.content for k in m.content[records.ARRAYS]
+    ]
+    assert sent and Role.B not in {k.role for k in sent} and Role.A in {k.role for k in sent}
+    # Every trained node keeps its own B in its node state; two nodes' B differ; the server's B is still zero.
+    kept = {node: records.from_record(ctx.state[records.PERSONAL])
+            for node, ctx in grid.contexts.items() if records.PERSONAL in ctx.state}  # fmt: skip
+    assert len(kept) >= 2 and all(k.role is Role.B for b in kept.values() for k in b)
+    first, second = list(kept.values())[:2]
+    assert any(not torch.equal(first[k], second[k]) for k in first) and all(v.abs().sum() > 0 for v in first.values())
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(tmp_path / "checkpoint.safetensors")
+    assert all(float(v.abs().sum()) == 0 for k, v in checkpoint.items() if AdapterKey.parse(k).role is Role.B)
+    table = rows(tmp_path)
+    assert all(r["personal_accuracy"] and r["personal_worst10"] for r in table)
+    assert float(table[-1]["personal_worst10"]) <= float(table[-1]["personal_accuracy"])
+
+
+def test_a_node_sampled_for_the_first_time_starts_from_the_initial_b(make_config) -> None:
+    """Clients share a process (and its model) in simulation: client 1 must not start from client 0's B."""
+    from fedlora.learning.worker import Worker
+
+    worker = Worker(make_config("strategy=fedsa_lora", "train.lr=0.05"), num_partitions=4)
+    state = worker.adapted.initial_state()
+    worker.train_round(0, worker.adapted.protocol.download(state), server_round=1)
+    b0 = worker.adapted.personal()
+    assert all(v.abs().sum() > 0 for v in b0.values())
+    start = worker.adapted.protocol.start(1, worker.adapted.protocol.download(state), server_round=2)
+    assert all(torch.equal(start[k], state[k]) for k in b0)  # the initial B, not client 0's
+    mine = worker.adapted.protocol.start(0, worker.adapted.protocol.download(state), server_round=2, personal=b0)
+    assert all(torch.equal(mine[k], b0[k]) for k in b0)
+
+
+def test_personalised_evaluation_is_in_every_strategys_metrics_and_off_under_dp(tmp_path: Path) -> None:
+    cfg, _ = compose([*RUN, "strategy=fed_sb", f"output_dir={tmp_path / 'plain'}"])
+    run_in_process(cfg)
+    table = rows(tmp_path / "plain")
+    assert all(0 <= float(r["personal_worst10"]) <= float(r["personal_accuracy"]) <= 1 for r in table)
+    cfg, _ = compose([*RUN, "privacy=dp", "privacy.noise_multiplier=1", f"output_dir={tmp_path / 'dp'}"])
+    run_in_process(cfg)
+    assert "personal_accuracy" not in rows(tmp_path / "dp")[0]
+
+
+def test_test_shards_follow_each_clients_label_mix_and_are_disjoint() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 4, size=400).tolist()
+    parts = [[i for i in range(400) if train[i] in (0, 1)], [i for i in range(400) if train[i] == 2 and i % 2],
+             [i for i in range(400) if train[i] == 2 and not i % 2]]  # fmt: skip
+    test = rng.integers(0, 4, size=101).tolist()
+    counts = label_counts(train, parts, 4)
+    shards = shard_test_split(counts, test, seed=3)
+    flat = [i for shard in shards for i in shard]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert {test[i] for i in shards[0]} == {0, 1} and {test[i] for i in shards[1] + shards[2]} == {2}
+    assert sorted(flat) == [i for i, y in enumerate(test) if y != 3]  # label 3: no client trained on it
+    for label in (0, 1, 2):
+        dealt = [sum(test[i] == label for i in shard) for shard in shards]
+        exact = counts[:, label] / counts[:, label].sum() * sum(dealt)
+        assert np.all(np.abs(np.array(dealt) - exact) < 1)  # within one example of the proportion
+    assert shard_test_split(counts, test, seed=3) == shards
+
+
+def test_worst_tenth_and_malformed_evaluation_replies() -> None:
+    assert summarise([0.9, 0.5, 0.7]) == pytest.approx({"personal_accuracy": 0.7, "personal_worst10": 0.5})
+    many = summarise([i / 20 for i in range(20)])
+    assert many["personal_worst10"] == pytest.approx((0 + 0.05) / 2)
+    assert summarise([]) == {}
+
+    def reply(**metrics) -> Message:
+        base = {records.PARTITION_ID: 2, records.ROUND_NONCE: 7, records.PERSONAL_ACCURACY: 0.5,
+                records.PERSONAL_EXAMPLES: 10}  # fmt: skip
+        m = Message(
+            RecordDict({records.METRICS: MetricRecord({**base, **metrics})}), dst_node_id=1, message_type="evaluate"
+        )
+        return m
+
+    assert read_reply(reply(), 2, 7) == 0.5
+    assert "another partition" in read_reply(reply(), 3, 7)
+    assert "another partition" in read_reply(reply(), 2, 8)
+    assert "accuracy 1.5" in read_reply(reply(**{records.PERSONAL_ACCURACY: 1.5}), 2, 7)
+    assert "empty" in read_reply(reply(**{records.PERSONAL_EXAMPLES: 0}), 2, 7)
+    assert "unexpected" in read_reply(reply(**{"train-loss": 0.1}), 2, 7)

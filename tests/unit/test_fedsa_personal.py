@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config.compose import compose
 from fedlora.flower import records
@@ -111,6 +112,8 @@ def test_worst_tenth_and_malformed_evaluation_replies() -> None:
     many = summarise([i / 20 for i in range(20)])
     assert many["personal_worst10"] == pytest.approx((0 + 0.05) / 2)
     assert summarise([]) == {}
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a ServerApp process has
 
     def reply(**metrics) -> Message:
         base = {records.PARTITION_ID: 2, records.ROUND_NONCE: 7, records.PERSONAL_ACCURACY: 0.5,

@@ -3,6 +3,7 @@ greedy generation; what the evaluation of ``task=causal_lm`` and ``fedlora gener
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ def ranking_scores(model: nn.Module, data: Evaluation, device: torch.device) -> 
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True)  # fmt: skip
-        cache, first = out.past_key_values, out.logits[:, -1].double().log_softmax(-1)
+        cache, first = cache_of(out), out.logits[:, -1].double().log_softmax(-1)
         lengths = mask.sum(-1, keepdim=True)
         for k, candidate in enumerate(data.candidates):
             total = first[:, candidate[0]].clone()
@@ -53,8 +54,8 @@ def ranking_scores(model: nn.Module, data: Evaluation, device: torch.device) -> 
                     input_ids=fed,
                     attention_mask=torch.cat([mask, torch.ones_like(fed)], dim=1),
                     position_ids=lengths + torch.arange(steps, device=device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_keyword(model): cache},
                 )
                 logprobs = cont.logits.double().log_softmax(-1)
                 wanted = torch.tensor(candidate[1:], device=device).expand(len(prompts), -1)
@@ -70,11 +71,24 @@ def generate_ids(model: nn.Module, ids: torch.Tensor, *, max_new_tokens: int, eo
     past = None
     step = ids
     for _ in range(max_new_tokens):
-        result = model(input_ids=step, past_key_values=past, use_cache=True)
-        past = result.past_key_values
+        result = model(input_ids=step, use_cache=True, **({cache_keyword(model): past} if past is not None else {}))
+        past = cache_of(result)
         token = int(result.logits[0, -1].argmax())
         if token == eos:
             break
         out.append(token)
         step = torch.tensor([[token]], device=ids.device)
     return out
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes a key-value cache: ``cache`` in recent transformers (which warns on every
+    call given ``past_key_values``), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The key-value cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

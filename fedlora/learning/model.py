@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,9 @@ def build_peft_model(
             modules_to_save=task.heads(base) or None,
         )
         try:
-            peft_model = get_peft_model(base, peft_config)
+            with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                peft_model = get_peft_model(base, peft_config)
         except ValueError as err:
             raise ConfigError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
     warn_rank_above_dimensions(peft_model, lora.rank)

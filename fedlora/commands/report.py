@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.commands.report_figures import PLOTS, eps_label, plot
@@ -43,6 +43,8 @@ class CellResult:
     refused: int
     private: bool = True  # False: DP randomness was seeded (privacy.unsafe_seeded_randomness)
     labels: int | None = None  # classes, when the cell's adapter names them
+    download: list[float] = field(default_factory=list)  # bytes per round
+    personal: tuple[float, float] | None = None  # the last evaluation's personalised accuracy: mean, worst tenth
 
     @property
     def final(self) -> float:
@@ -65,6 +67,8 @@ def load_cells(folder: Path) -> list[CellResult]:
                 rounds=[int(r["round"]) for r in rows],
                 accuracy=[float(r["test_accuracy"]) for r in rows],
                 upload=[float(r["bytes_up"] or 0) for r in trained],
+                download=[float(r["bytes_down"] or 0) for r in trained],
+                personal=personal_of(rows),
                 spent=max(spent) if spent else None,
                 refused=sum(int(r.get("refused") or 0) for r in rows),
                 private=not any(r.get(NOT_PRIVATE_COLUMN) for r in rows),
@@ -72,6 +76,14 @@ def load_cells(folder: Path) -> list[CellResult]:
             )
         )
     return cells
+
+
+def personal_of(rows: list[dict]) -> tuple[float, float] | None:
+    """The last evaluated round's personalised accuracy (mean, worst tenth), when the run measured it."""
+    last = rows[-1] if rows else {}
+    if last.get("personal_accuracy") in (None, ""):
+        return None
+    return float(last["personal_accuracy"]), float(last["personal_worst10"])
 
 
 def _spread(values: list[float]) -> str:
@@ -111,24 +123,34 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
         "epsilon spent",
         "refused rounds",
         "upload per round",
+        "download per round",
     ]
+    personal = any(c.personal for c in cells)
+    if personal:
+        header[4:4] = ["personalised (mean ± CI)", "worst 10% of clients"]
     body = []
     for (strategy, epsilon), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != CENTRALISED, kv[0])):
         spent = [c.spent for c in group if c.spent is not None]
         uploads = [sum(c.upload) / len(c.upload) for c in group if c.upload and sum(c.upload)]
+        downloads = [sum(c.download) / len(c.download) for c in group if c.download and sum(c.download)]
         not_private = "" if all(c.private for c in group) else " (NOT PRIVATE: seeded noise)"
-        body.append(
-            [
-                "centralised (reference)" if strategy == CENTRALISED else strategy,
-                eps_label(epsilon) + not_private,
-                str(len(group)),
-                _spread([c.final for c in group]),
-                f"{statistics.mean(max(c.accuracy) for c in group):.3f}",
-                f"{max(spent):.3f}" if spent else "-",
-                str(sum(c.refused for c in group)),
-                human_bytes(statistics.mean(uploads)) if uploads else "-",
-            ]
-        )
+        mine = [c.personal for c in group if c.personal]
+        row = [
+            "centralised (reference)" if strategy == CENTRALISED else strategy,
+            eps_label(epsilon) + not_private,
+            str(len(group)),
+            _spread([c.final for c in group]),
+            f"{statistics.mean(max(c.accuracy) for c in group):.3f}",
+            f"{max(spent):.3f}" if spent else "-",
+            str(sum(c.refused for c in group)),
+            human_bytes(statistics.mean(uploads)) if uploads else "-",
+            human_bytes(statistics.mean(downloads)) if downloads else "-",
+        ]
+        if personal:
+            row[4:4] = (
+                [_spread([m[0] for m in mine]), f"{statistics.mean(m[1] for m in mine):.3f}"] if mine else ["-"] * 2
+            )
+        body.append(row)
     return header, body
 
 

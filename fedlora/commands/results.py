@@ -31,7 +31,18 @@ from fedlora.commands.sweep import Cell, format_epsilon
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS, RUN_CONFIG
 
-KEPT_COLUMNS = ("round", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "epsilon", "epsilon_max", "refused")
+KEPT_COLUMNS = (
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "bytes_up",
+    "bytes_down",
+    "epsilon",
+    "epsilon_max",
+    "refused",
+    "personal_accuracy",
+    "personal_worst10",
+)
 LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -87,7 +98,7 @@ class ResultsFile:
 
 def load_results(path: Path) -> list:
     """The file's cells as the report's :class:`~fedlora.commands.report.CellResult` (for tables)."""
-    from fedlora.commands.report import CellResult
+    from fedlora.commands.report import CellResult, personal_of
 
     cells = []
     for record in json.loads(Path(path).read_text())["cells"].values():
@@ -101,6 +112,8 @@ def load_results(path: Path) -> list:
                 rounds=[int(r["round"]) for r in rows],
                 accuracy=[float(r["test_accuracy"]) for r in rows],
                 upload=[float(r.get("bytes_up", 0)) for r in rows if int(r["round"]) > 0],
+                download=[float(r.get("bytes_down", 0)) for r in rows if int(r["round"]) > 0],
+                personal=personal_of(rows),
                 spent=max(spent) if spent else None,
                 refused=sum(int(r.get("refused", 0)) for r in rows),
             )

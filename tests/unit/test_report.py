@@ -130,3 +130,21 @@ def test_the_report_compares_each_strategy_with_fedavg_on_paired_seeds(tmp_path:
     # differences 3, 2, 4 points: mean 3.0, s = 1, half-width 4.303 / sqrt(3) = 2.48 -> [+0.5, +5.5]
     assert "fed_sb - fedavg at epsilon 1: +3.0 points, 95% CI [+0.5, +5.5], 3 paired seeds: fed_sb is ahead" in md
     assert "ffa_lora - fedavg at epsilon 1: +10.0 points, 1 seed: no interval, no ordering can be stated" in md
+
+
+def test_the_table_shows_personalised_accuracy_and_traffic_each_way_when_measured() -> None:
+    from fedlora.commands.report import CellResult, table
+
+    def cell(strategy: str, seed: int, personal) -> CellResult:
+        return CellResult(strategy, math.inf, seed, [0, 1], [0.2, 0.6], [100.0], None, 0, download=[300.0],
+                          personal=personal)  # fmt: skip
+
+    header, body = table(
+        [cell("fedsa_lora", 0, (0.8, 0.5)), cell("fedsa_lora", 1, (0.9, 0.7)), cell("fedavg", 0, None)]
+    )
+    assert header[4:6] == ["personalised (mean ± CI)", "worst 10% of clients"] and header[-1] == "download per round"
+    rows = {r[0]: r for r in body}
+    assert rows["fedsa_lora"][4].startswith("0.850 ± ") and rows["fedsa_lora"][5] == "0.600"
+    assert rows["fedavg"][4:6] == ["-", "-"] and rows["fedavg"][-1] == "300 B"
+    plain, _ = table([cell("fedavg", 0, None)])
+    assert "worst 10% of clients" not in plain

@@ -69,6 +69,7 @@ class NodeState:
     holds_fixed: bool = False  # it holds the run's current fixed tensors (Fed-SB's A and B)
     base_version: int | None = 0  # the folds its base weights hold; None: unknown (it failed or was silent)
     ledger: list[Step] | None = None  # its DP accountant history, as its latest reply stated it
+    responsive: bool = True  # it answered its latest message (a silent or failed node gets no evaluation to wait on)
 
 
 @dataclass
@@ -132,6 +133,7 @@ def collect(
         )
     for o in outgoing:
         node = nodes[o.partition]
+        node.responsive = o.partition in answered
         if o.carries_fixed and o.partition in answered:
             node.holds_fixed = True
         if o.base_version is not None:

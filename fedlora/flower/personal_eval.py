@@ -1,6 +1,7 @@
 """Personalised evaluation: every node evaluates the model it would use on its own test shard.
 
-After an evaluated round the server sends every connected node an ``evaluate`` message built
+After an evaluated round the server sends every connected node that answered its latest message
+(a dead node is not waited for twice) an ``evaluate`` message built
 like a training message (the download, the base-weight catch-up, fixed tensors it lacks); the
 node loads what it would train from (the global adapter at its rank, its personal tensors such
 as FedSA-LoRA's B, its base weights) and evaluates it on its share of the test split, in its
@@ -62,7 +63,7 @@ def read_reply(m: Message, pid: int, nonce: int) -> float | str:
 def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[str, float]:
     """Every connected node's personalised accuracy after ``server_round``, summarised (empty: none replied)."""
     online = set(grid.get_node_ids())
-    chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online]
+    chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online and node.responsive]
     nonce = secrets.randbits(62)
     fixed = rounds.strategy.fixed(rounds.state)
     config = {
@@ -92,6 +93,7 @@ def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[
             accuracies.append(value)
     for o in outgoing:  # what the messages brought the nodes that answered (as collect does for a training round)
         node = rounds.nodes[o.partition]
+        node.responsive = o.partition in answered
         if o.carries_fixed and o.partition in answered:
             node.holds_fixed = True
         if o.base_version is not None:

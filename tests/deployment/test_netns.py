@@ -10,6 +10,7 @@ Skipped where namespaces cannot be made (not root, no CAP_NET_ADMIN).
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import signal
@@ -28,7 +29,15 @@ from tools import netns
 # they run on one worker; tests/deployment/test_deployment.py is another group.
 pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("netns")]
 
-TINY = ["model=tiny", "data.synthetic_train=600", "data.synthetic_test=200", "train.local_steps=4"]
+# train.personal_eval off: a deployed SuperNode starts a ClientApp process per message, and the evaluation
+# adds one per node per round (the outage test below keeps it on and checks it)
+TINY = [
+    "model=tiny",
+    "data.synthetic_train=600",
+    "data.synthetic_test=200",
+    "train.local_steps=4",
+    "train.personal_eval=false",
+]
 RUN_S = 480  # bound on one run with outages (each costs a round timeout or a reconnection)
 
 
@@ -92,6 +101,7 @@ OUTAGE_S = 12
 
 def test_namespaced_run_survives_a_superlink_outage_and_equals_the_simulation(fed, tmp_path) -> None:
     run = [*TINY, "clients=3", "clients_per_round=3", "rounds=2", "server.round_timeout=240"]
+    run += ["train.personal_eval=true"]
     out = tmp_path / "deployed"
     fed.submit([*run, f"output_dir={out}"])
     wait(lambda: len(table(out)) >= 2, timeout=RUN_S, what="round 1", fed=fed)
@@ -102,7 +112,12 @@ def test_namespaced_run_survives_a_superlink_outage_and_equals_the_simulation(fe
     for r in table(out)[1:]:
         assert (r["replies_expected"], r["replies_received"], r["replies_rejected"]) == ("3", "3", "0"), r
     cfg, _ = compose([*run, f"output_dir={tmp_path / 'reference'}"])
-    assert_same_run(out, run_in_process(cfg))  # nothing lost, nothing changed: TLS + auth, three hosts
+    reference = run_in_process(cfg)
+    assert_same_run(out, reference)  # nothing lost, nothing changed: TLS + auth, three hosts
+    for got, want in zip(table(out), table(reference), strict=True):  # every node evaluated its own shard
+        assert got["personal_accuracy"] and math.isclose(
+            float(got["personal_accuracy"]), float(want["personal_accuracy"]), abs_tol=1e-4
+        ), (got, want)
 
 
 # -- 2. certificates name the address the nodes dial --------------------------------------------------

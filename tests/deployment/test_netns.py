@@ -101,7 +101,9 @@ OUTAGE_S = 12
 
 def test_namespaced_run_survives_a_superlink_outage_and_equals_the_simulation(fed, tmp_path) -> None:
     run = [*TINY, "clients=3", "clients_per_round=3", "rounds=2", "server.round_timeout=240"]
-    run += ["train.personal_eval=true"]
+    # FedSA-LoRA with the personalised evaluation: each node's B lives in its SuperNode's state between the
+    # ClientApp processes of its messages; a lost B would change its personalised accuracy against the reference
+    run += ["strategy=fedsa_lora", "train.personal_eval=true"]
     out = tmp_path / "deployed"
     fed.submit([*run, f"output_dir={out}"])
     wait(lambda: len(table(out)) >= 2, timeout=RUN_S, what="round 1", fed=fed)
@@ -114,7 +116,7 @@ def test_namespaced_run_survives_a_superlink_outage_and_equals_the_simulation(fe
     cfg, _ = compose([*run, f"output_dir={tmp_path / 'reference'}"])
     reference = run_in_process(cfg)
     assert_same_run(out, reference)  # nothing lost, nothing changed: TLS + auth, three hosts
-    for got, want in zip(table(out), table(reference), strict=True):  # every node evaluated its own shard
+    for got, want in zip(table(out), table(reference), strict=True):  # every node evaluated its own model
         assert got["personal_accuracy"] and math.isclose(
             float(got["personal_accuracy"]), float(want["personal_accuracy"]), abs_tol=1e-4
         ), (got, want)

@@ -9,6 +9,10 @@ blow up, and averages it cannot drag (pure tensor math, used by the server on ev
   all its tensors) is scaled down to at most ``factor`` times the round's lower median
   update norm. The lower median is an honest client's norm whenever honest clients are
   a majority (with two clients: the smaller one), so the bound needs no tuning.
+- :func:`multi_krum`: Multi-Krum (Blanchard et al., NeurIPS 2017) leaves out the f updates farthest
+  from the others (each scored by its squared distances to its n - f - 2 nearest neighbours), so
+  an update pointing anywhere but where the honest ones point is dropped, not averaged in: with
+  one attacker in five the aggregate is the four honest clients' (what leaving it out gives).
 - :func:`combiner`: the coordinate-wise trimmed mean or median that replaces the weighted
   mean in whatever a strategy averages (``server.aggregation``). Both are unweighted:
   weights are what an attacker would inflate.
@@ -60,6 +64,46 @@ def clip_updates(
         out.append({k: (start[k].double() + scale * (v.double() - start[k].double())).to(v.dtype)
                     for k, v in payload.items()})  # fmt: skip
     return out, norms, bound
+
+
+def krum_drops(n: int, fraction: float) -> int:
+    """How many of n updates Multi-Krum leaves out: floor(fraction x n), at most what Krum's scores allow
+    (n >= 2f + 3); 0 for fewer than five updates."""
+    return max(0, min(math.floor(fraction * n + 1e-9), (n - 3) // 2))
+
+
+def _deltas(key: str, payloads: Sequence[Tensors], starts: Sequence[Tensors]) -> torch.Tensor:
+    """(n, size) float64: each client's change of tensor ``key``, zero-padded to the largest shape (ranks
+    may differ)."""
+    deltas = [p[key].double() - s[key].double() for p, s in zip(payloads, starts, strict=True)]
+    shape = tuple(max(dims) for dims in zip(*(d.shape for d in deltas), strict=True))
+    out = deltas[0].new_zeros((len(deltas), *shape))
+    for i, d in enumerate(deltas):
+        out[(i, *(slice(0, k) for k in d.shape))] = d
+    return out.flatten(1)
+
+
+def multi_krum(payloads: Sequence[Tensors], starts: Sequence[Tensors], *, drop: int) -> list[int]:
+    """The indices (ascending) of the n - drop updates Multi-Krum keeps.
+
+    Update i's score is the sum of its squared L2 distances to its n - drop - 2 nearest other updates;
+    the ``drop`` highest scores are left out (ties: the later index). Updates whose tensors differ in
+    shape (heterogeneous ranks) are compared zero-padded to the largest, as HetLoRA pads them."""
+    n = len(payloads)
+    if drop <= 0:
+        return list(range(n))
+    if n < 2 * drop + 3:
+        raise ValueError(f"Multi-Krum needs n >= 2f + 3 updates, got n={n}, f={drop}")
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for key in sorted(payloads[0]):  # one tensor at a time: never all n updates flattened at once
+        d = _deltas(key, payloads, starts)
+        gram += d @ d.T
+    squared = gram.diagonal()
+    distances = (squared[:, None] + squared[None, :] - 2 * gram).clamp(min=0)
+    distances.fill_diagonal_(float("inf"))
+    scores = distances.sort(dim=1).values[:, : n - drop - 2].sum(dim=1)
+    ranked = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    return sorted(ranked[: n - drop])
 
 
 def trimmed_mean(trim: float) -> Combine:

@@ -50,8 +50,8 @@ def _app_keys(flat: Mapping[str, Any]) -> Flat:
 def _defaults() -> tuple[tuple[str, Any], ...]:
     cfg, _ = compose([])
     flat = _app_keys(cfg.to_flat())
-    # Keys whose null the RunConfig resolves from the chosen strategy: "" leaves that to it.
-    flat |= {"train.lr": "", "strategy.weighting": "", "train.logit_adjustment": ""}
+    # Keys whose null the RunConfig resolves from the rest (the strategy, the privacy): "" leaves that to it.
+    flat |= {"train.lr": "", "strategy.weighting": "", "train.logit_adjustment": "", "server.multi_krum": ""}
     # Every strategy's own keys, so that `flwr run` accepts them whichever strategy.name is chosen;
     # each defaults to "", which leaves the chosen strategy's own default (conf/strategy/<name>.yaml).
     for name in group_options("strategy"):

@@ -140,8 +140,11 @@ class ServerConfig:
     towards the strategy's aggregate with ``lr``, ``momentum``, ``beta1``, ``beta2``,
     ``tau`` (:mod:`strategies.server_opt`; ``lr`` null: 1, or 0.01 for the adaptive ones).
 
-    A round aggregates the replies that arrive within ``round_timeout`` seconds and
-    pass validation, if there are at least ``min_replies`` of them; otherwise the
+    A round aggregates the replies that arrive within ``round_timeout`` seconds (and,
+    with ``straggler_factor``, once half the nodes replied after t s, within
+    max(60, factor x t) s more: a dead node is answered for by Flower within about a
+    minute, so this bounds what a live but silent node costs) and pass validation, if
+    there are at least ``min_replies`` of them; otherwise the
     global adapter is left unchanged for that round. The run waits ``node_timeout`` s for
     every client's node, then starts with those connected if they are ``min_nodes`` or
     more (null: all); the others join when they connect. A reply is rejected when its
@@ -154,17 +157,22 @@ class ServerConfig:
     scaled down to at most ``update_clip`` times the round's lower median update norm
     (null: off); example counts used as weights are the server's own where it knows the
     partition, else capped at ``max_weight_ratio`` times the round's lower median count;
-    ``aggregation`` (mean | trimmed_mean | median, trimming ``trim_fraction`` at each
-    end) is the coordinate-wise combination of whatever the strategy averages.
+    ``multi_krum`` (a fraction f/n; null: 0.2, or 0 under ``privacy=user``) leaves out the
+    floor(f/n x n) updates farthest from the others each round, as Multi-Krum scores them, when
+    n >= 2f + 3 (so from five replies on); ``aggregation`` (mean | trimmed_mean | median,
+    trimming ``trim_fraction`` at each end) is the coordinate-wise combination of whatever the
+    strategy averages.
     """
 
     min_replies: int = 1
     round_timeout: float = 3600.0
+    straggler_factor: Optional[float] = 3.0
     node_timeout: float = 600.0
     min_nodes: Optional[int] = None
     max_update_norm: Optional[float] = None
     update_clip: Optional[float] = 10.0
     max_weight_ratio: float = 10.0
+    multi_krum: Optional[float] = None
     aggregation: str = "mean"
     trim_fraction: float = 0.2
     resume: bool = False
@@ -182,6 +190,10 @@ class ServerConfig:
             raise ConfigError(str(err)) from None
         require(self.min_replies >= 1, f"server.min_replies must be >= 1, got {self.min_replies}")
         require(self.round_timeout > 0, "server.round_timeout must be > 0 (seconds)")
+        require(
+            self.straggler_factor is None or self.straggler_factor >= 1,
+            f"server.straggler_factor must be >= 1 or null, got {self.straggler_factor}",
+        )
         require(self.node_timeout > 0, "server.node_timeout must be > 0 (seconds)")
         require(self.min_nodes is None or self.min_nodes >= 1, f"server.min_nodes must be >= 1 or null, got "
                 f"{self.min_nodes}")  # fmt: skip
@@ -189,6 +201,11 @@ class ServerConfig:
             self.update_clip is None or self.update_clip >= 1,
             f"server.update_clip must be >= 1 (a multiple of the round's median update norm) or null, "
             f"got {self.update_clip}",
+        )
+        require(
+            self.multi_krum is None or 0 <= self.multi_krum < 0.5,
+            f"server.multi_krum must be in [0, 0.5) (the fraction of each round's updates left out) or null, "
+            f"got {self.multi_krum}",
         )
         require(self.max_weight_ratio >= 1, f"server.max_weight_ratio must be >= 1, got {self.max_weight_ratio}")
         require(

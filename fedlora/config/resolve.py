@@ -17,7 +17,7 @@ DEFAULT_LR = 1e-3  # the clients' learning rate when neither train.lr nor the st
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its derived values filled (in this order: each reads the ones before)."""
-    for step in (logit_adjustment, weighting, learning_rate):
+    for step in (logit_adjustment, weighting, learning_rate, outlier_dropping):
         cfg = step(cfg)
     return cfg
 
@@ -74,4 +74,16 @@ def learning_rate(cfg: RunConfig) -> RunConfig:
         lr = dp or cfg.strategy.client_lr or DEFAULT_LR
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
     require(cfg.train.min_lr <= cfg.train.lr, "train.min_lr must not exceed train.lr")
+    return cfg
+
+
+DEFAULT_MULTI_KRUM = 0.2  # one update in five left out each round (from five replies on)
+
+
+def outlier_dropping(cfg: RunConfig) -> RunConfig:
+    """``server.multi_krum`` null: 0.2, or 0 under ``privacy=user`` (DP-FedAvg's sensitivity is one clipped
+    update; a selection that depends on every update would break it)."""
+    if cfg.server.multi_krum is None:
+        fraction = 0.0 if cfg.privacy.user_level else DEFAULT_MULTI_KRUM
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, multi_krum=fraction))
     return cfg

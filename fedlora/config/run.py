@@ -119,8 +119,7 @@ class RunConfig:
         )
         require(
             self.server.aggregation == "mean" or cls.robust_aggregation,
-            f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: {cls.robust_note}, "
-            "not by an average",
+            f"server.aggregation={self.server.aggregation} is refused for strategy={cls.name}: {cls.robust_note}",
         )
         if self.privacy.user_level:
             self._check_user_level(cls)
@@ -144,6 +143,11 @@ class RunConfig:
             self.server.aggregation == "mean",
             f"server.aggregation={self.server.aggregation} is refused under privacy=user: DP-FedAvg's noise is "
             "calibrated to a sum of clipped updates, not to a robust mean",
+        )
+        require(
+            not self.server.multi_krum,
+            f"server.multi_krum={self.server.multi_krum} is refused under privacy=user: which updates are left "
+            "out would depend on every client's, so one client could change the sum by more than its clip",
         )
         require(
             not (self.strategy.name == "fed_sb" and getattr(self.strategy, "init_source", "") == "clients"),

@@ -1,7 +1,8 @@
 """What a round's accepted replies weigh: no client outweighs the rest (:mod:`strategies.robust`).
 
 A reply that passed its checks is a :class:`Checked`; :func:`bounded` scales down an update far above
-the round's median norm (``server.update_clip``) and caps a claimed example count against the
+the round's median norm (``server.update_clip``), leaves out the updates farthest from the rest
+(``server.multi_krum``) and caps a claimed example count against the
 server's own table (``server.max_weight_ratio``), then gives the strategy's normalised weights.
 """
 
@@ -51,6 +52,13 @@ def bounded(
                     "round %d: partition %d's update norm %.4g scaled down to %.4g (server.update_clip=%g x "
                     "the round's median)", server_round, pid, norm, bound, server.update_clip,
                 )  # fmt: skip
+    drop = robust.krum_drops(len(payloads), server.multi_krum or 0.0)
+    if drop:
+        kept = robust.multi_krum(payloads, [c.start for c in checked], drop=drop)
+        left_out = [pid for i, pid in enumerate(pids) if i not in kept]
+        log.info("round %d: Multi-Krum left out partition(s) %s, the farthest from the rest (server.multi_krum=%g)",
+                 server_round, left_out, server.multi_krum, extra={"file_only": True})  # fmt: skip
+        pids, checked, payloads = ([xs[i] for i in kept] for xs in (pids, checked, payloads))
     counts = [c.count for c in checked]
     if cfg.strategy.weighting == "examples":
         known = [known_sizes.get(pid) for pid in pids]

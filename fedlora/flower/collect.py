@@ -30,19 +30,33 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
 POLL_S = 0.5  # how often the server asks for replies (Flower's own loop waits 3 s between asks)
+STRAGGLER_MIN_S = 60.0  # the least a straggler is waited for: about the ~60 s in which Flower declares a dead node
 
 
-def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress: Progress | None) -> list[Message]:
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    *,
+    timeout: float,
+    on_progress: Progress | None,
+    straggler_factor: float | None = None,
+) -> list[Message]:
     """Push ``messages`` and pull their replies until every node answered or ``timeout`` seconds passed.
 
     A node has answered once anything of it arrived: a reply to its message, or one to another message
-    (an old round's), which will be rejected; the server never waits for a reply that cannot come."""
+    (an old round's), which will be rejected; the server never waits for a reply that cannot come. A
+    dead node answers too: Flower's SuperLink replies for it with an error once it missed its
+    heartbeats. Only a live node that keeps silent costs a wait, so with ``straggler_factor`` the
+    wait ends sooner: once half the nodes answered, after t seconds, the others get at most
+    max(``STRAGGLER_MIN_S``, factor x t) more."""
     if not messages:
         return []
     ids = list(grid.push_messages(messages))
     node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
     waiting = set(ids)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    cut = straggler_factor is None
     replies: list[Message] = []
     while waiting and time.monotonic() < deadline:
         stopping.check()
@@ -56,6 +70,9 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, on_progress
                 )
             if on_progress is not None:
                 on_progress(len(replies), len(messages))
+            if not cut and len(waiting) <= len(messages) // 2:  # half answered: the rest are stragglers
+                now, cut = time.monotonic(), True
+                deadline = min(deadline, now + max(STRAGGLER_MIN_S, straggler_factor * (now - started)))
         if waiting:
             time.sleep(POLL_S)
     return replies
@@ -82,6 +99,18 @@ class Outgoing:
     base_version: int | None = None  # the base version the message's fold update brings the node to
 
 
+def settle(nodes: dict[int, NodeState], outgoing: list[Outgoing], answered: set[int]) -> None:
+    """What a round's messages brought the nodes that answered (their fixed tensors, their base version);
+    one that did not answer is unresponsive and its base version unknown."""
+    for o in outgoing:
+        node = nodes[o.partition]
+        node.responsive = o.partition in answered
+        if o.carries_fixed and o.partition in answered:
+            node.holds_fixed = True
+        if o.base_version is not None:
+            node.base_version = o.base_version if o.partition in answered else None
+
+
 def collect(
     grid: Grid,
     outgoing: list[Outgoing],
@@ -93,8 +122,10 @@ def collect(
     private: bool,
     check: Callable[[int, Reply], T | str],
     on_progress: Progress | None = None,
+    straggler_factor: float | None = None,
 ) -> list[tuple[int, T]]:
-    """Send ``outgoing``, wait up to ``timeout`` s, and return (partition, checked reply) in partition order.
+    """Send ``outgoing``, wait up to ``timeout`` s (less for stragglers: :func:`exchange`), and return
+    (partition, checked reply) in partition order.
 
     Every reply is parsed (:func:`fedlora.flower.replies.parse_reply`; ``private``: the run
     is DP) and must answer a message of this round from the node it was sent to; then
@@ -104,7 +135,8 @@ def collect(
     up of every reply that carries an update. ``on_progress(done, expected)`` hears of
     every reply as it arrives.
     """
-    replies = exchange(grid, [o.message for o in outgoing], timeout=timeout, on_progress=on_progress)
+    replies = exchange(grid, [o.message for o in outgoing], timeout=timeout, on_progress=on_progress,
+                       straggler_factor=straggler_factor)  # fmt: skip
     asked = {o.message.metadata.message_id: o for o in outgoing}  # ids are set once sent
     arrived: list[tuple[int, Message]] = []
     strays = 0
@@ -129,15 +161,10 @@ def collect(
     silent = sorted({o.partition for o in outgoing} - replied)
     if silent:
         log.warning(
-            "round %d: partition(s) %s did not reply within server.round_timeout=%g s", server_round, silent, timeout
-        )
-    for o in outgoing:
-        node = nodes[o.partition]
-        node.responsive = o.partition in answered
-        if o.carries_fixed and o.partition in answered:
-            node.holds_fixed = True
-        if o.base_version is not None:
-            node.base_version = o.base_version if o.partition in answered else None
+            "round %d: partition(s) %s did not reply in time (server.round_timeout=%g s, server.straggler_factor=%s)",
+            server_round, silent, timeout, straggler_factor,
+        )  # fmt: skip
+    settle(nodes, outgoing, answered)
     stats.replies_received = len(arrived)
     stats.replies_rejected = strays
 

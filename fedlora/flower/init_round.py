@@ -39,9 +39,11 @@ def gradient_round(rounds: FlowerRounds, grid: Grid, init: GradientInit, *, expe
         reason = reject_reason(gradients, expected)  # no norm bound: gradients are sums, not changes
         return reason if reason is not None else gradients
 
+    server = rounds.cfg.server
     accepted = collect(
-        grid, outgoing, nodes=rounds.nodes, stats=stats, server_round=0, timeout=rounds.cfg.server.round_timeout,
-        private=rounds.cfg.privacy.enabled, check=check, on_progress=rounds.on_progress,
+        grid, outgoing, nodes=rounds.nodes, stats=stats, server_round=0, timeout=server.round_timeout,
+        straggler_factor=server.straggler_factor, private=rounds.cfg.privacy.enabled, check=check,
+        on_progress=rounds.on_progress,
     )  # fmt: skip
     total: Tensors = {}
     for _, gradients in accepted:

@@ -18,6 +18,16 @@ from fedlora.outputs.metrics import RoundStats
 log = logging.getLogger(__name__)
 
 
+def round_config(server_round: int, nonce: int, fixed: Tensors, *, labels: Any, clients: int) -> dict[str, Any]:
+    """What every message of a round states: the round and its nonce (a reply must echo it), the digest of
+    the fixed tensors the node must hold, the label names and the number of clients."""
+    return {
+        records.SERVER_ROUND: server_round, records.ROUND_NONCE: nonce,
+        records.FIXED_DIGEST: records.digest(fixed) if fixed else "", records.LABELS: labels,
+        records.CLIENTS: clients,
+    }  # fmt: skip
+
+
 def train_messages(
     chosen: Sequence[tuple[int, NodeState]],
     download: Tensors,

@@ -24,8 +24,8 @@ from flwr.app import Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
 from fedlora.flower import records
-from fedlora.flower.collect import exchange
-from fedlora.flower.messages import train_messages
+from fedlora.flower.collect import exchange, settle
+from fedlora.flower.messages import round_config, train_messages
 from fedlora.outputs.metrics import RoundStats
 
 if TYPE_CHECKING:
@@ -66,16 +66,15 @@ def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[
     chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online and node.responsive]
     nonce = secrets.randbits(62)
     fixed = rounds.strategy.fixed(rounds.state)
-    config = {
-        records.SERVER_ROUND: server_round, records.ROUND_NONCE: nonce, records.LABELS: rounds.label_names,
-        records.FIXED_DIGEST: records.digest(fixed) if fixed else "", records.CLIENTS: rounds.cfg.clients,
-    }  # fmt: skip
+    config = round_config(server_round, nonce, fixed, labels=rounds.label_names, clients=rounds.cfg.clients)
     stats = RoundStats()  # its own: bytes_down counts the training messages
     outgoing = train_messages(
         chosen, rounds.protocol.download(rounds.state), fixed, config, fold_log=rounds.fold_log,
         stats=stats, ttl=rounds.ttl, message_type=MessageType.EVALUATE,
     )  # fmt: skip
-    replies = exchange(grid, [o.message for o in outgoing], timeout=rounds.cfg.server.round_timeout, on_progress=None)
+    server = rounds.cfg.server
+    replies = exchange(grid, [o.message for o in outgoing], timeout=server.round_timeout, on_progress=None,
+                       straggler_factor=server.straggler_factor)  # fmt: skip
     asked = {o.message.metadata.message_id: o for o in outgoing}
     accuracies, answered = [], set()
     for m in replies:
@@ -91,11 +90,5 @@ def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[
             log.warning("round %d: rejected partition %d's evaluation: %s", server_round, o.partition, value)
         else:
             accuracies.append(value)
-    for o in outgoing:  # what the messages brought the nodes that answered (as collect does for a training round)
-        node = rounds.nodes[o.partition]
-        node.responsive = o.partition in answered
-        if o.carries_fixed and o.partition in answered:
-            node.holds_fixed = True
-        if o.base_version is not None:
-            node.base_version = o.base_version if o.partition in answered else None
+    settle(rounds.nodes, outgoing, answered)
     return summarise(accuracies) | {"personal_bytes_down": stats.bytes_down}

@@ -41,7 +41,7 @@ from fedlora.federation.weighting import Checked, bounded
 from fedlora.flower import records
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
 from fedlora.flower.discovery import JOIN_ASKS, JOIN_TIMEOUT_S, ask_new_nodes
-from fedlora.flower.messages import train_messages
+from fedlora.flower.messages import round_config, train_messages
 from fedlora.flower.replies import Reply
 from fedlora.lora import Tensors
 from fedlora.outputs.metrics import RoundStats
@@ -153,6 +153,7 @@ class FlowerRounds:
             stats=stats,
             server_round=server_round,
             timeout=self.cfg.server.round_timeout,
+            straggler_factor=self.cfg.server.straggler_factor,
             private=self.cfg.privacy.enabled,
             check=partial(self._check, server_round=server_round),
             on_progress=self.on_progress,
@@ -199,11 +200,8 @@ class FlowerRounds:
             for node in self.nodes.values():
                 node.holds_fixed = False
         self.nonces[server_round] = secrets.randbits(62)  # not from the seed: it only ties replies to this round
-        config = {
-            records.SERVER_ROUND: server_round, records.ROUND_NONCE: self.nonces[server_round],
-            records.FIXED_DIGEST: digest, records.LABELS: self.label_names,
-            records.CLIENTS: self.cfg.clients,
-        }  # fmt: skip
+        config = round_config(server_round, self.nonces[server_round], fixed, labels=self.label_names,
+                              clients=self.cfg.clients)  # fmt: skip
         return train_messages(
             [(pid, self.nodes[pid]) for pid in chosen], self.protocol.download(self.state), fixed, config,
             fold_log=self.fold_log, stats=stats, ttl=self.ttl,

@@ -238,20 +238,31 @@ _EXPECTED_FLOWER_NOTICES = ("DEPRECATED FEATURE: The `run_simulation`",)  # the 
 
 
 def _quiet_flower(record: logging.LogRecord) -> bool:
-    """Flower's warnings and errors, less the notice that every simulation triggers."""
-    return record.levelno >= logging.WARNING and not record.getMessage().startswith(_EXPECTED_FLOWER_NOTICES)
+    """Flower's warnings and errors, less the notice that every simulation triggers and, once the run is
+    stopping, the clients' stopped rounds it reports as errors."""
+    from fedlora.federation.stopping import STOP
+
+    return (
+        record.levelno >= logging.WARNING
+        and not record.getMessage().startswith(_EXPECTED_FLOWER_NOTICES)
+        and not STOP.is_set()
+    )
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    """False for a routine per-round record logged with ``extra={"file_only": True}``: server.log keeps it."""
+    return not getattr(record, "file_only", False)
 
 
 def setup_logging(verbose: bool) -> None:
-    """Log records through rich on stderr; Flower's and the libraries' chatter only with ``verbose``."""
+    """Log records through rich on stderr; Flower's and the libraries' chatter only with ``verbose``
+    (and the records marked ``file_only``, which otherwise only ``server.log`` keeps)."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-        force=True,
-    )
+    handler = RichHandler(console=err_console, show_path=False)
+    if not verbose:
+        handler.addFilter(_not_file_only)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     # Flower logs through its own console handler; keep it from also reaching ours, and
     # (unless verbose) let only its warnings through: the CLI prints one line per round.
     flwr_logger = logging.getLogger("flwr")

@@ -188,15 +188,84 @@ def _shifted(norm: float, count: int | None) -> Callable[[int, Records], Records
 
 def test_an_inflated_example_count_does_not_capture_the_model(make_config, tmp_path) -> None:
     """The attack that used to make the global adapter the attacker's (1e9 examples, inside the norm
-    bound): the server weights by its own partition table, so the claim changes nothing."""
+    bound): the server weights by its own partition table, so the claim changes nothing. Multi-Krum is off:
+    this is the weighting's defence alone."""
     runs = {}
     for name, count in (("inflated", 10**9), ("truthful", None)):
         cfg = make_config("clients=5", "clients_per_round=5", "rounds=2", "server.max_update_norm=2",
+                          "server.multi_krum=0",
                           f"output_dir={tmp_path / name}")  # fmt: skip
         corrupt = _shifted(1.9, count)
         runs[name] = run_server(federation(cfg, lambda rc, corrupt=corrupt: attacker(rc, corrupt)), cfg)
     assert same_tensors(runs["inflated"], runs["truthful"])
     assert "partition 4 claims 1000000000 examples; weighted as" in (runs["inflated"] / "server.log").read_text()
+
+
+def steering(run_config: dict, attack: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> ClientApp:
+    """A ClientApp that trains honestly, then sends start + attack(its update) as its payload."""
+    from fedlora.config.app import from_run_config
+
+    app = ClientApp()
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return client_app.query(msg, context)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        start = _arrays(dict(msg.content.items()))  # what it was sent, and trained from
+        reply = dict(client_app.train(msg, context, from_run_config(run_config)).content.items())
+
+        def steer(arrays: dict[str, np.ndarray]) -> None:
+            update = attack({k: arrays[k] - start[k] for k in arrays})
+            arrays.update({k: (start[k] + v).astype(arrays[k].dtype) for k, v in update.items()})
+
+        return Message(RecordDict(_with_arrays(reply, steer)), reply_to=msg)
+
+    return app
+
+
+def _norm(update: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in update.values())))
+
+
+def _fixed_direction(update: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)  # the same direction every round
+    direction = {k: rng.standard_normal(v.shape) for k, v in sorted(update.items())}
+    return {k: scale * v / _norm(direction) for k, v in direction.items()}
+
+
+# Issue 37's table: each outweighed the four honest clients at the old defaults (cosine 0.06-0.28 with the
+# honest update, where leaving the client out gave 0.82).
+STEERING: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    "its update sign-flipped at -10x": lambda u: {k: -10 * v for k, v in u.items()},
+    "its update sign-flipped at -5x": lambda u: {k: -5 * v for k, v in u.items()},
+    "its update boosted 9.5x": lambda u: {k: 9.5 * v for k, v in u.items()},
+    "a fixed random direction at 9.5x its norm": lambda u: _fixed_direction(u, 9.5 * _norm(u)),
+    "a 1e6-norm update": lambda u: _fixed_direction(u, 1e6),
+}
+
+
+def test_at_the_defaults_one_steering_client_of_five_does_what_its_absence_does(make_config, tmp_path) -> None:
+    """Multi-Krum (server.multi_krum, on by default) leaves the steering update out of every round, so the
+    global adapter is, bit for bit, the one the four honest clients make without it (FedAvg here; every
+    strategy's payload goes through the same selection, measured for each in docs/deployment.md)."""
+
+    def config(name: str):
+        return make_config("clients=5", "clients_per_round=5", "rounds=2", "train.lr=0.05",
+                           f"output_dir={tmp_path / name}")  # fmt: skip
+
+    absent_cfg = config("absent")
+    absent = run_server(federation(absent_cfg, lambda rc: attacker(rc, lambda rnd, r: None)), absent_cfg)
+    honest_cfg = config("honest")
+    honest_run = run_server(federation(honest_cfg, honest), honest_cfg)
+    assert not same_tensors(absent, honest_run)  # the fifth client matters when honest
+    for i, (name, attack) in enumerate(STEERING.items()):
+        cfg = config(f"attack{i}")
+        out = run_server(federation(cfg, lambda rc, attack=attack: steering(rc, attack)), cfg)
+        assert same_tensors(out, absent), name
+        log = (out / "server.log").read_text()
+        assert all(f"round {rnd}: Multi-Krum left out partition(s) [4]" in log for rnd in (1, 2)), name
 
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
@@ -297,3 +366,50 @@ def test_a_replayed_or_stray_reply_is_rejected_and_never_waited_for(make_config,
     assert "round 2: rejected the reply of partition 2 (node 3): it does not answer round 2's message" in log
     assert "round 3: rejected a reply of node 3 to no message of this round" in log
     assert len(sleeps) < 10  # not the 1,200 polls of a 600 s round_timeout
+
+
+class SilentGrid(LocalGrid):
+    """Node ``silent`` is alive (listed, heartbeating, it answered the server's query) but its training
+    replies never arrive."""
+
+    def __init__(self, nodes, silent: int) -> None:
+        super().__init__(nodes)
+        self.silent = silent
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        return [m for m in replies if m.metadata.src_node_id != self.silent or m.metadata.message_type != "train"]
+
+
+class FakeClock:
+    """``time`` for :mod:`fedlora.flower.collect`: sleeping advances it at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(("factor", "waited"), [("3", 60.0), ("null", 3600.0)])
+def test_a_live_but_silent_node_costs_a_straggler_wait_not_the_round_timeout(
+    make_config, tmp_path, monkeypatch, factor, waited
+) -> None:
+    """Two of three nodes answer at once; the third never does. With server.straggler_factor (default 3)
+    the round waits max(60 s, 3 x 0 s) for it, not server.round_timeout's 3,600 s; the round aggregates
+    the other two either way."""
+    import fedlora.flower.collect as collect
+
+    monkeypatch.setattr(collect, "time", clock := FakeClock())
+    cfg = make_config("clients=3", "clients_per_round=3", "rounds=1", "server.round_timeout=3600",
+                      f"server.straggler_factor={factor}", "train.personal_eval=false",
+                      f"output_dir={tmp_path}")  # fmt: skip
+    run_config = run_config_for(cfg)
+    nodes = {p + 1: (honest(run_config), {records.PARTITION_ID: p, records.NUM_PARTITIONS: 3}) for p in range(3)}
+    out = run_server(SilentGrid(nodes, silent=3), cfg)
+    assert clock.now == pytest.approx(waited, abs=1.0)  # round 1's wait, on the fake clock
+    assert table(out)[1]["replies_received"] == "2"
+    assert "round 1: partition(s) [2] did not reply in time" in (out / "server.log").read_text()

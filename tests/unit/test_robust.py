@@ -7,7 +7,17 @@ import torch
 
 from fedlora.config.compose import compose
 from fedlora.config.run import ConfigError
-from strategies.robust import cap_counts, clip_updates, combiner, lower_median, median, trimmed_mean, update_norm
+from strategies.robust import (
+    cap_counts,
+    clip_updates,
+    combiner,
+    krum_drops,
+    lower_median,
+    median,
+    multi_krum,
+    trimmed_mean,
+    update_norm,
+)
 from tests.helpers import random_adapter
 
 
@@ -77,6 +87,79 @@ def test_bad_robustness_settings_fail_clearly() -> None:
         ("server.trim_fraction=0.5", "server.trim_fraction must be in"),
         ("server.update_clip=0.5", "server.update_clip must be >= 1"),
         ("server.max_weight_ratio=0", "server.max_weight_ratio must be >= 1"),
+        ("server.multi_krum=0.5", "server.multi_krum must be in"),
+        ("server.multi_krum=-0.1", "server.multi_krum must be in"),
     ):
         with pytest.raises(ConfigError, match=message):
             compose([override])
+
+
+def test_multi_krum_drops_per_cohort() -> None:
+    """floor(fraction x n), capped where Krum's scores are defined (n >= 2f + 3)."""
+    assert [krum_drops(n, 0.2) for n in (1, 3, 4, 5, 9, 10, 100)] == [0, 0, 0, 1, 1, 2, 20]
+    assert krum_drops(5, 0.45) == 1 and krum_drops(7, 0.45) == 2 and krum_drops(10, 0.0) == 0
+
+
+def _krum_by_hand(updates: list[torch.Tensor], drop: int) -> list[int]:
+    n = len(updates)
+    scores = []
+    for i in range(n):
+        d = sorted(float((updates[i] - updates[j]).square().sum()) for j in range(n) if j != i)
+        scores.append(sum(d[: n - drop - 2]))
+    return sorted(sorted(range(n), key=lambda i: (scores[i], i))[: n - drop])
+
+
+def test_multi_krum_keeps_the_updates_the_definition_keeps() -> None:
+    g = torch.Generator().manual_seed(3)
+    start = random_adapter(g)
+    for n, drop in ((5, 1), (7, 2), (9, 3), (10, 2)):
+        payloads = [{k: v + torch.randn(v.shape, generator=g, dtype=v.dtype) * (1 + i % 3) for k, v in start.items()}
+                    for i in range(n)]  # fmt: skip
+        flat = [torch.cat([(p[k].double() - start[k].double()).flatten() for k in sorted(start)]) for p in payloads]
+        assert multi_krum(payloads, [start] * n, drop=drop) == _krum_by_hand(flat, drop)
+    assert multi_krum(payloads, [start] * n, drop=0) == list(range(n))
+    with pytest.raises(ValueError, match="n >= 2f \\+ 3"):
+        multi_krum(payloads[:4], [start] * 4, drop=1)
+
+
+def test_multi_krum_leaves_out_an_update_pointing_elsewhere_at_any_scale() -> None:
+    """Four honest updates around a common direction; the fifth is that direction reversed, or a random
+    one, at the honest norm or far above it: it is the one left out."""
+    g = torch.Generator().manual_seed(1)
+    start = random_adapter(g)
+    common = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
+    honest = [{k: start[k] + common[k] + 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+               for k, v in start.items()} for _ in range(4)]  # fmt: skip
+    for scale in (1.0, 10.0):
+        for attack in ({k: start[k] - scale * common[k] for k in start},
+                       {k: start[k] + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) * 1.2
+                        for k, v in start.items()}):  # fmt: skip
+            for position in (0, 2, 4):
+                payloads = [*honest]
+                payloads.insert(position, attack)
+                kept = multi_krum(payloads, [start] * 5, drop=1)
+                assert kept == [i for i in range(5) if i != position]
+
+
+def test_multi_krum_compares_heterogeneous_ranks_zero_padded() -> None:
+    """Clients at ranks 2, 4, 2, 4, 2: the rank-4 factors compared with the rank-2 ones padded with zeros."""
+    g = torch.Generator().manual_seed(2)
+    base = {"m.lora_A": torch.randn(4, 6, generator=g), "m.lora_B": torch.randn(6, 4, generator=g)}
+
+    def at_rank(r: int, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"m.lora_A": t["m.lora_A"][:r].clone(), "m.lora_B": t["m.lora_B"][:, :r].clone()}
+
+    ranks = [2, 4, 2, 4, 2]
+    starts = [at_rank(r, {k: torch.zeros_like(v) for k, v in base.items()}) for r in ranks]
+    payloads = [at_rank(r, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}) for r in ranks]
+    payloads[3] = at_rank(4, {k: -v for k, v in base.items()})
+    assert multi_krum(payloads, starts, drop=1) == [0, 1, 2, 4]
+
+
+def test_multi_krum_is_on_by_default_and_refused_under_user_level_dp() -> None:
+    assert compose([])[0].server.multi_krum == 0.2
+    user = ["model=tiny", "privacy=user", "privacy.epsilon=8", "clients=200", "clients_per_round=20"]
+    assert compose(user)[0].server.multi_krum == 0.0  # DP-FedAvg: every clipped update summed
+    with pytest.raises(ConfigError, match=r"server\.multi_krum=0\.2 is refused under privacy=user"):
+        compose([*user, "server.multi_krum=0.2"])
+    assert compose(["server.multi_krum=0"])[0].server.multi_krum == 0.0

@@ -172,7 +172,7 @@ class Strategy:
     server_optimizer_note: ClassVar[str] = ""
     # Whether server.aggregation (a robust mean) applies: everything the server combines is an average.
     robust_aggregation: ClassVar[bool] = True
-    robust_note: ClassVar[str] = "it combines the clients' adapters exactly (stacking or an exact residual)"
+    robust_note: ClassVar[str] = "it combines the clients' adapters exactly (stacking, exact residual), not by a mean"
     # Whether privacy=user (strategies.user_dp) applies: the server step is an average of the clients'
     # payloads, so a sum of clipped updates has sensitivity C; else why not (user_dp_note).
     user_level_dp: ClassVar[bool] = True

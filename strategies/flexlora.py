@@ -61,7 +61,7 @@ class FlexLoRA(HeterogeneousRanks, Strategy):
         "round, so there is no fixed parameter for a server optimiser to step on"
     )
     robust_aggregation = False
-    robust_note = "it averages the clients' full products B_k A_k and re-factorises them"
+    robust_note = "it re-factorises the mean of the clients' full products B_k A_k by SVD, not an average of factors"
     user_level_dp = False
     user_dp_note = (
         "flexlora averages the products B_k A_k, which are not linear in a client's update: clipping the "

@@ -6,6 +6,12 @@ So a run stops while it waits, never in the middle of writing its checkpoint and
 metrics row, and the folder stays resumable. A second Ctrl-C raises KeyboardInterrupt
 at once. Handlers can only be installed by the main thread, after Ray's own (Ray's
 driver makes SIGTERM a bare ``sys.exit``); see :func:`fedlora.flower.simulation`.
+
+The clients hear it too: a simulation names a stop file in :data:`STOP_FILE_ENV` (Ray's
+workers inherit it), the first signal creates that file, and a client's local training
+calls :func:`check_client` between micro-batches, so a round of many minutes (SmolLM2 on
+CPU) ends within one micro-batch instead of running to its end. A flag would not do: the
+clients are other processes. Deployed clients own their machines and finish their round.
 """
 
 from __future__ import annotations
@@ -18,14 +24,19 @@ from collections.abc import Iterator
 
 STOP = threading.Event()
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
+STOP_FILE_ENV = "FEDLORA_STOP_FILE"  # a simulation's clients stop their local training once this file exists
 FIRST_CTRL_C = (
-    "\nstopping: the run stops once the clients' current round is in (the folder stays resumable); "
-    "Ctrl-C again to stop now\n"
+    "\nstopping: the clients stop at their next step, the run keeps its last finished round (the folder stays "
+    "resumable); Ctrl-C again to stop now\n"
 )
 
 
 class Interrupted(Exception):
     """The run was asked to stop (Ctrl-C or SIGTERM)."""
+
+
+class ClientStopped(Exception):
+    """A client's local training ended early: its run is stopping (the round is not aggregated)."""
 
 
 class Signals:
@@ -39,6 +50,7 @@ class Signals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
         STOP.set()
+        tell_clients()
         if signum == signal.SIGINT:  # said at once: the stop itself waits for the server's next wait
             os.write(2, FIRST_CTRL_C.encode())
 
@@ -51,6 +63,39 @@ def check() -> None:
     """Raise :class:`Interrupted` once a stop was asked for."""
     if STOP.is_set():
         raise Interrupted("stopped by a signal")
+
+
+def tell_clients() -> None:
+    """Create the stop file the clients check (where this process named one)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def check_client() -> None:
+    """In a client's training loop: raise :class:`ClientStopped` once its simulation is stopping."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if path and os.path.exists(path):
+        raise ClientStopped("the run is stopping (Ctrl-C or SIGTERM)")
+
+
+@contextlib.contextmanager
+def stop_file() -> Iterator[None]:
+    """While inside, :data:`STOP_FILE_ENV` names a fresh stop file (removed on leaving); for the
+    processes started inside (Ray's workers) to inherit."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="fedlora-stop-")
+    os.environ[STOP_FILE_ENV] = path = os.path.join(folder, "stop")
+    try:
+        yield
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+        with contextlib.suppress(OSError):
+            if os.path.exists(path):
+                os.remove(path)
+            os.rmdir(folder)
 
 
 @contextlib.contextmanager

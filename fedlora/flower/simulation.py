@@ -15,7 +15,7 @@ import sys
 
 from fedlora.config.app import run_config_for
 from fedlora.config.run import RunConfig
-from fedlora.federation.stopping import Interrupted, Signals, stop_on_signals
+from fedlora.federation.stopping import STOP_FILE_ENV, Interrupted, Signals, stop_file, stop_on_signals
 from fedlora.flower.client_app import make_client_app
 from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
 
@@ -30,12 +30,10 @@ def run_flower_simulation(
     """Run ``cfg`` on ``cfg.clients`` virtual SuperNodes; ``on_round(row)`` after every round's metrics row,
     ``on_progress(replies, messages)`` as a round's replies arrive.
 
-    Returns the signal that stopped the run, if one did: Ctrl-C or SIGTERM stop it at the
-    server's next wait (:mod:`fedlora.federation.stopping`), Ray is shut down, and the output folder
-    holds the last finished round's checkpoint and metrics.
+    Returns the signal that stopped the run, if one did: Ctrl-C or SIGTERM stop the clients at their
+    next micro-batch and the server at its next wait (:mod:`fedlora.federation.stopping`), Ray is shut
+    down, and the output folder holds the last finished round's checkpoint and metrics.
     """
-    from flwr.simulation import run_simulation
-
     from fedlora.learning.model import set_threads
 
     run_config = run_config_for(cfg)
@@ -47,7 +45,15 @@ def run_flower_simulation(
         "init_args": init_args,
     }
     set_threads(cfg.simulation.num_cpus)  # the server's evaluation, beside the clients
-    init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
+    with stop_file():  # named before Ray starts, so that its workers inherit it
+        init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
+        return _run(cfg, run_config, backend, verbose=verbose, on_round=on_round, on_progress=on_progress)
+
+
+def _run(cfg: RunConfig, run_config: dict, backend: dict, *, verbose: bool, on_round: RoundCallback | None,
+         on_progress: ProgressCallback | None) -> Signals:  # fmt: skip
+    from flwr.simulation import run_simulation
+
     with stop_on_signals() as signals:
         try:
             run_simulation(
@@ -74,7 +80,10 @@ def init_ray(init_args: dict) -> None:
     # Ray's workers inherit the environment, not this process's sys.path
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+    env = {"PYTHONPATH": pythonpath}
+    if STOP_FILE_ENV in os.environ:  # the clients' stop file (:mod:`fedlora.federation.stopping`)
+        env[STOP_FILE_ENV] = os.environ[STOP_FILE_ENV]
+    ray.init(runtime_env={"env_vars": env}, include_dashboard=False, **init_args)
 
 
 def shutdown_ray() -> None:

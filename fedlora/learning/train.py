@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedlora.config.groups import TrainConfig
+from fedlora.federation import stopping
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def train_steps(
                 piece = piece * share
             piece.backward()  # (under DP with ghost clipping, Opacus's loss object: it runs both passes)
             loss += piece.item()
+            stopping.check_client()  # a stopping simulation: end the round now, not after its last step
         optimizer.step()
         skipped = getattr(optimizer, "_is_last_step_skipped", False)  # Opacus's DPOptimizer, mid logical batch
         optimizer.zero_grad(set_to_none=True)

@@ -52,18 +52,20 @@ def cmdline(pid: int) -> str:
         return f"{pid} (gone)"
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path: Path, signum: int, code: int) -> None:
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *RUN, "rounds=50", f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(out: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *RUN, *overrides, f"output_dir={out}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_rows(proc: subprocess.Popen, out: Path, rows: int) -> None:
     deadline = time.monotonic() + 240
-    while not ((out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) >= 3):
+    while not ((out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) >= rows + 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.2)  # round 1 is done: Ray and its workers are up, round 2 is running
-    below = descendants(proc.pid)
-    assert below  # Ray's processes
-    seen = len((out / "metrics.csv").read_text().splitlines()) - 2  # the last finished round
+        time.sleep(0.2)
+
+
+def stops_cleanly(proc: subprocess.Popen, signum: int, code: int, below: list[int]) -> str:
+    """Send ``signum``; the run exits with ``code`` and leaves no process. Returns its output."""
     proc.send_signal(signum)
     try:
         # a bound against a hang, not a speed test: a busy machine (a deployment test on the other
@@ -79,15 +81,44 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path: Path, signum: i
     while (left := [pid for pid in below if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == [], [cmdline(pid) for pid in left]
+    return output
 
+
+def rounds_of(out: Path) -> list[int]:
     with (out / "metrics.csv").open() as f:
-        rounds = [int(r["round"]) for r in csv.DictReader(f)]
+        return [int(r["round"]) for r in csv.DictReader(f)]
+
+
+def test_sigterm_stops_the_run_cleanly_between_rounds_and_it_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = start(out, "rounds=50")
+    wait_for_rows(proc, out, 2)  # round 1 is done: Ray and its workers are up, round 2 is running
+    below = descendants(proc.pid)
+    assert below  # Ray's processes
+    seen = len((out / "metrics.csv").read_text().splitlines()) - 2  # the last finished round
+    stops_cleanly(proc, signal.SIGTERM, 143, below)
+    rounds = rounds_of(out)
     assert rounds == list(range(rounds[-1] + 1))  # whole rows, no gap
     # it stopped at the server's next wait: at most the round running when the signal came (and one
     # more that finished between reading the file and sending) was written, not the other 40-odd
     assert rounds[-1] <= seen + 2, (seen, rounds[-1])
     # resumable: it continues after the last finished round
     assert main(["simulate", *RUN, f"rounds={rounds[-1] + 1}", "server.resume=true", f"output_dir={out}"]) == 0
-    with (out / "metrics.csv").open() as f:
-        assert [int(r["round"]) for r in csv.DictReader(f)] == list(range(rounds[-1] + 2))
+    assert rounds_of(out) == list(range(rounds[-1] + 2))
     assert f"resuming after round {rounds[-1]}" in (out / "server.log").read_text()
+
+
+def test_ctrl_c_stops_the_clients_in_the_middle_of_a_round(tmp_path: Path) -> None:
+    """A round of 10^6 local steps (hours): the first Ctrl-C says at once what happens, the clients stop at
+    their next micro-batch (they see the stop file), and the run ends with round 0 kept. Flower's reports of
+    the stopped client rounds are not shown."""
+    out = tmp_path / "run"
+    proc = start(out, "rounds=2", "train.local_steps=1000000", "train.personal_eval=false")
+    wait_for_rows(proc, out, 1)  # round 0's evaluation is written: round 1's clients are starting
+    below = descendants(proc.pid)
+    time.sleep(3)  # into their local steps
+    output = stops_cleanly(proc, signal.SIGINT, 130, below)
+    assert "the clients stop at their next step" in output and "Ctrl-C again to stop now" in output, output
+    assert "ClientStopped" not in output and "ERROR" not in output, output
+    assert rounds_of(out) == [0]
+    assert "interrupted after round 0 of 2" in output

@@ -31,6 +31,7 @@ class ClientData:
         self._tokenised: dict[int, Any] = {}
         self._offsets: dict[int, torch.Tensor] = {}  # partition -> its logit adjustment
         self._lengths: dict[int, list[int]] = {}  # partition -> token count of each example
+        self._personal_tests: dict[int, Any] = {}  # partition -> its test shard, ready to evaluate
 
     @cached_property
     def splits(self) -> Splits:
@@ -72,13 +73,15 @@ class ClientData:
         return self.test_shards[0 if self.num_partitions == 1 else partition_id]
 
     def personal_test_batches(self, partition_id: int) -> Any:
-        """What the task evaluates client ``partition_id``'s model on: its test shard."""
-        rows = self.test_shard(partition_id)
-        train = self.cfg.train
-        return self.task.evaluation_data(
-            self.splits.test.select(rows), self.tokenizer, max_len=train.max_seq_len, labels=self.splits.label_names,
-            batch_size=train.eval_batch_size,
-        )  # fmt: skip
+        """What the task evaluates client ``partition_id``'s model on: its test shard (tokenised once per
+        process, then reused every evaluated round)."""
+        if partition_id not in self._personal_tests:
+            rows, train = self.test_shard(partition_id), self.cfg.train
+            self._personal_tests[partition_id] = self.task.evaluation_data(
+                self.splits.test.select(rows), self.tokenizer, max_len=train.max_seq_len,
+                labels=self.splits.label_names, batch_size=train.eval_batch_size,
+            )  # fmt: skip
+        return self._personal_tests[partition_id]
 
     def rows(self, partition_id: int) -> list[int]:
         """Client ``partition_id``'s rows of the training split: its partition, or all of them when the

@@ -134,6 +134,8 @@ def wire(numbers: int, arrays: int) -> int:
 FORMULAS = {
     "ffa_lora": ((MODULES * D * RANK + HEAD, MODULES + 2), (MODULES * D * RANK + HEAD, MODULES + 2)),
     "fedsvd": ((MODULES * D * RANK + HEAD, MODULES + 2), (MODULES * 2 * D * RANK + HEAD, 2 * MODULES + 2)),
+    # RoLoRA: one factor up (B in round 1, A in round 2: both D x r here); both down.
+    "rolora": ((MODULES * D * RANK + HEAD, MODULES + 2), (MODULES * 2 * D * RANK + HEAD, 2 * MODULES + 2)),
     # Fed-SB: R up; R down plus, once per node, the fixed A and B.
     "fed_sb": (
         (MODULES * RANK * RANK + HEAD, MODULES + 2),

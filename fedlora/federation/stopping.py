@@ -9,8 +9,9 @@ driver makes SIGTERM a bare ``sys.exit``); see :func:`fedlora.flower.simulation`
 
 The clients hear it too: a simulation names a stop file in :data:`STOP_FILE_ENV` (Ray's
 workers inherit it), the first signal creates that file, and a client's local training
-calls :func:`check_client` between micro-batches, so a round of many minutes (SmolLM2 on
-CPU) ends within one micro-batch instead of running to its end. A flag would not do: the
+calls :func:`check_client` in every layer's forward and backward pass
+(:func:`fedlora.learning.train.stop_checks`), so a round of many minutes (SmolLM2 on CPU)
+ends within a fraction of a step instead of running to its end. A flag would not do: the
 clients are other processes. Deployed clients own their machines and finish their round.
 """
 
@@ -71,6 +72,11 @@ def tell_clients() -> None:
     if path:
         with contextlib.suppress(OSError):
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def stop_file_named() -> bool:
+    """Whether this process runs in a simulation that names a stop file for its clients."""
+    return bool(os.environ.get(STOP_FILE_ENV))
 
 
 def check_client() -> None:

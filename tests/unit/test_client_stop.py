@@ -1,0 +1,74 @@
+"""A stopping simulation's clients end their step inside a layer (fedlora.learning.train.stop_checks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedlora.federation import stopping
+from fedlora.learning.train import stop_checks, train_steps
+
+
+class Stack(nn.Module):
+    """Three blocks in a ModuleList, as a transformer holds its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = input_ids.float()
+        for layer in self.layers:
+            self.calls += 1
+            x = layer(x)
+        return x.square().mean()
+
+
+def hooks(model: Stack) -> int:
+    return sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in model.layers)
+
+
+def test_outside_a_simulation_nothing_is_hooked(monkeypatch) -> None:
+    monkeypatch.delenv(stopping.STOP_FILE_ENV, raising=False)
+    model = Stack()
+    with stop_checks(model):
+        assert hooks(model) == 0
+    stopping.check_client()  # no stop file named: never raises
+
+
+def test_the_stop_file_ends_a_forward_or_backward_pass_within_a_layer(monkeypatch, tmp_path) -> None:
+    stop = tmp_path / "stop"
+    monkeypatch.setenv(stopping.STOP_FILE_ENV, str(stop))
+    model = Stack()
+    with stop_checks(model):
+        assert hooks(model) == 6
+        loss = model(torch.ones(2, 4))  # no stop file yet: the pass runs
+        stop.touch()  # Ctrl-C in the driver
+        with pytest.raises(stopping.ClientStopped):
+            loss.backward()  # stopped at the last block's backward, before any weight's gradient
+        assert all(layer.weight.grad is None for layer in model.layers)
+        model.calls = 0
+        with pytest.raises(stopping.ClientStopped):
+            model(torch.ones(2, 4))
+        assert model.calls == 1  # the first block's check stopped it
+    assert hooks(model) == 0  # removed on leaving
+
+
+def test_a_round_stops_at_once_and_runs_whole_without_a_stop(monkeypatch, tmp_path) -> None:
+    stop = tmp_path / "stop"
+    monkeypatch.setenv(stopping.STOP_FILE_ENV, str(stop))
+    model = Stack()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = iter(lambda: {"input_ids": torch.ones(2, 4, dtype=torch.long)}, None)
+
+    def loss_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(batch["input_ids"])
+
+    result = train_steps(model, batches, loss_fn=loss_fn, optimizer=opt, steps=3, device=torch.device("cpu"))
+    assert result.steps == 3
+    stop.touch()
+    with pytest.raises(stopping.ClientStopped):
+        train_steps(model, batches, loss_fn=loss_fn, optimizer=opt, steps=10**6, device=torch.device("cpu"))
+    assert hooks(model) == 0

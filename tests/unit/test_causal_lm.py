@@ -164,3 +164,14 @@ def test_the_round_line_of_instruction_data_shows_loss_and_perplexity() -> None:
     line = round_line(row, 2)
     assert "loss 2.5000 ppl 12.2" in line and "acc -" not in line
     assert "not evaluated" in round_line({"round": 1, "wall_s": 1.0}, 2)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny_llama"])
+def test_a_decoder_preset_brings_a_sequence_length_its_prompts_fit(model: str) -> None:
+    """At train.max_seq_len=64 a labelled text's prompt template left no room for a response (exit 2); the
+    decoder presets bring 128, and a command-line value still wins."""
+    from fedlora.cli import main
+
+    assert compose([f"model={model}"])[0].train.max_seq_len == 128
+    assert compose([f"model={model}", "train.max_seq_len=96"])[0].train.max_seq_len == 96
+    assert main(["simulate", f"model={model}", "--dry-run"]) == 0  # the labelled default data: its room check

@@ -136,11 +136,15 @@ def round_lines(rounds: int) -> Iterator[tuple[RowCallback, Callable[[int, int],
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
     plain = not console.console.is_terminal
+    starting = "starting Ray and the clients (the first round also loads the model in each)"
+    if plain:
+        console.console.print(starting + "...")
     with Progress(*columns, console=console.console, transient=True, disable=plain) as progress:
-        task = progress.add_task("rounds", total=rounds)
+        task = progress.add_task(starting, total=rounds)
         clients = progress.add_task("clients", total=None, visible=False)
 
         def on_round(row: dict[str, Any]) -> None:
+            progress.update(task, description="rounds")
             progress.console.print(console.round_line(row, rounds))
             progress.update(clients, visible=False)
             if row["round"] > 0:

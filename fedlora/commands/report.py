@@ -154,6 +154,25 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+CHANCE_MARGIN = 0.05  # a cell within this of 1 / classes has learned nothing one could compare
+
+
+def at_chance(cells: list[CellResult]) -> str | None:
+    """The warning a report leads with when every cell ends within ``CHANCE_MARGIN`` of chance (None: some
+    cell learned, or the number of classes is unknown)."""
+    classes = {c.labels for c in cells}
+    if None in classes or len(classes) != 1 or not cells:
+        return None
+    (k,) = classes
+    if any(abs(c.final - 1 / k) > CHANCE_MARGIN for c in cells):
+        return None
+    return (
+        f"Every cell ends within {CHANCE_MARGIN * 100:.0f} points of chance (1/{k} = {1 / k:.3f}): nothing here "
+        "learned, so the differences between cells are noise. Train longer (rounds, train.local_steps), or use "
+        "a model and data that learn (docs/usage.md)."
+    )
+
+
 def write_report(folder: Path) -> Path:
     """report.md and report.html (and the PNGs) for the sweep in ``folder``; returns the HTML's path."""
     folder = Path(folder)
@@ -192,7 +211,9 @@ def write_report(folder: Path) -> Path:
         "degrees of freedom); with one seed the accuracy is that run's (no interval). The centralised reference "
         "trains plain LoRA on the pooled data, without DP, for as many optimizer steps as a federated run."
     )
-    md = [f"# {title}", ""] + [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
+    warning = at_chance(cells)
+    md = [f"# {title}", ""] + ([f"**{warning}**", ""] if warning else [])
+    md += [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in body]
     versus = comparisons(cells)
@@ -219,6 +240,7 @@ img {{ max-width: 100%; margin: 1em 0; border: 1px solid #eee; }}
 code {{ background: #f6f6f6; padding: 1px 4px; }}
 </style></head><body>
 <h1>{title}</h1>
+{f"<p><b>{html.escape(warning)}</b></p>" if warning else ""}
 <ul>{facts_html}</ul>
 <p>{html.escape(notes)}</p>
 <table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead>

@@ -148,3 +148,24 @@ def test_the_table_shows_personalised_accuracy_and_traffic_each_way_when_measure
     assert rows["fedavg"][4:6] == ["-", "-"] and rows["fedavg"][-1] == "300 B"
     plain, _ = table([cell("fedavg", 0, None)])
     assert "worst 10% of clients" not in plain
+
+
+def test_a_report_whose_every_cell_is_at_chance_says_so_first(tmp_path: Path) -> None:
+    """Four classes (chance 0.25): cells ending at 0.235-0.29 learned nothing, and the report leads with
+    that; one cell at 0.40 is enough for no warning."""
+    from fedlora.outputs.run_folder import ADAPTER_DIR, EXPORT_LABELS
+
+    def cells(root: Path, finals: list[float]) -> Path:
+        for seed, final in enumerate(finals):
+            fake_cell(root, "fedavg", math.inf, seed, [0.25, final], eps=None)
+            adapter = root / "cells" / Cell("fedavg", math.inf, seed).name / ADAPTER_DIR
+            adapter.mkdir()
+            (adapter / EXPORT_LABELS).write_text(json.dumps(["a", "b", "c", "d"]))
+        return root
+
+    write_report(cells(tmp_path / "chance", [0.235, 0.29, 0.26]))
+    md = (tmp_path / "chance" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**Every cell ends within 5 points of chance (1/4 = 0.250)")
+    assert "Every cell ends within" in (tmp_path / "chance" / "report.html").read_text()
+    write_report(cells(tmp_path / "learned", [0.235, 0.40]))
+    assert "chance" not in (tmp_path / "learned" / "report.md").read_text().split("|")[0]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import lora
 from fedlora.config.app import from_run_config
 from fedlora.config.run import RunConfig
 from fedlora.federation.folding import catch_up
@@ -25,6 +27,8 @@ from fedlora.learning import gradient_init
 from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Tensors
 from fedlora.outputs.console import quiet_libraries
+from fedlora.outputs.export import export_adapter
+from fedlora.outputs.run_folder import PERSONAL_DIR
 from fedlora.privacy.accounting import Step
 
 
@@ -131,6 +135,8 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
     base = base_delta(msg, context, scaling=worker.strategy.scaling)
     result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context))
+    if config.get(records.EXPORT_PERSONAL) and worker.adapted.protocol.personal:
+        export_personal(worker, pid, result)
     metrics = MetricRecord({
         records.PARTITION_ID: pid, records.ROUND_NONCE: int(config[records.ROUND_NONCE]),
         records.PERSONAL_ACCURACY: float(result.get("accuracy", 0.0)),
@@ -160,6 +166,15 @@ class Ledger:
 
     def save(self) -> None:
         self.context.state[records.PRIVACY] = records.ledger_record(self.history)
+
+
+def export_personal(worker: Worker, pid: int, result: dict[str, float]) -> Path:
+    """This client's own model (the shared tensors with its personal ones, as it just evaluated it) as an
+    export in ``<output_dir>/personal/partition_<pid>`` on this node's disk; nothing of it is sent."""
+    folder = Path(worker.cfg.output_dir or "outputs/serverapp") / PERSONAL_DIR / f"partition_{pid}"
+    state = lora.read(worker.adapted.params)
+    summary = {"partition": pid, "personal_accuracy": result.get("accuracy"), "test_examples": result["examples"]}
+    return export_adapter(worker, state, folder, summary=summary)
 
 
 def personal_tensors(context: Context) -> Tensors | None:

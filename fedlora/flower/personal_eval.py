@@ -60,13 +60,15 @@ def read_reply(m: Message, pid: int, nonce: int) -> float | str:
     return float(accuracy) if examples > 0 else "an empty test shard"
 
 
-def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int) -> dict[str, float]:
-    """Every connected node's personalised accuracy after ``server_round``, summarised (empty: none replied)."""
+def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int, *, export: bool = False) -> dict[str, float]:
+    """Every connected node's personalised accuracy after ``server_round``, summarised (empty: none replied).
+    ``export``: each node also writes the model it evaluated to its own disk (its personal tensors stay there)."""
     online = set(grid.get_node_ids())
     chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online and node.responsive]
     nonce = secrets.randbits(62)
     fixed = rounds.strategy.fixed(rounds.state)
     config = round_config(server_round, nonce, fixed, labels=rounds.label_names, clients=rounds.cfg.clients)
+    config[records.EXPORT_PERSONAL] = export
     stats = RoundStats()  # its own: bytes_down counts the training messages
     outgoing = train_messages(
         chosen, rounds.protocol.download(rounds.state), fixed, config, fold_log=rounds.fold_log,

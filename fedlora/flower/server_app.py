@@ -164,7 +164,8 @@ def _run_server(
         base = rounds.fold_log.delta
         evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
         if due and personal:
-            evaluation |= personal_round(rounds, grid, server_round)
+            last = server_round == cfg.rounds and bool(rounds.protocol.personal)  # FedSA-LoRA's own models
+            evaluation |= personal_round(rounds, grid, server_round, export=last)
         save_checkpoint(out, rounds.state | base, server_round=server_round, meta=checkpoint_meta(rounds))
         if moments := rounds.server_opt.state_tensors():
             save_tensors(out / SERVER_OPTIMIZER, moments)

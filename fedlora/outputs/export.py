@@ -158,6 +158,12 @@ def model_card(meta: dict[str, Any], base: str):
         if run.get("privacy.unsafe_seeded_randomness"):
             privacy += " (NOT PRIVATE: seeded noise)"
     accuracy = summary.get("test_accuracy")
+    result = f"Final test accuracy: {f'{accuracy:.4f}' if accuracy is not None else 'not evaluated'}"
+    if "partition" in summary:  # a client's own model (FedSA-LoRA), written by its node
+        own = summary.get("personal_accuracy")
+        result = (f"Client {summary['partition']}'s own model: the shared adapter with this client's personal "
+                  f"tensors, which never left it. Accuracy on its own test shard ({summary.get('test_examples')} "
+                  f"texts): {f'{own:.4f}' if own is not None else 'not evaluated'}")  # fmt: skip
     pretrained = meta["model"]["pretrained"]
     mean_pooled = meta["model"].get("pooling", "cls") == "mean"
     load = (
@@ -196,7 +202,7 @@ Trained with fedlora {meta["fedlora"]}: strategy `{run.get("strategy.name")}`, {
 (partition `{run.get("partition.name")}`), model `{meta["model"]["name"]}` (base: `{base}`), LoRA rank
 {run.get("lora.rank")} on {run.get("lora.target_modules")}. Privacy: {privacy}.
 
-Final test accuracy: {f"{accuracy:.4f}" if accuracy is not None else "not evaluated"}; labels: {", ".join(labels)}.
+{result}; labels: {", ".join(labels)}.
 
 ## Use it
 

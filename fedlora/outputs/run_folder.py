@@ -27,6 +27,7 @@ RUN_CONFIG = "run_config.json"
 HYDRA = ".hydra"  # Hydra's own record: config.yaml and overrides.yaml
 HYDRA_OVERRIDES = "overrides.yaml"
 ADAPTER_DIR = "adapter"
+PERSONAL_DIR = "personal"  # personal/partition_<k>: client k's own model (FedSA-LoRA), written by its node
 TENSORBOARD = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"

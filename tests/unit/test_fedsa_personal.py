@@ -61,6 +61,24 @@ def test_fedsa_lora_b_never_leaves_a_client_and_stays_personal(tmp_path: Path) -
     table = rows(tmp_path)
     assert all(r["personal_accuracy"] and r["personal_worst10"] for r in table)
     assert float(table[-1]["personal_worst10"]) <= float(table[-1]["personal_accuracy"])
+    # Each node wrote its own model after the last round: the global A and head with its own B.
+    from fedlora.outputs.export import load_exported
+
+    global_state = {AdapterKey.parse(k): v for k, v in checkpoint.items()}
+    for node, b in kept.items():
+        pid = int(grid.contexts[node].node_config[records.PARTITION_ID])
+        folder = tmp_path / "personal" / f"partition_{pid}"
+        assert "Client %d's own model" % pid in (folder / "README.md").read_text()
+        exported = load_file(folder / "adapter_model.safetensors")
+        model = load_exported(folder)  # loads as any export does
+        assert model is not None
+        for key, value in b.items():  # peft's names: ...lora_B.weight
+            name = next(n for n in exported if key.module in n and "lora_B" in n)
+            assert torch.equal(exported[name], value), key
+        for key, value in global_state.items():
+            if key.role is Role.A:
+                name = next(n for n in exported if key.module in n and "lora_A" in n)
+                assert torch.equal(exported[name], value), key
 
 
 def test_a_node_sampled_for_the_first_time_starts_from_the_initial_b(make_config) -> None:

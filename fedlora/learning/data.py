@@ -46,8 +46,7 @@ def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | No
     elif cfg.path is not None:
         raw = load_files(cfg, seed=seed)
     else:
-        raw = load_dataset(cfg.hub_name)  # needs the network; fails clearly when offline
-        raw = DatasetDict({"train": raw[cfg.train_split], "test": raw[cfg.test_split]})
+        raw = from_hub(cfg)
     splits = _normalise(raw, cfg)
     if label_names is not None and splits.label_names != tuple(label_names):
         splits = Splits(
@@ -60,6 +59,24 @@ def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | No
     if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
         test = test.shuffle(seed=seed).select(range(cfg.max_test_examples))
     return Splits(train, test, splits.label_names)
+
+
+def from_hub(cfg: DataConfig) -> DatasetDict:
+    """``data.hub_name``'s train and test splits through ``datasets`` (the network once, then its cache);
+    unreachable or unknown: one line that says what to do."""
+    try:
+        raw = load_dataset(cfg.hub_name)
+    except (ConnectionError, OSError, ValueError) as err:  # offline, unknown repo, no such config
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"data.hub_name={cfg.hub_name} could not be loaded ({reason}): without a network, fetch it once where "
+            "there is one (datasets caches it), or give data.path to the files"
+        ) from None
+    missing = [s for s in (cfg.train_split, cfg.test_split) if s not in raw]
+    if missing:
+        raise ConfigError(f"data.hub_name={cfg.hub_name} has no split(s) {missing}; its splits: {list(raw)} "
+                          "(data.train_split, data.test_split)")  # fmt: skip
+    return DatasetDict({"train": raw[cfg.train_split], "test": raw[cfg.test_split]})
 
 
 def load_calibration(cfg: DataConfig, path: str, *, label_names: tuple[str, ...]) -> Dataset:

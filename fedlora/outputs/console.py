@@ -282,8 +282,12 @@ def quiet_libraries() -> None:
     # Ray's notice about a future default; num_gpus=0 must keep hiding GPUs, as it does now.
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # the Hub client's retries when it is unreachable (five warnings over 23 s offline) end in an error that
+    # fedlora states in one line
+    huggingface_hub.utils.logging.set_verbosity_error()

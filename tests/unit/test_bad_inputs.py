@@ -149,3 +149,20 @@ def test_an_unquoted_value_hydra_cannot_read_gets_the_quoting_that_works(capsys)
     assert 'quote it, data.text_column="Überschrift (de)"' in err and "LexerNoViableAlt" not in err
     quoted = run(capsys, 'data.text_column="Überschrift (de)"')  # the quoting it suggests is read
     assert "is not a column of the data" in quoted
+
+
+def test_a_preset_without_its_files_names_the_public_set_and_an_unreachable_hub_is_one_line(
+    capsys, monkeypatch
+) -> None:
+    """A fresh clone has no ../shared: data=sst2 says where the data can come from; fetching it from the
+    Hub without a network (HF_HUB_OFFLINE here) is one line that says what to do, not datasets' traceback."""
+    out = run(capsys, "data=sst2")
+    assert "data.path is required for data=sst2" in out and "data.hub_name=stanfordnlp/sst2" in out
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: as the env var would
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    out = run(capsys, "data=ag_news", "data.hub_name=fancyzhx/ag_news")
+    assert out.startswith("error: data.hub_name=fancyzhx/ag_news could not be loaded")
+    assert "give data.path to the files" in out and "Traceback" not in out

@@ -87,7 +87,8 @@ def run_bench(args: argparse.Namespace) -> int:
     run_grid(args, name="privacy", preset=args.name, out=out, results=results)
     if any((out / "cells").glob("*/*/*/cell.json")):
         console.print(f"report: {write_report(out)}")
-    console.print(f"results: {results}\n{render(results)}")
+    if results.is_file():  # none when no cell has finished yet
+        console.print(f"results: {results}\n{render(results)}")
     return 0
 
 

@@ -154,6 +154,29 @@ def table(cells: list[CellResult]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def write_table_files(folder: Path, header: list[str], body: list[list[str]]) -> None:
+    """The report's table as ``report.csv`` and as a LaTeX ``tabular`` (booktabs) in ``report.tex``."""
+    import csv
+
+    with (folder / "report.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(body)
+
+    def tex(text: str) -> str:
+        for plain, escaped in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"),
+                               ("#", "\\#")):  # fmt: skip
+            text = text.replace(plain, escaped)
+        return text.replace("±", "$\\pm$")
+
+    columns = "l" + "r" * (len(header) - 1)
+    lines = ["% fedlora sweep report (needs \\usepackage{booktabs})", f"\\begin{{tabular}}{{{columns}}}",
+             "\\toprule", " & ".join(tex(h) for h in header) + " \\\\", "\\midrule"]  # fmt: skip
+    lines += [" & ".join(tex(v) for v in row) + " \\\\" for row in body]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    (folder / "report.tex").write_text("\n".join(lines) + "\n")
+
+
 CHANCE_MARGIN = 0.05  # a cell within this of 1 / classes has learned nothing one could compare
 
 
@@ -216,6 +239,7 @@ def write_report(folder: Path) -> Path:
     md += [f"- **{k}**: `{v}`" for k, v in facts] + ["", notes, ""]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in body]
+    write_table_files(folder, header, body)
     versus = comparisons(cells)
     if versus:
         md += ["", "Against FedAvg, final accuracy on paired seeds (an ordering only where the interval excludes 0):"]

@@ -3,7 +3,8 @@ round (the mean over seeds with its interval as a band), and against the cumulat
 
 One encoding throughout: colour is the strategy, the marker and line style the strategy too, so a
 figure reads in grey; markers of strategies at the same epsilon are set slightly apart so that none
-hides another.
+hides another. Each figure is written as PNG (the HTML embeds it) and as PDF and SVG (vector, for a
+paper), with no title baked in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from fedlora.outputs.stats import t_interval
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "accuracy_vs_upload.png")
+VECTOR = (".pdf", ".svg")  # each figure also in these formats, beside its PNG
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), (0, (5, 2, 1, 2)))
 CENTRALISED = "centralised"  # the sweep's reference cell (fedlora.commands.sweep.CENTRALISED)
@@ -38,6 +40,14 @@ def plot(cells: list[Any], folder: Path) -> None:
     _accuracy_vs_epsilon(plt, cells, federated, strategies, style, folder / PLOTS[0])
     _accuracy_vs_round(plt, cells, style, folder / PLOTS[1])
     _accuracy_vs_upload(plt, federated, style, folder / PLOTS[2])
+
+
+def _save(plt, fig, path: Path, *, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    for suffix in VECTOR:
+        fig.savefig(path.with_suffix(suffix))
+    plt.close(fig)
 
 
 def _accuracy_vs_epsilon(plt, cells, federated, strategies, style, path: Path) -> None:
@@ -73,9 +83,7 @@ def _accuracy_vs_epsilon(plt, cells, federated, strategies, style, path: Path) -
     ax.set(xlabel=f"epsilon per client (log scale; {bars})", ylabel="final test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
 
 
 def _accuracy_vs_round(plt, cells, style, path: Path) -> None:
@@ -102,9 +110,7 @@ def _accuracy_vs_round(plt, cells, style, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test accuracy (band: 95% t interval)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
 
 
 def _accuracy_vs_upload(plt, federated, style, path: Path) -> None:
@@ -120,6 +126,4 @@ def _accuracy_vs_upload(plt, federated, style, path: Path) -> None:
     ax.set(xlabel="cumulative upload, all clients (MB)", ylabel="test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)

@@ -42,8 +42,14 @@ def test_the_report_tables_mean_and_a_t_interval_over_seeds_and_writes_its_files
     fake_cell(tmp_path, "fedavg", math.inf, 0, [0.25, 0.7, 0.9], eps=None)
     page = write_report(tmp_path)
     assert page == tmp_path / "report.html"
-    for name in ("report.md", *PLOTS):
+    for name in ("report.md", "report.csv", "report.tex", *PLOTS):
         assert (tmp_path / name).stat().st_size > 0
+    for name in PLOTS:  # vector copies for a paper
+        assert (tmp_path / name).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+        assert b"<svg" in (tmp_path / name).with_suffix(".svg").read_bytes()[:2000]
+    tex = (tmp_path / "report.tex").read_text()
+    assert "\\begin{tabular}" in tex and "fedavg & 1 & 2 & 0.700 $\\pm$ 1.271 & 0.700 & 0.980 & 0 & 2.00 KB" in tex
+    assert "fedavg,1,2,0.700 ± 1.271,0.700,0.980,0,2.00 KB" in (tmp_path / "report.csv").read_text()
     md = (tmp_path / "report.md").read_text()
     # [0.6, 0.8]: mean 0.7, s = 0.1414, half-width t_{0.975,1} s / sqrt(2) = 12.706 x 0.1 = 1.271
     assert "| fedavg | 1 | 2 | 0.700 ± 1.271 | 0.700 | 0.980 | 0 | 2.00 KB |" in md

@@ -240,6 +240,7 @@ class NetnsFederation:
                    name: str | None = None) -> int:  # fmt: skip
         args = ["--superlink", superlink or self.superlink, "--ca", str(self.certs / "ca.crt")]
         args += ["--key", str(self.certs / f"node-{i}"), "--partition-id", str(i), "--num-partitions", str(self.nodes)]
+        args += ["--port", str(9094 + i)]  # as on one host (docs/deployment.md); each node has its own address here
         args += ["--max-retries", str(max_retries)] if max_retries is not None else []
         return self.start(f"node-{i}", self.deploy("supernode", *args), name=name)
 

@@ -39,7 +39,8 @@ def add_parser(sub: Any) -> None:
         help="the address to listen on (default: this machine only); nodes on other hosts need one they reach, "
         "e.g. this machine's address or 0.0.0.0: the Control API is then reachable there too",
     )  # fmt: skip
-    link.add_argument("--port", type=int, default=8000)
+    link.add_argument("--port", type=int, default=8000, help="the one port of the Fleet, Control and Runtime APIs "
+                      "(default: 8000)")  # fmt: skip
     link.add_argument("--database", type=Path, default=None, help="keep the SuperLink's state in this file")
     link.set_defaults(handler=superlink)
     connection = steps.add_parser("connection", help="save the SuperLink's address and CA for flwr ($FLWR_HOME)")
@@ -58,7 +59,8 @@ def add_parser(sub: Any) -> None:
     node.add_argument("--partition-id", type=int, required=True, help="this client's id, 0..clients-1")
     node.add_argument("--num-partitions", type=int, default=None, help="parts of the data (1: all this node's)")
     node.add_argument("--data-path", default=None, help="this machine's data file or folder")
-    node.add_argument("--port", type=int, default=9094, help="the node's local ClientApp API port")
+    node.add_argument("--port", type=int, default=9094, help="the node's local ClientApp API port (default: 9094; "
+                      "several nodes on one host need distinct ports)")  # fmt: skip
     node.add_argument("--max-retries", type=int, default=None, help="give up after this many failed connections")
     node.set_defaults(handler=supernode)
     run = steps.add_parser("run", help="submit a run: Hydra overrides -> the App's run config -> flwr run")

@@ -101,11 +101,14 @@ def honest(run_config: dict) -> ClientApp:
 
 def attacker(
     run_config: dict,
-    corrupt: Callable[[int, Records], Records | None],
+    corrupt: Callable[..., Records | None],
     answer: Callable[[int, Message], Message] = lambda rnd, msg: msg,
+    *,
+    sees_message: bool = False,
 ) -> ClientApp:
     """A ClientApp that computes its honest reply, then ``corrupt(round, records)`` (None: it fails), sent as the
-    reply to ``answer(round, message)`` (default: the message it got)."""
+    reply to ``answer(round, message)`` (default: the message it got). ``sees_message``: ``corrupt(round,
+    records, message)``, the message it trained on too."""
     from fedlora.config.app import from_run_config
 
     app = ClientApp()
@@ -118,7 +121,8 @@ def attacker(
     def _train(msg: Message, context: Context) -> Message:
         reply = client_app.train(msg, context, from_run_config(run_config))
         rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
-        changed = corrupt(rnd, dict(reply.content.items()))
+        records_ = dict(reply.content.items())
+        changed = corrupt(rnd, records_, msg) if sees_message else corrupt(rnd, records_)
         if changed is None:
             raise RuntimeError("the attacker's node fails")
         return Message(RecordDict(changed), reply_to=answer(rnd, msg))
@@ -203,26 +207,17 @@ def test_an_inflated_example_count_does_not_capture_the_model(make_config, tmp_p
 
 def steering(run_config: dict, attack: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> ClientApp:
     """A ClientApp that trains honestly, then sends start + attack(its update) as its payload."""
-    from fedlora.config.app import from_run_config
 
-    app = ClientApp()
-
-    @app.query()
-    def _query(msg: Message, context: Context) -> Message:
-        return client_app.query(msg, context)
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
+    def corrupt(rnd: int, r: Records, msg: Message) -> Records:
         start = _arrays(dict(msg.content.items()))  # what it was sent, and trained from
-        reply = dict(client_app.train(msg, context, from_run_config(run_config)).content.items())
 
         def steer(arrays: dict[str, np.ndarray]) -> None:
             update = attack({k: arrays[k] - start[k] for k in arrays})
             arrays.update({k: (start[k] + v).astype(arrays[k].dtype) for k, v in update.items()})
 
-        return Message(RecordDict(_with_arrays(reply, steer)), reply_to=msg)
+        return _with_arrays(r, steer)
 
-    return app
+    return attacker(run_config, corrupt, sees_message=True)
 
 
 def _norm(update: dict[str, np.ndarray]) -> float:

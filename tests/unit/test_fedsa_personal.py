@@ -68,7 +68,7 @@ def test_fedsa_lora_b_never_leaves_a_client_and_stays_personal(tmp_path: Path) -
     for node, b in kept.items():
         pid = int(grid.contexts[node].node_config[records.PARTITION_ID])
         folder = tmp_path / "personal" / f"partition_{pid}"
-        assert "Client %d's own model" % pid in (folder / "README.md").read_text()
+        assert f"Client {pid}'s own model" in (folder / "README.md").read_text()
         exported = load_file(folder / "adapter_model.safetensors")
         model = load_exported(folder)  # loads as any export does
         assert model is not None

@@ -180,8 +180,16 @@ def check_model(path: str, model: ModelConfig, task: Any) -> None:
 
 
 def device_for_worker() -> torch.device:
-    """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else CPU, saying so in one
+    line when it was given GPUs it cannot use (declared ones, ``ray start --num-gpus`` on a CPU host, or a
+    torch without CUDA)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    given = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if given and given not in ("-1", "NoDevFiles"):
+        log.warning("this process was given GPU(s) %s (CUDA_VISIBLE_DEVICES) but torch sees no CUDA device "
+                    "(torch %s): it trains on the CPU", given, torch.__version__)  # fmt: skip
+    return torch.device("cpu")
 
 
 def set_threads(cpus: float) -> int:

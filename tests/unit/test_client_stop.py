@@ -1,4 +1,5 @@
-"""A stopping simulation's clients end their step inside a layer (fedlora.learning.train.stop_checks)."""
+"""A stopping simulation's clients end their step inside a layer (fedlora.learning.train.stop_checks); a client
+process picks its device."""
 
 from __future__ import annotations
 
@@ -72,3 +73,22 @@ def test_a_round_stops_at_once_and_runs_whole_without_a_stop(monkeypatch, tmp_pa
     with pytest.raises(stopping.ClientStopped):
         train_steps(model, batches, loss_fn=loss_fn, optimizer=opt, steps=10**6, device=torch.device("cpu"))
     assert hooks(model) == 0
+
+
+def test_a_process_given_gpus_it_cannot_use_trains_on_the_cpu_and_says_so(monkeypatch, caplog) -> None:
+    """Ray sets CUDA_VISIBLE_DEVICES for a client with num_gpus (also for GPUs only declared, ray start
+    --num-gpus on a CPU host); without a CUDA device torch cannot use them: CPU, one warning."""
+    import logging
+
+    from fedlora.learning.model import device_for_worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with caplog.at_level(logging.WARNING, logger="fedlora.learning.model"):
+        assert device_for_worker() == torch.device("cpu")
+    assert "given GPU(s) 1 (CUDA_VISIBLE_DEVICES) but torch sees no CUDA device" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # Ray hides GPUs from a client with num_gpus=0
+    with caplog.at_level(logging.WARNING, logger="fedlora.learning.model"):
+        assert device_for_worker() == torch.device("cpu")
+    assert caplog.text == ""

@@ -143,7 +143,8 @@ class ServerConfig:
     A round aggregates the replies that arrive within ``round_timeout`` seconds (and,
     with ``straggler_factor``, once half the nodes replied after t s, within
     max(60, factor x t) s more: a dead node is answered for by Flower within about a
-    minute, so this bounds what a live but silent node costs) and pass validation, if
+    minute, so this bounds what a live but silent node costs; deployments only: in a
+    simulation every node answers) and pass validation, if
     there are at least ``min_replies`` of them; otherwise the
     global adapter is left unchanged for that round. The run waits ``node_timeout`` s for
     every client's node, then starts with those connected if they are ``min_nodes`` or

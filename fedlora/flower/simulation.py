@@ -9,6 +9,7 @@ thread count to its CPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -36,7 +37,7 @@ def run_flower_simulation(
     """
     from fedlora.learning.model import set_threads
 
-    run_config = run_config_for(cfg)
+    run_config = run_config_for(simulated(cfg))
     init_args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
@@ -48,6 +49,14 @@ def run_flower_simulation(
     with stop_file():  # named before Ray starts, so that its workers inherit it
         init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
         return _run(cfg, run_config, backend, verbose=verbose, on_round=on_round, on_progress=on_progress)
+
+
+def simulated(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as the simulation's ServerApp runs it: no straggler cut (``server.straggler_factor``). Flower's
+    simulation engine answers for every message (a reply or an error), so no node keeps silent; and clients
+    queued on few Ray workers, or of very different sizes under ``train.local_epochs``, finish far apart
+    without being stragglers: a cut would drop them."""
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, straggler_factor=None))
 
 
 def _run(cfg: RunConfig, run_config: dict, backend: dict, *, verbose: bool, on_round: RoundCallback | None,

@@ -1,5 +1,5 @@
-"""A stopping simulation's clients end their step inside a layer (fedlora.learning.train.stop_checks); a client
-process picks its device."""
+"""How a run is controlled: Ctrl-C reaching a simulation's clients within a layer
+(fedlora.learning.train.stop_checks), the device a client process picks, what a simulation waits for."""
 
 from __future__ import annotations
 
@@ -92,3 +92,15 @@ def test_a_process_given_gpus_it_cannot_use_trains_on_the_cpu_and_says_so(monkey
     with caplog.at_level(logging.WARNING, logger="fedlora.learning.model"):
         assert device_for_worker() == torch.device("cpu")
     assert caplog.text == ""
+
+
+def test_a_simulation_never_cuts_stragglers() -> None:
+    """Ray answers for every simulated node, and queued clients finish far apart: the ServerApp of a
+    simulation runs without server.straggler_factor, a deployed one with it."""
+    from fedlora.config.compose import compose
+    from fedlora.flower.simulation import simulated
+
+    cfg, _ = compose(["model=tiny"])
+    assert cfg.server.straggler_factor == 3.0
+    assert simulated(cfg).server.straggler_factor is None
+    assert simulated(cfg).server.round_timeout == cfg.server.round_timeout

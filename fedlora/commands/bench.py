@@ -113,8 +113,9 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
         strategy_overrides=per_strategy,
     )
     overrides = [*grid_defaults["overrides"], *args.overrides]
+    composed = {}
     for cell in cells:  # bad overrides fail here, not in every cell (each cell as it will run: no privacy keys
-        compose(cell_overrides(cell, overrides))  # where it is not private, none of the other DP level's)
+        composed[cell.name] = compose(cell_overrides(cell, overrides))[0]  # where not private, no other level's)
     command = shlex.join(["fedlora", *sys.argv[1:]])
     if results is None:
         run_cells(cells, overrides, out, command=command)
@@ -124,6 +125,11 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
     book = ResultsFile(results)
     if book.data.get("overrides", overrides) != overrides:
         raise ConfigError(f"{results} holds cells run with other settings; use another results file")
+    for cell in cells:  # a default changed since: the same overrides would now run other settings
+        if not book.done(cell) and (changed := book.changed_settings(cell, composed[cell.name].to_flat())):
+            raise ConfigError(f"{results}'s {cell.strategy} cells ran with other settings than a new seed "
+                              f"would: {'; '.join(changed[:3])}; pin them in the preset or use another results "
+                              "file")  # fmt: skip
 
     def record(cell, folder: Path, wall_s: float) -> None:
         book.add(cell, cell_record(cell, folder, wall_s=wall_s), name=preset or name, command=command,

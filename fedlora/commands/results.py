@@ -86,6 +86,23 @@ class ResultsFile:
     def done(self, cell: Cell) -> bool:
         return cell.name in self.data["cells"]
 
+    def changed_settings(self, cell: Cell, config: dict[str, Any]) -> list[str]:
+        """Where ``config`` (flat, the cell as it would run) differs from a recorded cell of the same strategy
+        and epsilon (another seed): "key: recorded -> now". Keys a recorded cell does not have (added to
+        fedlora since) and the seed and output folder are not compared."""
+        same = [r for r in self.data["cells"].values()
+                if r.get("strategy") == cell.strategy and r.get("epsilon") == format_epsilon(cell.epsilon)]  # fmt: skip
+        if not same:
+            return []
+        recorded = same[0].get("config", {})
+
+        def text(value: Any) -> str:
+            return "" if value is None else str(value)
+
+        skip = {"seed", "output_dir"}
+        return [f"{k}: {recorded[k]!r} -> {config[k]!r}" for k in sorted(set(recorded) & set(config) - skip)
+                if text(recorded[k]) != text(config[k])]  # fmt: skip
+
     def add(self, cell: Cell, record: dict[str, Any], *, name: str, command: str, overrides: list[str]) -> None:
         self.data.update(name=name, command=command, overrides=overrides, versions=versions())
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

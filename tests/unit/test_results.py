@@ -67,6 +67,23 @@ def test_a_results_file_refuses_cells_of_other_settings(tmp_path: Path, monkeypa
     assert sweep(tmp_path, [0], "train.lr=0.1") == 2  # one line, exit 2: the file holds other settings
 
 
+def test_a_new_seed_is_refused_when_a_default_changed_since_the_recorded_cells(tmp_path: Path, monkeypatch) -> None:
+    """The overrides are the same, but fedlora's defaults moved (as server.multi_krum's did): a new seed would
+    run other settings than the recorded ones of its strategy, and averaging them would mix two setups."""
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0]) == 0
+    book = tmp_path / "ab.json"
+    data = json.loads(book.read_text())
+    data["cells"]["fedavg/eps-inf/seed-0"]["config"]["server.multi_krum"] = 0.0  # as recorded before the change
+    book.write_text(json.dumps(data))
+    assert sweep(tmp_path, [0, 1]) == 2  # one line, exit 2; nothing ran
+    assert sorted(json.loads(book.read_text())["cells"]) == ["fed_sb/eps-inf/seed-0", "fedavg/eps-inf/seed-0"]
+    assert sweep(tmp_path, [0, 1], "server.multi_krum=0") == 2  # another override list: refused as before
+    data["cells"]["fedavg/eps-inf/seed-0"]["config"]["server.multi_krum"] = 0.2  # the default the new seed runs
+    book.write_text(json.dumps(data))
+    assert sweep(tmp_path, [0, 1]) == 0
+
+
 def test_the_docs_table_is_generated_and_a_hand_edited_number_fails_the_check(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
     assert sweep(tmp_path, [0, 1, 2]) == 0

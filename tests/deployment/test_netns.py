@@ -156,7 +156,8 @@ def test_missing_and_cut_nodes_rejoin_and_catch_up_on_their_base_weights(fed, tm
     out = tmp_path / "flora"
     fed.submit([*TINY, "strategy=flora", "clients=3", "clients_per_round=3", "rounds=5", "server.round_timeout=60",
                 "server.node_timeout=20", "server.min_nodes=2", f"output_dir={out}"])  # fmt: skip
-    wait(lambda: "have no node after server.node_timeout" in server_log(out), timeout=RUN_S, what="the start")
+    wait(lambda: "have no node after server.node_timeout" in server_log(out), timeout=RUN_S, what="the start",
+         fed=fed)  # fmt: skip
     fed.restore("node-2")  # the run goes on without it; it joins once it reaches the SuperLink
     joined = wait(lambda: re.search(r"round (\d+): partition 2 joined the run", server_log(out)), timeout=RUN_S,
                   what="partition 2 to join", fed=fed)  # fmt: skip

@@ -25,6 +25,10 @@ class FederationError(RuntimeError):
 
 JOIN_TIMEOUT_S = 30.0  # how long a round waits for newly connected nodes to say their partition
 JOIN_ASKS = 3  # a node that never answers is asked in this many rounds, then left out
+# How long a connected node may take to answer its first query: its first ClientApp fetches the FAB and starts
+# a new process (about 35 s on a busy 2-core machine). Not server.node_timeout, the wait for nodes to connect:
+# a short one (20 s) made the answers expire at the SuperLink. Nodes that answer end the wait at once.
+ANSWER_S = 120.0
 SETTLE_S = 10.0  # no new node for this long: look at whether the connected nodes are the whole federation
 
 
@@ -52,7 +56,7 @@ def discover_partitions(
             log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
             told = now
         if node_ids and now - changed >= SETTLE_S:
-            found, parts, own, _ = _ask_partitions(grid, node_ids, timeout=timeout, expected=None)
+            found, parts, own, _ = _ask_partitions(grid, node_ids, timeout=max(timeout, ANSWER_S), expected=None)
             size = _whole_federation(found, parts)
             if size:
                 log.warning(
@@ -62,7 +66,7 @@ def discover_partitions(
                 return found, size, own
             changed = now  # ask again only after the next quiet spell
         if now > deadline and node_ids and len(node_ids) >= (min_nodes or expected):
-            found, own, _ = _ask_federation(grid, node_ids, timeout=timeout, expected=expected)
+            found, own, _ = _ask_federation(grid, node_ids, timeout=max(timeout, ANSWER_S), expected=expected)
             missing = sorted(set(range(expected)) - set(found))
             log.warning(
                 "partition(s) %s have no node after server.node_timeout=%g s: starting with %d of %d nodes "
@@ -77,7 +81,7 @@ def discover_partitions(
                 f"$FLWR_HOME/config.toml) or run with clients={len(node_ids) or 1}"
             )
         time.sleep(1.0)
-    found, own, _ = _ask_federation(grid, node_ids, timeout=timeout, expected=expected)
+    found, own, _ = _ask_federation(grid, node_ids, timeout=max(timeout, ANSWER_S), expected=expected)
     if missing := sorted(set(range(expected)) - set(found)):
         log.warning("partition(s) %s have no node that answered; they join when their node connects", missing)
     return found, expected, own

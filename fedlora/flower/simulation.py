@@ -18,6 +18,7 @@ from fedlora.config.app import run_config_for
 from fedlora.config.run import RunConfig
 from fedlora.federation.stopping import STOP_FILE_ENV, Interrupted, Signals, stop_file, stop_on_signals
 from fedlora.flower.client_app import make_client_app
+from fedlora.flower.ray_pool import resilient_ray_backend
 from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
 
 
@@ -39,8 +40,8 @@ def run_flower_simulation(
 
     run_config = run_config_for(simulated(cfg))
     init_args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
-    if cfg.simulation.ray_address:
-        init_args["address"] = cfg.simulation.ray_address
+    # null: a Ray of its own, even beside a cluster started on this machine (which ray.init would join)
+    init_args["address"] = cfg.simulation.ray_address or "local"
     backend = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
@@ -63,7 +64,7 @@ def _run(cfg: RunConfig, run_config: dict, backend: dict, *, verbose: bool, on_r
          on_progress: ProgressCallback | None) -> Signals:  # fmt: skip
     from flwr.simulation import run_simulation
 
-    with stop_on_signals() as signals:
+    with stop_on_signals() as signals, resilient_ray_backend():
         try:
             run_simulation(
                 server_app=make_server_app(run_config, on_round=on_round, on_progress=on_progress),

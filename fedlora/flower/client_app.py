@@ -123,7 +123,24 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         content[records.PRIVACY] = records.ledger_record(ledger.history)
         metrics[records.EPSILON] = worker.privacy_plan(pid).spent(ledger.history)
     content[records.ARRAYS] = records.to_record(payload)
+    if (where := placement(worker)) is not None:
+        content[records.PLACEMENT] = where
     return Message(content, reply_to=msg)
+
+
+def placement(worker: Worker) -> ConfigRecord | None:
+    """Where this client ran, in a simulation: its Ray node's address, its process, the GPUs Ray gave it
+    and the device it trained on (None when deployed: a SuperNode runs no Ray; its address is its
+    connection's)."""
+    import os
+    import sys
+
+    ray = sys.modules.get("ray")  # imported in every Ray worker; never imported here for this
+    if ray is None or not ray.is_initialized():
+        return None
+    gpus = ",".join(map(str, ray.get_gpu_ids()))
+    return ConfigRecord({records.HOST: str(ray.util.get_node_ip_address()), records.PID: os.getpid(),
+                         records.GPUS: gpus, records.DEVICE: str(worker.device)})  # fmt: skip
 
 
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:

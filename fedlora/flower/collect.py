@@ -169,6 +169,7 @@ def collect(
     stats.replies_rejected = strays
 
     accepted: list[tuple[int, T]] = []
+    where: dict[str, list[str]] = {}  # in a simulation: each Ray node's clients, with their process and device
     for pid, m in sorted(arrived, key=lambda pm: pm[0]):
         if isinstance(arrays := m.content.get(records.ARRAYS), ArrayRecord):
             stats.add_up(records.size(arrays))  # what was sent, accepted or not
@@ -184,6 +185,8 @@ def collect(
                 nodes[pid].ledger = reply.ledger  # never a shorter one
             if reply.epsilon is not None:
                 stats.epsilons.append(reply.epsilon)
+            if (p := reply.placement) is not None:
+                where.setdefault(p.host, []).append(f"partition {pid} [{p}]")
             if reply.refused:
                 stats.refused += 1  # budget exhausted: no update
                 continue
@@ -196,6 +199,10 @@ def collect(
             stats.replies_rejected += 1
             continue
         accepted.append((pid, checked))
+    if where:
+        log.info("round %d: clients ran on %s", server_round,
+                 "; ".join(f"{host}: {', '.join(clients)}" for host, clients in sorted(where.items())),
+                 extra={"file_only": True})  # fmt: skip
     if stats.refused:
         log.warning("round %d: %d client(s) refused: privacy budget exhausted", server_round, stats.refused)
     return accepted

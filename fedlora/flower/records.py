@@ -41,6 +41,8 @@ BASE_VERSION = "base-version"
 BASE_DIGEST = "base-digest"  # a reply's fingerprint of the D it trained on (digest_number), checked by the server
 # DP-SGD: a client's accountant history in its node state; what it reports each round
 PRIVACY = "privacy"
+PLACEMENT = "placement"  # simulation only: where a client ran (Ray node, process, GPUs, device), for the server log
+HOST, PID, GPUS, DEVICE = "host", "pid", "gpus", "device"
 EPSILON = "epsilon"
 REFUSED = "refused"  # 1: the client's budget is exhausted, it did not train
 CLIENTS = "clients"  # the federation's size the server runs with (it may be the nodes', see server_app)

@@ -20,7 +20,7 @@ from fedlora.flower import records
 from fedlora.lora import Tensors
 from fedlora.privacy.accounting import Step
 
-RECORDS = {records.METRICS, records.ARRAYS, records.PRIVACY}
+RECORDS = {records.METRICS, records.ARRAYS, records.PRIVACY, records.PLACEMENT}
 METRIC_KEYS = {
     records.PARTITION_ID,
     records.NUM_EXAMPLES,
@@ -31,6 +31,19 @@ METRIC_KEYS = {
     records.ROUND_NONCE,
 }
 LEDGER_KEYS = {"noise", "rate", "steps"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a simulated client ran: its Ray node's address, process, the GPUs Ray gave it, its device."""
+
+    host: str
+    pid: int
+    gpus: str  # Ray's GPU ids for its actor, comma-separated; empty without
+    device: str  # what it trained on (cpu where the GPUs given are only declared)
+
+    def __str__(self) -> str:
+        return f"pid {self.pid}{f', GPU {self.gpus}' if self.gpus else ''}, {self.device}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class Reply:
     ledger: list[Step] | None = None
     base_digest: int | None = None  # the fingerprint of the base-weight delta D it trained on
     round_nonce: int | None = None  # the round's nonce it echoes
+    placement: Placement | None = None  # in a simulation, where it ran (logged)
 
 
 class Malformed(ValueError):
@@ -102,7 +116,24 @@ def _parse(m: Message, *, private: bool) -> Reply:
         ledger=ledger,
         base_digest=_integer(metrics, records.BASE_DIGEST),
         round_nonce=_integer(metrics, records.ROUND_NONCE),
+        placement=_placement(content.get(records.PLACEMENT)),
     )
+
+
+def _placement(record: object) -> Placement | None:
+    """A placement record: short printable strings and a process id (they go into the server log)."""
+    if record is None:
+        return None
+    keys = {records.HOST, records.PID, records.GPUS, records.DEVICE}
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != keys:
+        raise Malformed(f"the '{records.PLACEMENT}' record is not {sorted(keys)}")
+    text = [record[k] for k in (records.HOST, records.GPUS, records.DEVICE)]
+    if not all(isinstance(t, str) and len(t) <= 64 and t.isprintable() for t in text) or not text[0]:
+        raise Malformed("the placement's host, GPUs or device is not a short printable string")
+    pid = record[records.PID]
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise Malformed("the placement's pid is not an integer")
+    return Placement(host=text[0], pid=pid, gpus=text[1], device=text[2])
 
 
 def _number(metrics: MetricRecord, key: str) -> float | None:

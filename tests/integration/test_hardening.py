@@ -92,6 +92,15 @@ KINDS: dict[str, Callable[[Records], Records]] = {
     "trained on other base weights": lambda r: _with_metrics(
         r, base_digest=r[records.METRICS][records.BASE_DIGEST] + 1
     ),
+    "a placement without its pid": lambda r: r | {records.PLACEMENT: ConfigRecord({records.HOST: "10.0.0.1"})},
+    "a placement with a control character": lambda r: (
+        r
+        | {
+            records.PLACEMENT: ConfigRecord(
+                {records.HOST: "1.2.3.4\n", records.PID: 1, records.GPUS: "", records.DEVICE: "cpu"}
+            )
+        }
+    ),
 }
 
 

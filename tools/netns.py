@@ -129,9 +129,7 @@ class NetnsFederation:
         ip("netns", "add", switch)
         ip("-n", switch, "link", "add", "br0", "type", "bridge")
         ip("-n", switch, "link", "set", "br0", "up")
-        names = [LINK, USER, *(f"node-{i}" for i in range(self.nodes))]
-        for i, name in enumerate(names):
-            address = f"{SUBNET}.{1 + i if i < 2 else 9 + i}"  # superlink .1, user .2, node-i .11+i
+        for i, (name, address) in enumerate(self.layout()):
             host = Host(name, address, f"{self.id}-{name}", f"v{i}{self.id}"[:15])
             self.hosts[name] = host
             self.save()
@@ -141,6 +139,11 @@ class NetnsFederation:
             ip("-n", host.namespace, "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", host.namespace, "link", "set", "eth0", "up")
             ip("-n", host.namespace, "link", "set", "lo", "up")
+
+    def layout(self) -> list[tuple[str, str]]:
+        """Every host's name and address: the SuperLink .1, the user .2, node-i .11+i."""
+        names = [LINK, USER, *(f"node-{i}" for i in range(self.nodes))]
+        return [(name, f"{SUBNET}.{1 + i if i < 2 else 9 + i}") for i, name in enumerate(names)]
 
     def cut(self, host: str) -> None:
         """Take ``host``'s link down: its packets are dropped, no connection is reset."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]  # (replies so far, messages) within a round
+Partitions = Callable[[], dict[int, int]]  # a simulation's partition id -> node id, known without asking
 
 
 def make_server_app(
@@ -52,15 +53,17 @@ def make_server_app(
     *,
     on_round: RoundCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    partitions: Partitions | None = None,
 ) -> ServerApp:
-    """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed)."""
+    """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed); ``partitions``:
+    in a simulation, the engine's own table of each partition's node (no partition query)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if run_config is not None:
             cfg = from_run_config(run_config)
-            run_server(grid, cfg, on_round=on_round, on_progress=on_progress)
+            run_server(grid, cfg, on_round=on_round, on_progress=on_progress, partitions=partitions)
             return
         # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.
         quiet_libraries()
@@ -97,9 +100,15 @@ app = make_server_app()
 
 
 def run_server(
-    grid: Grid, cfg: RunConfig, *, on_round: RoundCallback | None = None, on_progress: ProgressCallback | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    on_round: RoundCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+    partitions: Partitions | None = None,
 ) -> Path:
     """Run ``cfg.rounds`` rounds; write metrics, checkpoints and the final adapter. Returns the folder.
+    ``partitions``: each partition's node where the caller knows it (a simulation); else the nodes are asked.
 
     With ``server.resume`` and a checkpoint in the output folder, the run continues after
     the checkpoint's round, from its state, D and privacy ledgers.
@@ -107,7 +116,7 @@ def run_server(
     out = Path(cfg.output_dir or "outputs/serverapp").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with run_log(out / SERVER_LOG, append=cfg.server.resume):
-        return _run_server(grid, cfg, out, on_round=on_round, on_progress=on_progress)
+        return _run_server(grid, cfg, out, on_round=on_round, on_progress=on_progress, partitions=partitions)
 
 
 @contextlib.contextmanager
@@ -127,13 +136,22 @@ def run_log(path: Path, *, append: bool) -> Iterator[None]:
 
 
 def _run_server(
-    grid: Grid, cfg: RunConfig, out: Path, *, on_round: RoundCallback | None, on_progress: ProgressCallback | None
+    grid: Grid,
+    cfg: RunConfig,
+    out: Path,
+    *,
+    on_round: RoundCallback | None,
+    on_progress: ProgressCallback | None,
+    partitions: Partitions | None,
 ) -> Path:
     if cfg.privacy.any and cfg.privacy.unsafe_seeded_randomness:
         log.warning(UNSAFE_WARNING)
-    nodes, clients, own_data = discover_partitions(
-        grid, expected=cfg.clients, timeout=cfg.server.node_timeout, min_nodes=cfg.server.min_nodes
-    )
+    if partitions is not None:  # a simulation: node i holds partition i of the run's table, by construction
+        nodes, clients, own_data = partitions(), cfg.clients, set()
+    else:
+        nodes, clients, own_data = discover_partitions(
+            grid, expected=cfg.clients, timeout=cfg.server.node_timeout, min_nodes=cfg.server.min_nodes
+        )
     cfg = cfg.with_clients(clients)
     worker = get_worker(cfg).warm_up()
     check_budget(

@@ -13,11 +13,13 @@ import dataclasses
 import logging
 import os
 import sys
+from functools import partial
 
 from fedlora.config.app import run_config_for
 from fedlora.config.run import RunConfig
 from fedlora.federation.stopping import STOP_FILE_ENV, Interrupted, Signals, stop_file, stop_on_signals
 from fedlora.flower.client_app import make_client_app
+from fedlora.flower.engine import SimulatedNodes, scaled_engine
 from fedlora.flower.ray_pool import resilient_ray_backend
 from fedlora.flower.server_app import ProgressCallback, RoundCallback, make_server_app
 
@@ -64,10 +66,13 @@ def _run(cfg: RunConfig, run_config: dict, backend: dict, *, verbose: bool, on_r
          on_progress: ProgressCallback | None) -> Signals:  # fmt: skip
     from flwr.simulation import run_simulation
 
-    with stop_on_signals() as signals, resilient_ray_backend():
+    engine_nodes = SimulatedNodes()
+    partitions = partial(engine_nodes.table, timeout=cfg.server.node_timeout)
+    server_app = make_server_app(run_config, on_round=on_round, on_progress=on_progress, partitions=partitions)
+    with stop_on_signals() as signals, resilient_ray_backend(), scaled_engine(engine_nodes):
         try:
             run_simulation(
-                server_app=make_server_app(run_config, on_round=on_round, on_progress=on_progress),
+                server_app=server_app,
                 client_app=make_client_app(run_config),
                 num_supernodes=cfg.clients,
                 backend_config=backend,

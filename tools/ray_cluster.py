@@ -1,8 +1,8 @@
 """A Ray cluster of several hosts on one machine: a head and workers, each in its own network namespace.
 
 The same network as :mod:`tools.netns` (a switch, one namespace and address per host,
-``10.77.0.0/24`` existing only inside them), with docs/results.md's "more than one
-machine" recipe run in it: ``ray start --head`` on the head (10.77.0.1, no CPUs of its
+``10.77.0.0/24`` existing only inside them), with docs/deployment.md's Ray-cluster
+recipe run in it: ``ray start --head`` on the head (10.77.0.1, no CPUs of its
 own, so that every client runs on a worker), ``ray start --address=10.77.0.1:6379`` on
 each worker (10.77.0.11, .12, ...), and ``fedlora simulate ...
 simulation.ray_address=10.77.0.1:6379`` from the head's namespace. A worker "dies" as a

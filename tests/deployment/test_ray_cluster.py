@@ -1,7 +1,7 @@
 """A simulation on a Ray cluster of several hosts (network namespaces), and clients placed on declared GPUs.
 
 Each test builds its own cluster with :mod:`tools.ray_cluster` (a head with no CPUs
-of its own at 10.77.0.1, workers at 10.77.0.11, ...; docs/results.md's recipe), runs
+of its own at 10.77.0.1, workers at 10.77.0.11, ...; docs/deployment.md's recipe), runs
 ``fedlora simulate ... simulation.ray_address=10.77.0.1:6379`` from the head's
 namespace, and removes every process and namespace afterwards. Where each client
 ran comes from the server log (a simulated client's reply says its Ray node,

@@ -20,9 +20,12 @@ the id resolves offline. :func:`load_exported` loads any export with no other in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,9 +256,31 @@ def load_exported(folder: str | Path, *, base: nn.Module | None = None) -> nn.Mo
             return AutoModelForCausalLM.from_pretrained(str(folder))
         merged = AutoModelForSequenceClassification.from_pretrained(str(folder))
         return use_pooling(merged, meta.get("model", {}).get("pooling", "cls"))
-    if base is None:
-        base = rebuild_base(folder)
-    return PeftModel.from_pretrained(base, str(folder))
+    with quiet_load():
+        if base is None:
+            base = rebuild_base(folder)
+        return PeftModel.from_pretrained(base, str(folder))
+
+
+@contextlib.contextmanager
+def quiet_load() -> Iterator[None]:
+    """transformers' load report and progress bar off while an export's base is rebuilt: it reports the
+    classification head as "MISSING ... newly initialized", and the adapter's saved head replaces it next.
+    Whatever the caller had set is restored."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.logging.enable_progress_bar()
 
 
 def rebuild_base(folder: Path) -> nn.Module:

@@ -68,3 +68,25 @@ def test_a_minilm_adapter_names_its_hub_base_which_resolves_offline_to_the_packa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=4, cache_dir=str(cache))
     torch.testing.assert_close(logits_of(model, worker), logits_of(worker.adapted.model, worker), rtol=1e-4, atol=1e-5)
+
+
+def test_loading_an_export_does_not_report_its_head_as_newly_initialized(tmp_path) -> None:
+    """The base is rebuilt with a fresh head that the adapter's saved head replaces at once: transformers'
+    load report ("classifier.weight | MISSING ... newly initialized") would say the opposite of the truth.
+    In a fresh Python, as a user's script loads it (transformers at its default verbosity)."""
+    import subprocess
+    import sys
+
+    from fedlora.config.compose import compose
+
+    cfg, _ = compose(["data.synthetic_train=40", "data.synthetic_test=8", "clients=2"])  # MiniLM: pretrained
+    worker = Worker(cfg, num_partitions=2)
+    folder = export_adapter(worker, trained(worker), tmp_path / "adapter")
+    script = (
+        "import transformers; from fedlora.outputs.export import load_exported; "
+        f"load_exported({str(folder)!r}); print('verbosity', transformers.logging.get_verbosity())"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    said = done.stdout + done.stderr
+    assert "MISSING" not in said and "newly initialized" not in said, said
+    assert "verbosity 30" in said  # the caller's setting (WARNING), restored

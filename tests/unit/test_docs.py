@@ -66,14 +66,38 @@ def exported(tmp_path_factory) -> Path:
     return export_adapter(worker, worker.adapted.initial_state(), tmp_path_factory.mktemp("export") / "adapter")
 
 
-@pytest.mark.parametrize("where, code, skipped", python_blocks(), ids=[w for w, _, _ in python_blocks()])
-def test_the_docs_python_blocks_run(where: str, code: str, skipped: str | None, exported: Path, tmp_path) -> None:
-    """Each block runs as written in a fresh Python, on a real export where it names one."""
+RUNNER = """
+import json, sys, traceback
+failed = {}
+for where, code in json.loads(sys.argv[1]):
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})
+    except BaseException:
+        failed[where] = traceback.format_exc()
+print(json.dumps(failed))
+"""
+
+
+@pytest.fixture(scope="module")
+def failures(exported: Path, tmp_path_factory) -> dict[str, str]:
+    """Every runnable block, each in its own namespace, in one fresh Python (one import of torch and
+    transformers for all), on the export where a block names one: where -> traceback of those that fail."""
+    import json
     import subprocess
     import sys
 
+    blocks = [
+        (w, c.replace("outputs/<date>/<time>/adapter", str(exported))) for w, c, skip in python_blocks() if not skip
+    ]
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(blocks)], cwd=tmp_path_factory.mktemp("docs"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("where, code, skipped", python_blocks(), ids=[w for w, _, _ in python_blocks()])
+def test_the_docs_python_blocks_run(where: str, code: str, skipped: str | None, failures: dict[str, str]) -> None:
+    """Each block runs as written, on a real export where it names one."""
     if skipped:
         pytest.skip(skipped)
-    script = code.replace("outputs/<date>/<time>/adapter", str(exported))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{where}:\n{script}\n{done.stderr[-3000:]}"
+    assert where not in failures, f"{where}:\n{code}\n{failures.get(where, '')[-3000:]}"

@@ -32,8 +32,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 SUBNET = "10.77.0"
 PORT = 8000  # the SuperLink's one port (Fleet, Control and Runtime APIs), as in docs/deployment.md
@@ -280,40 +282,55 @@ class NetnsFederation:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="netns-federation", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up")
-    up.add_argument("folder", type=Path)
-    up.add_argument("--nodes", type=int, default=3)
-    run = sub.add_parser("run")
-    run.add_argument("folder", type=Path)
-    run.add_argument("overrides", nargs="*")
+    subcommand(sub, "up").add_argument("--nodes", type=int, default=3)
+    subcommand(sub, "run").add_argument("overrides", nargs="*")
     for name in ("cut", "restore"):
-        p = sub.add_parser(name)
-        p.add_argument("folder", type=Path)
-        p.add_argument("host", help="superlink, user or node-<i>")
-    sub.add_parser("down").add_argument("folder", type=Path)
+        subcommand(sub, name).add_argument("host", help="superlink, user or node-<i>")
+    subcommand(sub, "down")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "up":
-            fed = NetnsFederation(args.folder, nodes=args.nodes)
-            try:
-                fed.up()
-            except BaseException:
-                fed.down()
-                raise
-            print(f"up: SuperLink {fed.superlink}, {fed.nodes} SuperNodes; state in {fed.folder}")
-            return 0
-        fed = NetnsFederation.load(args.folder)
-        if args.command == "run":
-            run_args = [*args.overrides, "--app", str(ROOT), "--stream"]
-            return subprocess.run(fed.argv(USER, fed.deploy("run", *run_args)),
-                                  env=fed.env(USER), cwd=fed.folder, check=False).returncode  # fmt: skip
-        if args.command in ("cut", "restore"):
-            getattr(fed, args.command)(args.host)
-            return 0
-        fed.down()
+    return command_line("netns-federation", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        fed = up_or_removed(NetnsFederation(args.folder, nodes=args.nodes))
+        print(f"up: SuperLink {fed.superlink}, {fed.nodes} SuperNodes; state in {fed.folder}")
         return 0
+    fed = NetnsFederation.load(args.folder)
+    if args.command == "run":
+        run_args = [*args.overrides, "--app", str(ROOT), "--stream"]
+        return subprocess.run(fed.argv(USER, fed.deploy("run", *run_args)),
+                              env=fed.env(USER), cwd=fed.folder, check=False).returncode  # fmt: skip
+    if args.command in ("cut", "restore"):
+        getattr(fed, args.command)(args.host)
+        return 0
+    fed.down()
+    return 0
+
+
+def subcommand(sub: Any, name: str) -> argparse.ArgumentParser:
+    """A harness sub-command: its first argument is the harness's state folder."""
+    parser = sub.add_parser(name)
+    parser.add_argument("folder", type=Path)
+    return parser
+
+
+def up_or_removed(harness: NetnsFederation) -> NetnsFederation:
+    """``harness`` brought up, or, when that fails, everything it made removed before the error goes on."""
+    try:
+        harness.up()
+    except BaseException:
+        harness.down()
+        raise
+    return harness
+
+
+def command_line(prog: str, command: Callable[[], int]) -> int:
+    """A harness command's exit status; a missing namespace tool, state file or host is one line and 2."""
+    try:
+        return command()
     except (Unavailable, FileNotFoundError, KeyError) as err:
-        print(f"netns-federation: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.netns import SUBNET, NetnsFederation, Unavailable, fedlora_command, ip
+from tools.netns import SUBNET, NetnsFederation, command_line, fedlora_command, ip, subcommand, up_or_removed
 
 HEAD = "head"
 RAY_PORT = 6379
@@ -114,44 +114,35 @@ class RayCluster(NetnsFederation):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import subprocess
-
     parser = argparse.ArgumentParser(prog="ray-cluster", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up")
-    up.add_argument("folder", type=Path)
+    up = subcommand(sub, "up")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--cpus", type=int, default=1, help="CPUs per worker")
     up.add_argument("--gpus", type=float, default=0, help="GPUs declared per worker")
-    simulate = sub.add_parser("simulate")
-    simulate.add_argument("folder", type=Path)
-    simulate.add_argument("overrides", nargs="*")
-    kill = sub.add_parser("kill")
-    kill.add_argument("folder", type=Path)
-    kill.add_argument("host", help="worker-<i>")
-    sub.add_parser("down").add_argument("folder", type=Path)
+    subcommand(sub, "simulate").add_argument("overrides", nargs="*")
+    subcommand(sub, "kill").add_argument("host", help="worker-<i>")
+    subcommand(sub, "down")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "up":
-            cluster = RayCluster(args.folder, nodes=args.workers, worker_cpus=args.cpus, worker_gpus=args.gpus)
-            try:
-                cluster.up()
-            except BaseException:
-                cluster.down()
-                raise
-            print(f"up: Ray head {cluster.address}, {cluster.nodes} workers; state in {cluster.folder}")
-            return 0
-        cluster = RayCluster.load(args.folder)
-        if args.command == "simulate":
-            return subprocess.run(cluster.simulate_argv(args.overrides), env=cluster.env(HEAD), check=False).returncode
-        if args.command == "kill":
-            cluster.kill(args.host)
-            return 0
-        cluster.down()
+    return command_line("ray-cluster", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    import subprocess
+
+    if args.command == "up":
+        cluster = RayCluster(args.folder, nodes=args.workers, worker_cpus=args.cpus, worker_gpus=args.gpus)
+        up_or_removed(cluster)
+        print(f"up: Ray head {cluster.address}, {cluster.nodes} workers; state in {cluster.folder}")
         return 0
-    except (Unavailable, FileNotFoundError, KeyError) as err:
-        print(f"ray-cluster: {err}", file=sys.stderr)
-        return 2
+    cluster = RayCluster.load(args.folder)
+    if args.command == "simulate":
+        return subprocess.run(cluster.simulate_argv(args.overrides), env=cluster.env(HEAD), check=False).returncode
+    if args.command == "kill":
+        cluster.kill(args.host)
+        return 0
+    cluster.down()
+    return 0
 
 
 if __name__ == "__main__":

@@ -80,9 +80,18 @@ def scaled_engine(nodes: SimulatedNodes) -> Iterator[None]:
                     queue.put(message)
             f_stop.wait(0.1)
 
-    saved = vce_api._register_nodes, vce_api.add_messages_to_queue
-    vce_api._register_nodes, vce_api.add_messages_to_queue = recording_register, add_messages_to_queue
+    with replaced(vce_api, _register_nodes=recording_register, add_messages_to_queue=add_messages_to_queue):
+        yield
+
+
+@contextlib.contextmanager
+def replaced(module: Any, **attributes: Any) -> Iterator[None]:
+    """Within: ``module``'s named attributes are the given ones (Flower's, for one simulation); then restored."""
+    saved = {name: getattr(module, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        vce_api._register_nodes, vce_api.add_messages_to_queue = saved
+        for name, value in saved.items():
+            setattr(module, name, value)

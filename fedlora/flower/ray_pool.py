@@ -45,6 +45,8 @@ def resilient_ray_backend() -> Iterator[None]:
     from flwr.server.superlink.fleet.vce.backend import raybackend
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
+    from fedlora.flower.engine import replaced
+
     class ResilientActorPool(BasicActorPool):
         """Flower's pool, less the actors that died; a submit waits for an idle actor."""
 
@@ -102,9 +104,5 @@ def resilient_ray_backend() -> Iterator[None]:
                         raise  # it took two actors down: the message itself may be the cause
             raise AssertionError("unreachable")
 
-    saved = raybackend.BasicActorPool, raybackend.RayBackend
-    raybackend.BasicActorPool, raybackend.RayBackend = ResilientActorPool, ResilientRayBackend
-    try:
+    with replaced(raybackend, BasicActorPool=ResilientActorPool, RayBackend=ResilientRayBackend):
         yield
-    finally:
-        raybackend.BasicActorPool, raybackend.RayBackend = saved

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from fedlora.config.app import run_config_for
 from fedlora.config.run import ConfigError, RunConfig, RunFailed
 from fedlora.outputs import console
 from fedlora.outputs.checkpoint import write_json
+from fedlora.outputs.live import round_lines
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.metrics import summarise as summarise_metrics
 from fedlora.outputs.run_folder import (
@@ -34,8 +34,6 @@ from fedlora.privacy.budget import check_budget, user_dp_plan
 
 if TYPE_CHECKING:
     from fedlora.learning.worker import Worker
-
-RowCallback = Callable[[dict[str, Any]], None]
 
 
 def output_folder(cfg: RunConfig, composed: Any) -> tuple[RunConfig, Path]:
@@ -118,44 +116,6 @@ def record_spent(out: Path) -> None:
     if "privacy.plan.epsilon" in flat:
         flat["privacy.spent.epsilon"] = summarise_metrics(out / METRICS)["epsilon_spent"]
         write_json(path, flat)
-
-
-@contextmanager
-def round_lines(rounds: int) -> Iterator[tuple[RowCallback, Callable[[int, int], None]]]:
-    """Progress over the rounds and, within a round, over its clients (with an ETA); the row callback prints
-    each metrics row as one line (the only output when not on a terminal)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    plain = not console.console.is_terminal
-    starting = "starting Ray and the clients (the first round also loads the model in each)"
-    if plain:
-        console.console.print(starting + "...")
-    with Progress(*columns, console=console.console, transient=True, disable=plain) as progress:
-        task = progress.add_task(starting, total=rounds)
-        clients = progress.add_task("clients", total=None, visible=False)
-
-        def on_round(row: dict[str, Any]) -> None:
-            progress.update(task, description="rounds")
-            progress.console.print(console.round_line(row, rounds))
-            progress.update(clients, visible=False)
-            if row["round"] > 0:
-                progress.advance(task)
-
-        def on_progress(done: int, expected: int) -> None:
-            if done == 1:  # a new round: the clients' ETA starts over
-                progress.reset(clients, total=expected, visible=True)
-            progress.update(clients, completed=done, description="clients this round")
-
-        yield on_round, on_progress
 
 
 def summarise(out: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -93,15 +94,12 @@ def stop_file() -> Iterator[None]:
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="fedlora-stop-")
-    os.environ[STOP_FILE_ENV] = path = os.path.join(folder, "stop")
+    os.environ[STOP_FILE_ENV] = os.path.join(folder, "stop")
     try:
         yield
     finally:
         os.environ.pop(STOP_FILE_ENV, None)
-        with contextlib.suppress(OSError):
-            if os.path.exists(path):
-                os.remove(path)
-            os.rmdir(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # also the clients' progress files (fedlora.federation.progress)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from fedlora import lora
 from fedlora.config.app import from_run_config
 from fedlora.config.run import RunConfig
+from fedlora.federation import progress
 from fedlora.federation.folding import catch_up
 from fedlora.flower import records
 from fedlora.learning import gradient_init
@@ -109,9 +110,11 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         base = base_delta(msg, context, scaling=worker.strategy.scaling)
         if base is not None:  # the server checks that this node trained on its base weights
             metrics[records.BASE_DIGEST] = records.digest_number(base)
-        payload, num_examples, result = worker.train_round(
-            pid, received, server_round=server_round, base=base, history=history, personal=personal_tensors(context)
-        )
+        with progress.client_round(server_round, pid):  # a simulation's console shows its steps
+            payload, num_examples, result = worker.train_round(
+                pid, received, server_round=server_round, base=base, history=history,
+                personal=personal_tensors(context),
+            )  # fmt: skip
         if worker.adapted.protocol.personal:  # kept for this node's next round; never in the reply
             context.state[records.PERSONAL] = records.to_record(worker.adapted.personal())
         if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedlora.config.groups import TrainConfig
-from fedlora.federation import stopping
+from fedlora.federation import progress, stopping
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def train_steps(
             optimizer.zero_grad(set_to_none=True)
             if not skipped:
                 taken += 1
+                progress.report(taken, steps)
                 if after_step is not None:
                     after_step()
             total += loss

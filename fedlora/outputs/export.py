@@ -257,20 +257,16 @@ def load_exported(folder: str | Path, *, base: nn.Module | None = None) -> nn.Mo
         merged = AutoModelForSequenceClassification.from_pretrained(str(folder))
         return use_pooling(merged, meta.get("model", {}).get("pooling", "cls"))
     with quiet_load():
-        if base is None:
-            base = rebuild_base(folder)
-        return PeftModel.from_pretrained(base, str(folder))
+        return PeftModel.from_pretrained(base if base is not None else rebuild_base(folder), str(folder))
 
 
 @contextlib.contextmanager
 def quiet_load() -> Iterator[None]:
-    """transformers' load report and progress bar off while an export's base is rebuilt: it reports the
-    classification head as "MISSING ... newly initialized", and the adapter's saved head replaces it next.
-    Whatever the caller had set is restored."""
+    """transformers' load report off while an export's base is rebuilt: it calls the head "MISSING ... newly
+    initialized", and the adapter's saved head replaces it next. The caller's verbosity is restored."""
     import transformers
 
-    verbosity = transformers.logging.get_verbosity()
-    bar = transformers.utils.logging.is_progress_bar_enabled()
+    verbosity, bar = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:

@@ -75,12 +75,29 @@ class RayCluster(NetnsFederation):
                           "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
                           *common])  # fmt: skip
         self.wait_for_port(HEAD, head, RAY_PORT, timeout=wait_s)
-        for i in range(self.nodes):
+        for i in range(self.nodes):  # one at a time: on a loaded machine a raylet may miss Ray's 30 s to register
             name = f"worker-{i}"
-            self.start(name, [*ray_command(), "start", f"--address={self.address}",
-                              f"--node-ip-address={self.hosts[name].address}", f"--num-cpus={self.worker_cpus}",
-                              f"--num-gpus={self.worker_gpus}", *common])  # fmt: skip
+            argv = [*ray_command(), "start", f"--address={self.address}",
+                    f"--node-ip-address={self.hosts[name].address}", f"--num-cpus={self.worker_cpus}",
+                    f"--num-gpus={self.worker_gpus}", *common]  # fmt: skip
+            self.start_ray_node(name, argv, timeout=wait_s)
         self.wait_for_nodes(1 + self.nodes, timeout=wait_s)
+
+    def start_ray_node(self, name: str, argv: list[str], *, timeout: float, attempts: int = 3) -> None:
+        """``ray start --block ...`` in ``name``'s namespace until its log says it started; a start that fails
+        (Ray gives a raylet 30 s to register, which a loaded machine can miss) is cleaned up and tried again."""
+        for _ in range(attempts):
+            offset = len(self.text(name))
+            pid = self.start(name, argv)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if "Ray runtime started" in self.text(name)[offset:]:
+                    return
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break  # it exited: the start failed
+                time.sleep(0.5)
+            self.kill(name)
+        raise TimeoutError(f"{name}: Ray did not start in {attempts} attempts\n{self.text(name)[-3000:]}")
 
     def alive_nodes(self) -> int:
         """How many Ray nodes the head counts alive."""

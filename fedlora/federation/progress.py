@@ -43,11 +43,12 @@ def client_round(server_round: int, partition: int) -> Iterator[None]:
 
 def report(done: int, total: int) -> None:
     """``done`` of ``total`` local steps taken, from inside :func:`client_round`; throttled to ``EVERY_S``."""
-    where = folder()
-    if not _current or where is None:
+    if not _current:
         return
     now = time.monotonic()
     if done < total and now - float(_current["written"]) < EVERY_S:
+        return  # most steps end here, before any file-system call
+    if (where := folder()) is None:
         return
     _current["written"] = now
     name = f"steps-{int(_current['round'])}-{int(_current['partition'])}"

@@ -10,6 +10,7 @@ delta; its DP ledger) lives in its ``context.state``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,7 +111,9 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         base = base_delta(msg, context, scaling=worker.strategy.scaling)
         if base is not None:  # the server checks that this node trained on its base weights
             metrics[records.BASE_DIGEST] = records.digest_number(base)
-        with progress.client_round(server_round, pid):  # a simulation's console shows its steps
+        # a simulation's console shows its steps; not under DP: with train.local_epochs the total tells its size
+        reporting = progress.client_round(server_round, pid) if not cfg.privacy.any else contextlib.nullcontext()
+        with reporting:
             payload, num_examples, result = worker.train_round(
                 pid, received, server_round=server_round, base=base, history=history,
                 personal=personal_tensors(context),

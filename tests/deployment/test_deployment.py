@@ -24,7 +24,8 @@ from fedlora.cli import main
 from tests.deployment.federation import ROOT, Federation, Process, wait_for, wait_for_port
 
 # One pytest-xdist group: these tests are timed against round timeouts and heartbeats, so they run one at a
-# time on one worker; tests/deployment/test_netns.py is another group, the CPU-bound tests go around them.
+# time on one worker; tests/deployment/test_netns.py is another group, the CPU-bound tests go around them
+# (three xdist workers on two cores: the two groups mostly wait on processes and heartbeats).
 pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.xdist_group("loopback")]
 
 # train.personal_eval off: a deployed SuperNode starts a ClientApp process per message, and the evaluation

@@ -1,17 +1,15 @@
 """The interface every aggregation strategy implements: pure tensor math, no Flower.
 
-A strategy owns a *state* (a dict of adapter tensors keyed by :class:`AdapterKey`)
-on the server. Every process (server and clients) starts from
-``initial_state(adapters, generator)`` with the same seeded generator, so what a
-strategy draws there (FFA-LoRA's frozen A) is bit-identical everywhere without
-being sent. Each round the server broadcasts ``broadcast(state)``, plus
-``fixed(state)`` to a node that does not hold it yet (tensors fixed for the run,
-such as Fed-SB's A and B); each sampled client loads them, trains the tensors for
-which ``trainable(key)`` holds and sends ``payload(adapters)``; the server combines
-the payloads into a new state with ``aggregate`` (by default the weighted mean of
-what the clients sent). ``export(state)`` gives a standard LoRA (A, B per module)
-that peft can load. Modules trained in full (``Role.DENSE``, e.g. a task head)
-travel with the payload when the run trains them and are averaged with the same weights.
+A strategy owns a *state* (a dict of adapter tensors keyed by :class:`AdapterKey`) on the server.
+Every process (server and clients) starts from ``initial_state(adapters, generator)`` with the same
+seeded generator, so what a strategy draws there (FFA-LoRA's frozen A) is bit-identical everywhere
+without being sent. Each round the server broadcasts ``broadcast(state)``, plus ``fixed(state)`` to a
+node that does not hold it yet (tensors fixed for the run, such as Fed-SB's A and B); each sampled
+client loads them, trains the tensors for which ``trainable(key)`` holds and sends
+``payload(adapters)``; the server combines the payloads into a new state with ``aggregate`` (by
+default the weighted mean of what the clients sent). ``export(state)`` gives a standard LoRA (A, B
+per module) that peft can load. Modules trained in full (``Role.DENSE``, e.g. a task head) travel
+with the payload when the run trains them and are averaged with the same weights.
 
 A method's extra steps are declared here and carried out elsewhere, once:
 - ``fold(state, payloads, p)``: low-rank factors (A_f, B_f per module) whose product
@@ -25,8 +23,7 @@ A method's extra steps are declared here and carried out elsewhere, once:
   of a round (FLoRA's fresh adapter); ``personal``: tensors a client trains and keeps
   (FedSA-LoRA's B); ``prepare_model``: changes to the peft model (Fed-SB's R).
 
-Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r),
-A (r, d_in), s = alpha / r; client k holds n_k examples.
+Notation per adapted weight W0 (d_out x d_in): dW = s * B A with B (d_out, r), A (r, d_in), s = alpha / r.
 """
 
 from __future__ import annotations
@@ -174,9 +171,12 @@ class Strategy:
     robust_aggregation: ClassVar[bool] = True
     robust_note: ClassVar[str] = "it combines the clients' adapters exactly (stacking, exact residual), not by a mean"
     # Whether privacy=user (strategies.user_dp) applies: the server step is an average of the clients'
-    # payloads, so a sum of clipped updates has sensitivity C; else why not (user_dp_note).
+    # payloads, so a sum of clipped updates has sensitivity C; whether server.secure_aggregation does: it
+    # reads them only through their weighted mean, all SecAgg+ reveals; else why not (the notes).
     user_level_dp: ClassVar[bool] = True
     user_dp_note: ClassVar[str] = ""
+    secure_aggregation: ClassVar[bool] = True
+    secure_note: ClassVar[str] = ""
 
     def __init__(self, config: StrategyConfig, *, scaling: float) -> None:
         self.config = config

@@ -33,6 +33,8 @@ class FedEx(Strategy):
     server_optimizers = ("none",)
     robust_aggregation = False  # it folds every client's exact B_k A_k residual: a robust mean breaks it
     user_level_dp = False
+    secure_aggregation = False
+    secure_note = "fedex folds the residual sum_k p_k B_k A_k - B_bar A_bar, which needs each client's own factors"
     user_dp_note = (
         "fedex folds the residual sum_k p_k B_k A_k - B_bar A_bar, a product of each client's factors whose "
         "sensitivity the clipped mean does not bound"

@@ -63,6 +63,8 @@ class FlexLoRA(HeterogeneousRanks, Strategy):
     robust_aggregation = False
     robust_note = "it re-factorises the mean of the clients' full products B_k A_k by SVD, not an average of factors"
     user_level_dp = False
+    secure_aggregation = False
+    secure_note = "flexlora averages the products B_k A_k, which needs each client's own factors"
     user_dp_note = (
         "flexlora averages the products B_k A_k, which are not linear in a client's update: clipping the "
         "factors' change does not bound a client's effect on the sum"

@@ -58,6 +58,8 @@ class FLoRA(HeterogeneousRanks, Strategy):
     server_optimizers = ("none",)
     robust_aggregation = False  # it stacks every client's adapter exactly: no average to make robust
     user_level_dp = False
+    secure_aggregation = False
+    secure_note = "flora stacks every client's own factors, which a sum does not keep apart"
     user_dp_note = (
         "flora stacks every client's own factors into the base weights; a per-client release has no average "
         "to noise once"

@@ -57,6 +57,8 @@ class HetLoRA(HeterogeneousRanks, Strategy):
     robust_aggregation = False
     robust_note = "its weights are the clients' own update norms, which a robust mean would not bound"
     user_level_dp = False
+    secure_aggregation = False
+    secure_note = "hetlora weights each client by the norm of its own adapter, which only that adapter shows"
     user_dp_note = (
         "hetlora weights each client by the norm of its own adapter, so one client moves the weights of all: "
         "a sum of clipped updates no longer bounds its effect"

@@ -123,6 +123,8 @@ class LoraFair(Strategy):
     config_class = LoraFairConfig
     metric_columns = ("residual", "residual_fedavg", "cosine", "cosine_fedavg")
     user_level_dp = False
+    secure_aggregation = False
+    secure_note = "lora_fair's correction reads every client's product B_k A_k, which the sum does not show"
     user_dp_note = (
         "lora_fair's correction reads every client's B_k A_k; after the noisy mean it has nothing to correct "
         "towards, and a correction from the raw products would release them unprotected"

@@ -78,10 +78,19 @@ def noisy_mean(
         norms.append(size)
         for key, t in clipped.items():
             total[key] += t
-    for key, t in total.items():
-        t += noise_std * torch.randn(t.shape, generator=generator, dtype=torch.float64)
-        total[key] = t / expected
-    return total, norms
+    return noised_mean(total, noise_std=noise_std, expected=expected, generator=generator), norms
+
+
+def noised_mean(total: Tensors, *, noise_std: float, expected: float, generator: torch.Generator) -> Tensors:
+    """(``total`` + N(0, noise_std^2 I)) / expected, in float64: the release from a sum of clipped updates
+    (:func:`noisy_mean`'s, or one a secure aggregation unmasked)."""
+    if expected <= 0:
+        raise ValueError(f"the expected cohort size must be > 0, got {expected}")
+    out = {}
+    for key, t in sorted(total.items()):
+        noise = noise_std * torch.randn(t.shape, generator=generator, dtype=torch.float64)
+        out[key] = (t.double() + noise) / expected
+    return out
 
 
 def apply(start: Tensors, mean_update: Tensors) -> Tensors:
@@ -122,7 +131,12 @@ class AdaptiveClip:
     def step(self, norms: Sequence[float], *, expected: float, generator: torch.Generator) -> float:
         """Update C from this round's norms (measured against the current C); returns b, the noisy
         fraction under it."""
-        centred = sum((1.0 if n <= self.bound else 0.0) - 0.5 for n in norms)
+        return self.step_count(sum(1 for n in norms if n <= self.bound), len(norms), expected=expected,
+                               generator=generator)  # fmt: skip
+
+    def step_count(self, under: float, count: int, *, expected: float, generator: torch.Generator) -> float:
+        """:meth:`step` from the number of ``count`` updates that were under the bound (a secure sum of bits)."""
+        centred = under - 0.5 * count
         noise = self.count_stddev * float(torch.randn((), generator=generator, dtype=torch.float64))
         below = (centred + noise) / expected + 0.5
         self.bound *= math.exp(-self.lr * (below - self.quantile))

@@ -9,6 +9,7 @@ are exactly what the apps return.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
@@ -38,8 +39,9 @@ class LocalGrid:
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = message_id = str(uuid4())  # as Flower's grids do
             node = msg.metadata.dst_node_id
+            delivered = copy.deepcopy(msg)  # as received off the wire: a node's app may change its copy
             try:
-                reply = self.apps[node](msg, self.contexts[node])
+                reply = self.apps[node](delivered, self.contexts[node])
             except Exception as err:  # the node's app failed: Flower sends an error reply
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             self._replies[message_id] = reply

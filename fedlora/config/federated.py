@@ -132,6 +132,10 @@ class PrivacyConfig:
         return self.enabled or self.user_level
 
 
+SECURE_AGGREGATIONS = ("none", "secaggplus")
+MOD_RANGE = 2**32  # Flower's SecAgg+ modulus: a cohort's quantised values must sum below it
+
+
 @dataclass
 class ServerConfig:
     """The ServerApp's optimiser and tolerance of faults, the same in simulation and deployment.
@@ -163,6 +167,12 @@ class ServerConfig:
     n >= 2f + 3 (so from five replies on); ``aggregation`` (mean | trimmed_mean | median,
     trimming ``trim_fraction`` at each end) is the coordinate-wise combination of whatever the
     strategy averages.
+
+    ``secure_aggregation`` (none | secaggplus): with secaggplus, each round's updates reach the
+    server only as Flower's SecAgg+ masked vectors, whose sum it unmasks
+    (:mod:`fedlora.flower.secure`); ``secagg_num_shares`` and ``secagg_reconstruction_threshold``
+    are Flower's ``num_shares`` and ``reconstruction_threshold`` (a float: a fraction of the cohort,
+    of the shares), ``secagg_clipping_range`` and ``secagg_quantization_range`` its quantiser's.
     """
 
     min_replies: int = 1
@@ -176,6 +186,11 @@ class ServerConfig:
     multi_krum: Optional[float] = None
     aggregation: str = "mean"
     trim_fraction: float = 0.2
+    secure_aggregation: str = "none"
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
     resume: bool = False
     optimizer: str = "none"
     lr: Optional[float] = None
@@ -215,9 +230,36 @@ class ServerConfig:
         )
         require(0 <= self.trim_fraction < 0.5, f"server.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         require(
+            self.secure_aggregation in SECURE_AGGREGATIONS,
+            f"unknown server.secure_aggregation {self.secure_aggregation!r}; choose from {list(SECURE_AGGREGATIONS)}",
+        )
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        require(
+            (0 < shares <= 1) or (shares > 2 and shares == int(shares)),
+            f"server.secagg_num_shares must be a fraction in (0, 1] or a whole number > 2, got {shares}",
+        )
+        require(
+            (0 < threshold <= 1)
+            or (threshold >= 2 and threshold == int(threshold) and (shares <= 1 or threshold < shares)),
+            f"server.secagg_reconstruction_threshold must be a fraction in (0, 1] or a whole number >= 2 below "
+            f"server.secagg_num_shares, got {threshold}",
+        )
+        require(self.secagg_clipping_range > 0, f"server.secagg_clipping_range must be > 0, got "
+                f"{self.secagg_clipping_range}")  # fmt: skip
+        require(
+            0 < self.secagg_quantization_range <= 2**24,
+            "server.secagg_quantization_range must be in (0, 2^24]: Flower's masks are taken modulo 2^32, which "
+            f"must hold the sum of a cohort's quantised values, got {self.secagg_quantization_range}",
+        )
+        require(
             self.max_update_norm is None or self.max_update_norm > 0,
             f"server.max_update_norm must be > 0 or null, got {self.max_update_norm}",
         )
+
+    @property
+    def secure(self) -> bool:
+        """Whether the server sees only the sum of each round's updates (``secure_aggregation``)."""
+        return self.secure_aggregation != "none"
 
     @property
     def opt(self) -> ServerOptConfig:

@@ -82,8 +82,9 @@ DEFAULT_MULTI_KRUM = 0.2  # one update in five left out each round (from five re
 
 def outlier_dropping(cfg: RunConfig) -> RunConfig:
     """``server.multi_krum`` null: 0.2, or 0 under ``privacy=user`` (DP-FedAvg's sensitivity is one clipped
-    update; a selection that depends on every update would break it)."""
+    update; a selection that depends on every update would break it) and under secure aggregation (the
+    server sees no single update)."""
     if cfg.server.multi_krum is None:
-        fraction = 0.0 if cfg.privacy.user_level else DEFAULT_MULTI_KRUM
+        fraction = 0.0 if cfg.privacy.user_level or cfg.server.secure else DEFAULT_MULTI_KRUM
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, multi_krum=fraction))
     return cfg

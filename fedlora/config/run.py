@@ -123,6 +123,8 @@ class RunConfig:
         )
         if self.privacy.user_level:
             self._check_user_level(cls)
+        if self.server.secure:
+            self._check_secure(cls)
         require(
             self.server.min_replies <= self.sampled_per_round,
             f"server.min_replies ({self.server.min_replies}) must not exceed the clients sampled per round "
@@ -154,6 +156,36 @@ class RunConfig:
             "strategy=fed_sb with privacy=user needs strategy.init_source=<a public calibration file>: the clients' "
             "round-0 gradients would be released outside the user-level guarantee",
         )
+
+    def _check_secure(self, cls: type) -> None:
+        """``server.secure_aggregation``: a server step that needs only the weighted mean, nothing of it that
+        reads one update, and a cohort whose quantised sum fits Flower's modulus."""
+        from fedlora.config.federated import MOD_RANGE
+        from strategies import STRATEGIES
+
+        key = f"server.secure_aggregation={self.server.secure_aggregation}"
+        supported = sorted(name for name, c in STRATEGIES.items() if c.secure_aggregation)
+        require(cls.secure_aggregation, f"{key} is refused for strategy={cls.name}: {cls.secure_note} "
+                f"(supported: {supported})")  # fmt: skip
+        for setting, on in (("server.aggregation", self.server.aggregation != "mean"),
+                            ("server.multi_krum", bool(self.server.multi_krum)),
+                            ("server.max_update_norm", self.server.max_update_norm is not None)):  # fmt: skip
+            value = getattr(self.server, setting.split(".")[1])
+            require(not on, f"{setting}={value} is refused with {key}: it reads each update, the server sees only "
+                    "their sum")  # fmt: skip
+        require(
+            not (self.strategy.name == "fed_sb" and getattr(self.strategy, "init_source", "") == "clients"),
+            f"strategy=fed_sb with {key} needs strategy.init_source=<a public calibration file>: the clients' "
+            "round-0 gradients would reach the server one by one",
+        )
+        cohort = self.clients if self.privacy.user_level else self.sampled_per_round  # Poisson: up to every client
+        require(
+            cohort * self.server.secagg_quantization_range < MOD_RANGE,
+            f"{key}: a cohort of up to {cohort} clients at server.secagg_quantization_range="
+            f"{self.server.secagg_quantization_range} overflows Flower's modulus 2^32; lower the range",
+        )
+        require(cohort >= 2 or self.privacy.user_level, f"{key} needs at least 2 clients per round (a sum of one "
+                "is that client's update)")  # fmt: skip
 
     @property
     def lora_alpha(self) -> float:

@@ -24,7 +24,8 @@ from fedlora.config.app import from_run_config
 from fedlora.config.run import RunConfig
 from fedlora.federation import progress
 from fedlora.federation.folding import catch_up
-from fedlora.flower import records
+from fedlora.flower import records, secure_client
+from fedlora.flower.secure_client import secure_mod
 from fedlora.learning import gradient_init
 from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Tensors
@@ -36,7 +37,7 @@ from fedlora.privacy.accounting import Step
 
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for the App run config ``run_config`` (None: the context's, as deployed)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_mod])  # a secure round's messages go through Flower's SecAgg+ mod
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
@@ -100,6 +101,9 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             content[records.PRIVACY] = records.ledger_record(ledger.history)
             metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
             metrics[records.EPSILON] = plan.spent(ledger.history)
+            if config.get(records.SECURE):  # still in the protocol: nothing, of the shapes its masks need
+                start = secure_start(msg, context, worker, pid, server_round)
+                content[records.ARRAYS] = records.to_record(secure_client.zeros_like(start))
             return Message(content, reply_to=msg)
     history = ledger.history if ledger is not None else None
     if init:
@@ -124,6 +128,12 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             metrics[records.TRAIN_LOSS] = result.mean_loss
         if cfg.strategy.weighting == "examples":  # under DP: the noised count, or the exact one if declared public
             metrics[records.NUM_EXAMPLES] = num_examples
+        if config.get(records.SECURE):  # the update from where the server's state starts it, for masking
+            clip = float(config[records.CLIP_BOUND]) if records.CLIP_BOUND in config else None
+            start = secure_start(msg, context, worker, pid, server_round)
+            payload, under = secure_client.update(payload, start, clip=clip)
+            if under is not None:
+                metrics[records.UNDER_CLIP] = under
     if ledger is not None:
         ledger.save()
         content[records.PRIVACY] = records.ledger_record(ledger.history)
@@ -132,6 +142,13 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if (where := placement(worker)) is not None:
         content[records.PLACEMENT] = where
     return Message(content, reply_to=msg)
+
+
+def secure_start(msg: Message, context: Context, worker: Worker, pid: int, server_round: int) -> Tensors:
+    """What this client's payload would be had it not trained: where its update is measured from (the
+    server measures from the same point: :meth:`fedlora.federation.protocol.Protocol.expected_reply`)."""
+    received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
+    return worker.adapted.protocol.expected_reply(pid, received, server_round=server_round)
 
 
 def placement(worker: Worker) -> ConfigRecord | None:

@@ -47,6 +47,13 @@ EPSILON = "epsilon"
 REFUSED = "refused"  # 1: the client's budget is exhausted, it did not train
 CLIENTS = "clients"  # the federation's size the server runs with (it may be the nodes', see server_app)
 LABELS = "label-names"  # the run's labels, so that a node's own data file maps to them by name
+# Secure aggregation (fedlora.flower.secure): the round's flag, the weight the server's table gives a client,
+# the most any client may put in the masked sum, user-level DP's clip bound and a client's bit under it
+SECURE = "secure"
+SECURE_WEIGHT = "secure-weight"
+MAX_WEIGHT = "max-weight"
+CLIP_BOUND = "clip-bound"
+UNDER_CLIP = "under-clip"
 DATA_PATH = "data-path"  # node config: this node's data file or folder (default: the run's data)
 
 

@@ -30,6 +30,9 @@ METRIC_KEYS = {
     records.BASE_DIGEST,
     records.ROUND_NONCE,
 }
+# a secure round's reply: Flower's FitRes records (its parameters emptied by the mod) and its SecAgg+ record
+SECURE_RECORDS = {"fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status", "secaggplus_configs"}
+IN_THE_MASK = (records.NUM_EXAMPLES, records.TRAIN_LOSS)
 LEDGER_KEYS = {"noise", "rate", "steps"}
 
 
@@ -67,20 +70,26 @@ class Malformed(ValueError):
     """Why a reply cannot be parsed (one line)."""
 
 
-def parse_reply(m: Message, *, private: bool) -> Reply | str:
+def parse_reply(m: Message, *, private: bool, secure: bool = False) -> Reply | str:
     """The reply ``m`` as a :class:`Reply`, or why it is malformed. ``private``: the run is DP
-    (only then may a reply carry a ledger, an epsilon or a refusal)."""
+    (only then may a reply carry a ledger, an epsilon or a refusal). ``secure``: a SecAgg+ masked
+    reply (:mod:`fedlora.flower.secure_client`), whose update, count and loss are in the masked vector
+    and must not be in the clear."""
     try:
-        return _parse(m, private=private)
+        return _parse(m, private=private, secure=secure)
     except Malformed as err:
         return f"malformed reply: {err}"
     except Exception as err:  # whatever a crafted record raises, it is a rejection
         return f"malformed reply ({type(err).__name__}: {err})"
 
 
-def _parse(m: Message, *, private: bool) -> Reply:
+def _parse(m: Message, *, private: bool, secure: bool = False) -> Reply:
     content = m.content
     names = set(content.keys())
+    if secure:
+        names -= SECURE_RECORDS
+        if records.ARRAYS in names or any(k in content.get(records.METRICS, {}) for k in IN_THE_MASK):
+            raise Malformed("an update, count or loss in the clear in a secure round")
     if extra := sorted(names - RECORDS):
         raise Malformed(f"unexpected record(s) {extra[:3]}")
     metrics = content.get(records.METRICS)
@@ -101,7 +110,7 @@ def _parse(m: Message, *, private: bool) -> Reply:
         raise Malformed(f"{records.NUM_EXAMPLES} is {num_examples}")
     ledger = _ledger(content[records.PRIVACY]) if records.PRIVACY in content else None
     arrays = content.get(records.ARRAYS)
-    if arrays is None and not refused:
+    if arrays is None and not refused and not secure:
         raise Malformed(f"no '{records.ARRAYS}' record")
     if arrays is not None and not isinstance(arrays, ArrayRecord):
         raise Malformed(f"'{records.ARRAYS}' is not an array record")

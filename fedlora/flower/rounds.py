@@ -38,7 +38,7 @@ from fedlora.federation.schedule import sample_partitions
 from fedlora.federation.server_step import server_step
 from fedlora.federation.validation import reject_reason
 from fedlora.federation.weighting import Checked, bounded
-from fedlora.flower import records
+from fedlora.flower import records, secure
 from fedlora.flower.collect import NodeState, Outgoing, Progress, collect
 from fedlora.flower.discovery import JOIN_ASKS, JOIN_TIMEOUT_S, ask_new_nodes
 from fedlora.flower.messages import round_config, train_messages
@@ -48,6 +48,7 @@ from fedlora.outputs.metrics import RoundStats
 from fedlora.privacy.accounting import Step
 from fedlora.privacy.user_level import UserLevelDP
 from strategies import robust
+from strategies import user_dp as user_dp_math
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class FlowerRounds:
         self._asked: dict[int, int] = {}  # late node id -> partition queries sent to it (JOIN_ASKS: no more)
         self._digest_of: tuple[int, int] = (-1, 0)  # (D's version, its digest_number)
         self.user_dp = UserLevelDP(cfg) if cfg.privacy.user_level else None
+        # a round's messages expire with it: a node back from an outage gets the current round's, not stale ones
+        self.ttl = cfg.server.round_timeout
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids to train this round: seeded by (seed, round), sorted; the same schedule whichever
@@ -146,6 +149,9 @@ class FlowerRounds:
             log.warning("round %d: partition(s) %s sampled but their nodes are offline", server_round, offline)
         outgoing = self._train_messages(server_round, [pid for pid in chosen if pid not in offline], stats)
         log.debug("round %d: training partitions %s", server_round, [o.partition for o in outgoing])
+        if self.cfg.server.secure:
+            self._secure_step(grid, server_round, outgoing, stats)
+            return
         accepted = collect(
             grid,
             outgoing,
@@ -168,10 +174,8 @@ class FlowerRounds:
                 server_round, len(accepted), needed,
             )  # fmt: skip
             return
-        payloads, p, losses = bounded(
-            accepted, self.strategy, self.cfg, known_sizes=self.known_sizes,
-            server_round=server_round,
-        )  # fmt: skip
+        payloads, p, losses = bounded(accepted, self.strategy, self.cfg, known_sizes=self.known_sizes,
+                                      server_round=server_round)  # fmt: skip
         step = server_step(self.strategy, self.state, payloads, p, server_round=server_round,
                            optimizer=self.server_opt, combine=self.combine)  # fmt: skip
         self.state, stats.report = step.state, step.report
@@ -187,10 +191,26 @@ class FlowerRounds:
         like = self.protocol.expected_reply(0, self.state, server_round=server_round)
         checked = [c for _, c in accepted]
         payload = self.user_dp.round(server_round, [c.start for c in checked], [c.payload for c in checked], like)
-        one = self.strategy.weights([1])
-        step = server_step(self.strategy, self.state, [payload], one, server_round=server_round,
-                           optimizer=self.server_opt)  # fmt: skip
+        step = server_step(self.strategy, self.state, [payload], self.strategy.weights([1]),
+                           server_round=server_round, optimizer=self.server_opt)  # fmt: skip
         self.state, stats.report = step.state, step.report | self.user_dp.columns()
+
+    def _secure_step(self, grid: Grid, server_round: int, outgoing: list[Outgoing], stats: RoundStats) -> None:
+        """The server step on a secure round's unmasked mean (privacy=user: on the noised sum of clipped
+        updates, noised and charged even when too few clients were left: that does not depend on the data)."""
+        like = self.protocol.expected_reply(0, self.state, server_round=server_round)
+        mean = secure.secure_mean(grid, outgoing, cfg=self.cfg, like=like, nodes=self.nodes, stats=stats,
+                                  server_round=server_round, nonce=self.nonces[server_round], known=self.known_sizes,
+                                  clip=self.user_dp.clip.bound if self.user_dp else None)  # fmt: skip
+        if self.user_dp is not None:
+            payload = self.user_dp.round_from_secure(server_round, mean, like=like)
+        elif mean is None or mean.count < self.cfg.server.min_replies:
+            return
+        else:
+            payload, stats.train_loss = user_dp_math.apply(like, mean.update), mean.train_loss
+        step = server_step(self.strategy, self.state, [payload], self.strategy.weights([1]),
+                           server_round=server_round, optimizer=self.server_opt)  # fmt: skip
+        self.state, stats.report = step.state, step.report | (self.user_dp.columns() if self.user_dp else {})
 
     def _train_messages(self, server_round: int, chosen: list[int], stats: RoundStats) -> list[Outgoing]:
         fixed = self.strategy.fixed(self.state)
@@ -227,12 +247,6 @@ class FlowerRounds:
             )
         count = reply.num_examples if by_examples and reply.num_examples is not None else 1
         return Checked(reply.tensors or {}, expected, count, reply.train_loss)
-
-    @property
-    def ttl(self) -> float:
-        """A round's messages expire with it: a node back from an outage gets the current round's, not
-        stale ones it would spend the round on."""
-        return self.cfg.server.round_timeout
 
     def _base_digest(self) -> int:
         """The fingerprint of the server's D (its current version), which every reply must match."""

@@ -111,6 +111,25 @@ class UserLevelDP:
         self.charge()
         return user_dp.apply(like, mean)
 
+    def round_from_secure(self, server_round: int, mean: Any, *, like: Tensors) -> Tensors:
+        """:meth:`round` where the clients clipped their updates to ``self.clip.bound`` and a secure aggregation
+        gave only their mean (:class:`fedlora.flower.secure.SecureMean`: mean update, the number under the
+        bound, how many took part; None: it did not complete, and the release is the noise alone)."""
+        rng = self.generator(server_round)
+        count, under = (mean.count, mean.under) if mean is not None else (0, 0.0)
+        total = (
+            {k: t * count for k, t in mean.update.items()}
+            if mean is not None
+            else {k: 0 * t.double() for k, t in like.items()}
+        )
+        noised = user_dp.noised_mean(total, noise_std=self.z_update * self.clip.bound, expected=self.expected,
+                                     generator=rng)  # fmt: skip
+        log.info("round %d: a secure sum of %d clipped update(s), clip %.3g", server_round, count, self.clip.bound)
+        self.last_bound = self.clip.bound
+        self.last_fraction = self.clip.step_count(under, count, expected=self.expected, generator=rng)
+        self.charge()
+        return user_dp.apply(like, noised)
+
     def columns(self) -> dict[str, float | None]:
         """This round's ``outputs.metrics.USER_COLUMNS``: epsilon so far, the clip used, the noisy fraction under it."""
         return {

@@ -167,6 +167,10 @@ def simulate(
         console.show_privacy(worker)
     if cfg.privacy.user_level:
         console.show_user_privacy(worker)
+    if cfg.server.secure:
+        from fedlora.flower.secure import describe
+
+        console.console.print(describe(cfg), highlight=False)
     counts = console.show_partitions(worker)
     if dry_run:
         from omegaconf import OmegaConf

@@ -230,7 +230,8 @@ def secure_mean(
               for (key, t), a in zip(sorted(like.items()), arrays[:-1], strict=True)}  # fmt: skip
     loss, under = float(arrays[-1][0]) * LOSS_SCALE, float(arrays[-1][1])
     count = len(contributors) - stats.refused
-    log.info("round %d: unmasked the weighted mean of %d client(s)' updates", server_round, count)
+    log.info("round %d: unmasked the weighted mean of %d client(s)' updates", server_round, count,
+             extra={"file_only": True})  # fmt: skip
     return SecureMean(update, None if cfg.privacy.enabled else loss, under * count, count)
 
 
@@ -247,6 +248,20 @@ def prepare(outgoing: list[Outgoing], cfg: RunConfig, known_sizes: dict[int, int
             config[records.SECURE_WEIGHT] = float(size)
         if clip is not None:
             config[records.CLIP_BOUND] = float(clip)
+
+
+def describe(cfg: RunConfig) -> str:
+    """The run header's line: what the server sees, what a round survives, what it costs in precision."""
+    s = cfg.server
+    shares = f"{s.secagg_num_shares:g} of the cohort" if s.secagg_num_shares <= 1 else f"{s.secagg_num_shares:g}"
+    t = s.secagg_reconstruction_threshold
+    threshold = f"{t:g} of the shares" if t <= 1 else f"{t:g}"
+    return (
+        f"secure aggregation: Flower's SecAgg+; the server sees each round's weighted mean update only (shares to "
+        f"{shares}, {threshold} rebuild a lost client's masks; quantisation step "
+        f"{2 * s.secagg_clipping_range / s.secagg_quantization_range:.2g}); off, as they read each update: "
+        "server.update_clip, server.max_weight_ratio"
+    )
 
 
 def forget_the_keyless(state: WorkflowState) -> None:

@@ -124,7 +124,8 @@ class UserLevelDP:
         )
         noised = user_dp.noised_mean(total, noise_std=self.z_update * self.clip.bound, expected=self.expected,
                                      generator=rng)  # fmt: skip
-        log.info("round %d: a secure sum of %d clipped update(s), clip %.3g", server_round, count, self.clip.bound)
+        log.info("round %d: a secure sum of %d clipped update(s), clip %.3g", server_round, count, self.clip.bound,
+                 extra={"file_only": True})  # fmt: skip
         self.last_bound = self.clip.bound
         self.last_fraction = self.clip.step_count(under, count, expected=self.expected, generator=rng)
         self.charge()

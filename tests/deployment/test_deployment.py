@@ -151,6 +151,31 @@ def test_killed_supernode_round_completes_without_it(federation, tmp_path) -> No
     assert "round 1: partition(s) [2] did not reply" in server_log or "round 1: partition 2" in server_log, server_log
 
 
+def test_secure_round_with_a_supernode_killed_mid_round_sums_the_survivors(federation, tmp_path) -> None:
+    """SecAgg+ across real SuperNodes (TLS, node auth; a new ClientApp process per stage message, its state
+    in the node's context): n = 4, threshold 3; one node killed once its training message (the masked-vector
+    stage) arrived. The round unmasks the 3 survivors' mean: the in-process run in which that client fails."""
+    from fedlora.config.compose import compose
+    from tests.integration.test_secure_aggregation import fails_training
+    from tests.local_grid import grid_for, run_in_process
+
+    run = [*TINY, "clients=4", "clients_per_round=4", "rounds=1", "server.secure_aggregation=secaggplus"]
+    start_nodes(federation, 4)
+    victim = federation.processes[-1]  # partition 3
+    out = federation.submit([*run, "server.round_timeout=120", f"output_dir={tmp_path / 'out'}"])
+    stage = "Receiving: train message"  # setup, share keys, then the training message it masks
+    wait_for(lambda: victim.text().count(stage) >= 3, timeout=RUN_S, what="the masked-vector stage at the victim")
+    victim.stop(signal.SIGKILL)
+    wait_for(lambda: finished(out, 1), timeout=RUN_S, what="the secure round without the victim", federation=federation)
+    assert rows(out)[1]["replies_received"] == "3"
+    assert "unmasked the weighted mean of 3 client(s)' updates" in (out / "server.log").read_text()
+    cfg = compose([*run, f"output_dir={tmp_path / 'reference'}"])[0]
+    run_in_process(cfg, fails_training(grid_for(cfg), victim=4))  # node 4 holds partition 3
+    a, b = adapter(out), adapter(tmp_path / "reference")
+    for key in a:  # SecAgg+'s quantisation (< 3.8e-6) and the processes' float rounding
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
+
+
 # -- 4. the ServerApp dies and a new one resumes ------------------------------------------------
 def serverapp_processes(fed: Federation) -> list[psutil.Process]:
     link = psutil.Process(fed.processes[0].popen.pid)

@@ -253,9 +253,9 @@ def prepare(outgoing: list[Outgoing], cfg: RunConfig, known_sizes: dict[int, int
 def describe(cfg: RunConfig) -> str:
     """The run header's line: what the server sees, what a round survives, what it costs in precision."""
     s = cfg.server
-    shares = f"{s.secagg_num_shares:g} of the cohort" if s.secagg_num_shares <= 1 else f"{s.secagg_num_shares:g}"
+    shares = f"{s.secagg_num_shares:.0%} of the cohort" if s.secagg_num_shares <= 1 else f"{s.secagg_num_shares:g}"
     t = s.secagg_reconstruction_threshold
-    threshold = f"{t:g} of the shares" if t <= 1 else f"{t:g}"
+    threshold = f"{t:.0%} of the shares" if t <= 1 else f"{t:g}"
     return (
         f"secure aggregation: Flower's SecAgg+; the server sees each round's weighted mean update only (shares to "
         f"{shares}, {threshold} rebuild a lost client's masks; quantisation step "

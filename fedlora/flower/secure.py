@@ -5,11 +5,11 @@ The protocol is Flower's, on both sides: its ``SecAggPlusWorkflow`` here (key ex
 shares of each client's mask seed and key, unmasking, dequantisation), its ``secaggplus_mod`` on
 the client (:mod:`fedlora.flower.secure_client`). The bridge: the workflow's four stages are
 called one by one with a :class:`~flwr.server.compat.LegacyContext` whose strategy only names the
-round's nodes and takes the unmasked mean, and a :class:`StageGrid` that sends each stage's messages
-the way every fedlora round does (:func:`fedlora.flower.collect.exchange`), counts their bytes and
-drops a malformed reply before the workflow reads it (a malformed client is a dropped one: its
-masks are rebuilt from the others' shares). The "collect masked vectors" stage carries each node's
-usual training message.
+round's nodes and takes the unmasked mean, and a grid
+(:class:`~fedlora.flower.secure_stages.StageGrid`) that sends each stage's messages the way every
+fedlora round does, counts their bytes and drops a malformed reply before the workflow reads it (a
+malformed client is a dropped one: its masks are rebuilt from the others' shares). The "collect
+masked vectors" stage carries each node's usual training message.
 
 What the server then holds: the weighted mean (:mod:`fedlora.flower.secure_client` says of what),
 within the quantisation error: each client's weighted value is stochastically rounded to a grid
@@ -21,7 +21,6 @@ of the mean is off by less than 2 c / T x (clients / sum of their weights in max
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -41,9 +40,10 @@ from flwr.serverapp import Grid
 from fedlora.config.federated import MOD_RANGE
 from fedlora.config.run import RunConfig
 from fedlora.flower import records
-from fedlora.flower.collect import NodeState, Outgoing, exchange, settle
+from fedlora.flower.collect import NodeState, Outgoing, settle
 from fedlora.flower.replies import parse_reply
 from fedlora.flower.secure_client import EXTRAS, LOSS_SCALE
+from fedlora.flower.secure_stages import StageGrid
 from fedlora.lora import Tensors
 from fedlora.outputs.metrics import RoundStats
 
@@ -60,73 +60,6 @@ class SecureMean:
     train_loss: float | None
     under: float
     count: int
-
-
-class StageGrid:
-    """The grid the workflow talks to: each stage's messages go out and come back as fedlora's rounds'
-    do; replies that are not well formed for their stage are dropped; bytes are counted."""
-
-    def __init__(self, grid: Grid, *, stats: RoundStats, timeout: float, straggler_factor: float | None,
-                 check_masked) -> None:  # fmt: skip
-        self.grid, self.stats, self.timeout = grid, stats, timeout
-        self.straggler_factor = straggler_factor
-        self.check_masked = check_masked  # (reply) -> None or why a stage-2 reply is refused
-        self.sampled: set[int] = set()
-
-    def send_and_receive(self, messages: Sequence[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else ""
-        if stage == Stage.SETUP:
-            self.sampled = {m.metadata.dst_node_id for m in messages}
-        for m in messages:  # the training message itself was counted when it was built: here its stage record
-            stage_record = RecordDict({RECORD_KEY_CONFIGS: m.content.config_records[RECORD_KEY_CONFIGS]})
-            self.stats.add_down(content_size(stage_record))
-        replies = exchange(
-            self.grid,
-            messages,
-            timeout=self.timeout,
-            on_progress=None,
-            straggler_factor=self.straggler_factor if stage == Stage.COLLECT_MASKED_VECTORS else None,
-        )
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        good = []
-        for reply in replies:
-            self.observe(stage, reply)
-            if reply.has_error():
-                good.append(reply)  # the workflow counts it as a dropout
-                continue
-            self.stats.add_up(content_size(reply.content))
-            why = self._malformed(stage, reply, sent_to)
-            if why is None:
-                good.append(reply)
-            else:
-                log.warning("secure aggregation, stage %s: dropped node %d's reply: %s", stage,
-                            reply.metadata.src_node_id, why)  # fmt: skip
-        return good
-
-    def observe(self, stage: str, reply: Message) -> None:
-        """Every reply the server receives, in every stage (tests record them here)."""
-
-    def _malformed(self, stage: str, reply: Message, sent_to: dict[str, int]) -> str | None:
-        if sent_to.get(reply.metadata.reply_to_message_id) != reply.metadata.src_node_id:
-            return "it answers no message sent to its node"
-        try:
-            record = reply.content.config_records[RECORD_KEY_CONFIGS]
-            if stage == Stage.SETUP:
-                ok = all(isinstance(record.get(k), bytes) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2))
-            elif stage == Stage.SHARE_KEYS:
-                dsts, texts = record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST]
-                ok = len(dsts) == len(texts) and all(isinstance(d, int) for d in dsts)
-                ok = ok and all(isinstance(c, bytes) for c in texts)
-            elif stage == Stage.COLLECT_MASKED_VECTORS:
-                return self.check_masked(reply)
-            else:
-                nids, shares = record[Key.NODE_ID_LIST], record[Key.SHARE_LIST]
-                ok = len(nids) == len(shares) and set(nids) <= self.sampled
-                ok = ok and all(isinstance(s, bytes) for s in shares)
-        except (KeyError, TypeError) as err:
-            return f"not a {stage} reply ({type(err).__name__}: {err})"
-        return None if ok else f"not a {stage} reply"
 
 
 class _Bridge(FedAvg):
@@ -290,29 +223,3 @@ def _legacy_context(bridge: _Bridge, server_round: int) -> LegacyContext:
                         MAIN_PARAMS_RECORD: ArrayRecord()})  # fmt: skip
     context = Context(run_id=0, node_id=0, node_config={}, state=state, run_config={})
     return LegacyContext(context, strategy=bridge)
-
-
-def content_size(content: RecordDict) -> tuple[int, int]:
-    """(numbers, bytes) of a message's records as sent: an array's elements and bytes; in config records
-    (keys, shares, masked vectors) the bytes as they are and 8 per number; 8 per metric."""
-    numbers = size = 0
-    for name in content:
-        for value in content[name].values():
-            if hasattr(value, "shape"):  # an Array
-                numbers += int(np.prod(value.shape))
-                size += len(value.data)
-                continue
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, bytes | str):
-                    size += len(v)
-                    numbers += (len(v) - NPY_HEADER) // 8 if _is_npy(v) else 0  # a masked vector's int64s
-                else:
-                    size, numbers = size + 8, numbers + 1
-    return numbers, size
-
-
-NPY_HEADER = 128  # numpy's .npy header for a small 1-d array (Flower's ndarray_to_bytes)
-
-
-def _is_npy(value: bytes | str) -> bool:
-    return isinstance(value, bytes) and value[:6] == b"\x93NUMPY"

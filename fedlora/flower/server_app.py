@@ -165,7 +165,8 @@ def _run_server(
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
         initialise(grid, rounds, worker)
-    personal = cfg.train.personal_eval and not cfg.privacy.any and cfg.task == "classification"
+    # each client's accuracy on its own test shard is a statistic of its data: not under DP or secure aggregation
+    personal = cfg.train.personal_eval and not (cfg.privacy.any or cfg.server.secure) and cfg.task == "classification"
     personal_columns = personal_eval.COLUMNS if personal else ()
     metrics = MetricsLog(
         out / METRICS,

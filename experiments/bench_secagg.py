@@ -74,8 +74,9 @@ def main() -> None:
         for strategy in args.strategies:
             for cohort in args.cohorts:
                 plain, secure = (run(strategy, cohort, s, args, Path(tmp) / f"{strategy}-{cohort}-{s}") for s in (0, 1))
+                ratio = secure["up"] / plain["up"]
                 print(
-                    f"| {strategy} | {cohort} | {kb(plain['up'])} -> {kb(secure['up'])} ({secure['up'] / plain['up']:.1f}x) "
+                    f"| {strategy} | {cohort} | {kb(plain['up'])} -> {kb(secure['up'])} ({ratio:.1f}x) "
                     f"| {kb(plain['down'])} -> {kb(secure['down'])} | {plain['wall']:.2f} -> {secure['wall']:.2f} "
                     f"| {plain['acc']:.4f} / {secure['acc']:.4f} |",
                     flush=True,

@@ -65,11 +65,14 @@ def simulate(overrides: list[str], out: Path) -> Path:
     return out
 
 
-def assert_same_run(deployed: Path, simulated: Path, *, tol: float = 1e-5, resent_in: int | None = None) -> None:
+def assert_same_run(
+    deployed: Path, simulated: Path, *, tol: float = 1e-5, resent_in: int | None = None, adapters: bool = True
+) -> None:
     """Metrics and final adapter agree (to float rounding: the processes differ in thread counts).
 
     ``resent_in``: a round whose download also carried the run's fixed tensors again
-    (the first after a resume: the nodes of the new run do not hold them yet).
+    (the first after a resume: the nodes of the new run do not hold them yet). ``adapters``: also the final
+    adapters' modules (else the model is compared by what it computes: the metrics of every round).
     """
     got, want = rows(deployed), rows(simulated)
     assert [r["round"] for r in got] == [r["round"] for r in want]
@@ -81,8 +84,8 @@ def assert_same_run(deployed: Path, simulated: Path, *, tol: float = 1e-5, resen
             if not (column == "numbers_down" and g["round"] == str(resent_in)):
                 assert g[column] == w[column], (column, g, w)
     a, b = adapter(deployed), adapter(simulated)
-    assert a.keys() == b.keys()
-    for key, (x, y) in models(a, b).items():
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    for key, (x, y) in models(a, b).items() if adapters else ():
         torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
@@ -221,7 +224,12 @@ def test_restarted_serverapp_resumes_from_checkpoint(federation, tmp_path) -> No
     assert [r["round"] for r in rows(out)] == ["0", "1", "2", "3"]
     # The resumed run ends where an uninterrupted one does: Fed-SB's fixed B and A came
     # back from the checkpoint, and so did every client's DP accountant (epsilon goes on).
-    assert_same_run(out, simulate(run, tmp_path / "simulated"), tol=1e-4, resent_in=killed_after + 1)
+    # Compared by what the model computes, every round (accuracy, loss, epsilon, counts), not by its factors:
+    # LoRA-SB's A and B are the top singular vectors of a round-0 gradient that DP noise dominates here, and
+    # the deployed and simulated round-0 gradients differ by ~1e-5 (process layouts; round 0's loss already
+    # differs in its 5th digit, before any resume). In a failed CI run, 3 modules' B R A agreed to 1e-5 and
+    # the 4th by 36%: its 8th and 9th singular values were nearly tied and the tie went the other way.
+    assert_same_run(out, simulate(run, tmp_path / "simulated"), tol=1e-4, resent_in=killed_after + 1, adapters=False)
     resumed_down, first_down = int(rows(out)[killed_after + 1]["numbers_down"]), int(rows(out)[1]["numbers_down"])
     assert resumed_down == first_down  # B and A went to every node again, once
 

@@ -102,7 +102,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             metrics[records.REFUSED] = 1  # budget exhausted: this node's data is never used again
             metrics[records.EPSILON] = plan.spent(ledger.history)
             if config.get(records.SECURE):  # still in the protocol: nothing, of the shapes its masks need
-                start = secure_start(msg, context, worker, pid, server_round)
+                received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
+                start = worker.adapted.protocol.expected_reply(pid, received, server_round=server_round)
                 content[records.ARRAYS] = records.to_record(secure_client.zeros_like(start))
             return Message(content, reply_to=msg)
     history = ledger.history if ledger is not None else None
@@ -130,7 +131,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             metrics[records.NUM_EXAMPLES] = num_examples
         if config.get(records.SECURE):  # the update from where the server's state starts it, for masking
             clip = float(config[records.CLIP_BOUND]) if records.CLIP_BOUND in config else None
-            start = secure_start(msg, context, worker, pid, server_round)
+            # where the server measures from too: Protocol.expected_reply of the state it sent (the received one)
+            start = worker.adapted.protocol.expected_reply(pid, received, server_round=server_round)
             payload, under = secure_client.update(payload, start, clip=clip)
             if under is not None:
                 metrics[records.UNDER_CLIP] = under
@@ -142,13 +144,6 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if (where := placement(worker)) is not None:
         content[records.PLACEMENT] = where
     return Message(content, reply_to=msg)
-
-
-def secure_start(msg: Message, context: Context, worker: Worker, pid: int, server_round: int) -> Tensors:
-    """What this client's payload would be had it not trained: where its update is measured from (the
-    server measures from the same point: :meth:`fedlora.federation.protocol.Protocol.expected_reply`)."""
-    received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
-    return worker.adapted.protocol.expected_reply(pid, received, server_round=server_round)
 
 
 def placement(worker: Worker) -> ConfigRecord | None:

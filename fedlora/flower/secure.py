@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.legacy_context import LegacyContext
@@ -95,11 +95,11 @@ def secure_mean(
 ) -> SecureMean | None:
     """Run one round's SecAgg+ over ``outgoing`` (each node's training message, told what :func:`prepare`
     tells it); None when it could not complete (fewer than the threshold left, or nothing to unmask)."""
-    prepare(outgoing, cfg, known, clip=clip)
+    top = prepare(outgoing, cfg, known, clip=clip)
     server = cfg.server
     workflow = SecAggPlusWorkflow(
         _count_or_fraction(server.secagg_num_shares), _count_or_fraction(server.secagg_reconstruction_threshold),
-        max_weight=max_weight(outgoing), clipping_range=server.secagg_clipping_range,
+        max_weight=top, clipping_range=server.secagg_clipping_range,
         quantization_range=server.secagg_quantization_range, modulus_range=MOD_RANGE, timeout=server.round_timeout,
     )  # fmt: skip
     by_node = {o.message.metadata.dst_node_id: o for o in outgoing}
@@ -168,9 +168,9 @@ def secure_mean(
     return SecureMean(update, None if cfg.privacy.enabled else loss, under * count, count)
 
 
-def prepare(outgoing: list[Outgoing], cfg: RunConfig, known_sizes: dict[int, int], *, clip: float | None) -> None:
+def prepare(outgoing: list[Outgoing], cfg: RunConfig, known_sizes: dict[int, int], *, clip: float | None) -> float:
     """Tell each training message that its round is secure, the client's weight where the server's table
-    has it, the most weight any client may put in the sum, and (privacy=user) the bound to clip to."""
+    has it, the most weight any client may put in the sum (returned), and (privacy=user) the bound to clip to."""
     examples = cfg.strategy.weighting == "examples"
     known = [known_sizes.get(o.partition) for o in outgoing]
     top = 1.0 if not examples else max(known) if known and None not in known else DEFAULT_MAX_WEIGHT
@@ -181,6 +181,7 @@ def prepare(outgoing: list[Outgoing], cfg: RunConfig, known_sizes: dict[int, int
             config[records.SECURE_WEIGHT] = float(size)
         if clip is not None:
             config[records.CLIP_BOUND] = float(clip)
+    return float(top)
 
 
 def describe(cfg: RunConfig) -> str:
@@ -206,19 +207,12 @@ def forget_the_keyless(state: WorkflowState) -> None:
     state.nid_to_neighbours = {n: others & kept for n, others in state.nid_to_neighbours.items() if n in kept}
 
 
-def max_weight(outgoing: list[Outgoing]) -> float:
-    """The round's most weight per client (:func:`prepare`)."""
-    return float(outgoing[0].message.content[records.CONFIG][records.MAX_WEIGHT]) if outgoing else 1.0
-
-
 def _count_or_fraction(value: float) -> int | float:
     """Flower's convention: a float in (0, 1] is a fraction, an int a count."""
     return float(value) if value <= 1 else int(value)
 
 
 def _legacy_context(bridge: _Bridge, server_round: int) -> LegacyContext:
-    from flwr.app import ArrayRecord, ConfigRecord
-
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})  # fmt: skip
     context = Context(run_id=0, node_id=0, node_config={}, state=state, run_config={})

@@ -82,6 +82,7 @@ class DataConfig:
     max_test_examples: Optional[int] = None
     synthetic_train: int = 2000
     synthetic_test: int = 400
+    synthetic_label_noise: float = 0.1
 
     def __post_init__(self) -> None:
         require(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
@@ -89,6 +90,7 @@ class DataConfig:
             value = getattr(self, key)
             require(value is None or value >= 1, f"data.{key} must be >= 1 or null")
         require(self.synthetic_train >= 1 and self.synthetic_test >= 1, "synthetic sizes must be >= 1")
+        require(0.0 <= self.synthetic_label_noise <= 1.0, "data.synthetic_label_noise must be in [0, 1]")
         if self.name != "synthetic":
             require(
                 self.path is not None or self.hub_name is not None,

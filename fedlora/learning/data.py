@@ -18,6 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datase
 
 from fedlora.config.groups import ConfigError, DataConfig, PartitionConfig
 from fedlora.learning.files import load_files
+from fedlora.learning.synthetic import synthetic_topics
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def load_splits(cfg: DataConfig, *, seed: int, label_names: tuple[str, ...] | No
     then mapped to them by name, so that label i means the same on every node.
     """
     if cfg.name == "synthetic" and cfg.path is None and cfg.hub_name is None:
-        raw = synthetic_topics(cfg.synthetic_train, cfg.synthetic_test, seed=seed)
+        raw = synthetic_topics(
+            cfg.synthetic_train, cfg.synthetic_test, seed=seed, label_noise=cfg.synthetic_label_noise
+        )
     elif cfg.path is not None:
         raw = load_files(cfg, seed=seed)
     else:
@@ -155,41 +158,6 @@ def _instructions(raw: DatasetDict, cfg: DataConfig) -> Splits:
 
     out = {s: raw[s].map(record, remove_columns=raw[s].column_names, keep_in_memory=True) for s in ("train", "test")}
     return Splits(out["train"], out["test"], ())
-
-
-# -- the embedded default ---------------------------------------------------------
-_TOPICS = {
-    "sports": "goal match team coach league stadium score player tournament referee".split(),
-    "weather": "rain storm forecast sunny wind snow cloud temperature humid thunder".split(),
-    "food": "recipe pasta bread dinner spicy kitchen cheese soup dessert chef".split(),
-    "technology": "software laptop chip internet robot algorithm server app battery network".split(),
-}
-_FILLER = "today people said about the new this week many city report after again very local news".split()
-
-
-def synthetic_topics(n_train: int, n_test: int, *, seed: int) -> DatasetDict:
-    """Synthetic 4-topic sentences: 2-3 topic words among 4-8 filler words, shuffled.
-
-    Generated from ``seed`` with no file and no network. It is easy on purpose (a
-    pretrained encoder separates the topics in a few rounds): it demonstrates the
-    pipeline, it measures nothing about real language.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(_TOPICS)
-
-    def sample(n: int) -> Dataset:
-        labels = rng.integers(0, len(names), size=n)
-        texts = []
-        for label in labels:
-            words = list(rng.choice(_TOPICS[names[label]], size=rng.integers(2, 4), replace=False))
-            words += list(rng.choice(_FILLER, size=rng.integers(4, 9)))
-            rng.shuffle(words)
-            texts.append(" ".join(words))
-        return Dataset.from_dict(
-            {"text": texts, "label": labels.tolist()},
-        ).cast_column("label", ClassLabel(names=names))
-
-    return DatasetDict({"train": sample(n_train), "test": sample(n_test)})
 
 
 # -- partitioning -------------------------------------------------------------------

@@ -163,7 +163,7 @@ def fresh_base(worker: Worker):
 @pytest.mark.parametrize(("rounds", "form"), [(1, "lora"), (4, "merged")])
 def test_folded_export_loads_and_gives_the_global_model(make_config, tmp_path, rounds: int, form: str) -> None:
     """FedEx: the summed-rank LoRA while it is smaller than the dense update, then merged weights."""
-    worker = Worker(make_config("strategy=fedex", "lora.rank=2"), num_partitions=4)
+    worker = Worker(make_config("strategy=fedex", "lora.rank=2", "model.pooling=cls"), num_partitions=4)  # fresh_base
     fl, state = worker.strategy, worker.adapted.initial_state()
     log = FoldLog(scaling=fl.scaling)
     g = torch.Generator().manual_seed(2)

@@ -37,7 +37,7 @@ def test_the_head_reads_the_mean_of_the_unpadded_token_states(make_config) -> No
     alone = {key: batch[key][short : short + 1, :length] for key in ("input_ids", "attention_mask")}
     alone_logits, _ = logits_and_states(worker.adapted.model, alone)
     torch.testing.assert_close(alone_logits[0], logits[short], rtol=1e-5, atol=1e-6)
-    cls_logits, _ = logits_and_states(Worker(make_config(), num_partitions=10).adapted.model, batch)
+    cls_logits, _ = logits_and_states(Worker(make_config("model.pooling=cls"), num_partitions=10).adapted.model, batch)
     assert not torch.allclose(cls_logits, logits)  # the [CLS] pooler is really gone
 
 

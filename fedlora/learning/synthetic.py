@@ -36,7 +36,7 @@ def synthetic_vocabulary() -> tuple[dict[str, list[str]], list[str]]:
     return topics, words[len(TOPICS) * WORDS_PER_TOPIC :]
 
 
-def synthetic_topics(n_train: int, n_test: int, *, seed: int, label_noise: float = 0.0) -> DatasetDict:
+def synthetic_topics(n_train: int, n_test: int, *, seed: int, label_noise: float) -> DatasetDict:
     """Synthetic 4-topic sentences: 1-2 made-up topic words among 4-8 made-up filler words, shuffled.
 
     Generated from ``seed`` with no file and no network (:func:`synthetic_vocabulary`).

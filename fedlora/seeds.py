@@ -26,6 +26,7 @@ class Stream(Enum):
     CALIBRATION_BATCHES = (-3,)  # the order of a public calibration file (LoRA-SB init)
     CLIENT_START = (-4,)  # what a client draws at the start of a round (FLoRA's fresh adapter)
     UNSAFE_DP = (-5,)  # DP noise and masks, only on privacy.unsafe_seeded_randomness (NOT PRIVATE)
+    PERSONAL_TEST = (-6,)  # the test rows a client evaluates on under DP (drawn in its released label mix)
 
 
 def derive_seed(*parts: int) -> int:

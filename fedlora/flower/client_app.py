@@ -125,6 +125,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             )  # fmt: skip
         if worker.adapted.protocol.personal:  # kept for this node's next round; never in the reply
             context.state[records.PERSONAL] = records.to_record(worker.adapted.personal())
+        if result.released_counts is not None:  # under DP: its test shard's mix for a personalised evaluation
+            keep_released(context, result.released_counts)
         if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client
             metrics[records.TRAIN_LOSS] = result.mean_loss
         if cfg.strategy.weighting == "examples":  # under DP: the noised count, or the exact one if declared public
@@ -169,7 +171,11 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     pid = int(context.node_config[records.PARTITION_ID])
     received = records.from_record(msg.content[records.ARRAYS]) | fixed_tensors(msg, context)
     base = base_delta(msg, context, scaling=worker.strategy.scaling)
-    result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context))
+    mix = released_mix(context) if cfg.privacy.any else None
+    if cfg.privacy.any and (mix is None or cfg.privacy.user_level or context.node_config.get(records.DATA_PATH)):
+        result: dict[str, float] = {"examples": 0}  # under DP only the shared test split, in the mix it released
+    else:
+        result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context), label_mix=mix)
     if config.get(records.EXPORT_PERSONAL) and worker.adapted.protocol.personal:
         export_personal(worker, pid, result)
     metrics = MetricRecord({
@@ -210,6 +216,22 @@ def export_personal(worker: Worker, pid: int, result: dict[str, float]) -> Path:
     state = lora.read(worker.adapted.params)
     summary = {"partition": pid, "personal_accuracy": result.get("accuracy"), "test_examples": result["examples"]}
     return export_adapter(worker, state, folder, summary=summary)
+
+
+def keep_released(context: Context, counts: tuple[float, ...]) -> None:
+    """Add a round's released (noised) label counts to this node's state."""
+    held = context.state.config_records.get(records.RELEASED_COUNTS)
+    total = [float(x) for x in held["sum"]] if held is not None else [0.0] * len(counts)
+    rounds = int(held["rounds"]) if held is not None else 0
+    summed = [a + b for a, b in zip(total, counts, strict=True)]
+    context.state[records.RELEASED_COUNTS] = ConfigRecord({"sum": summed, "rounds": rounds + 1})
+
+
+def released_mix(context: Context) -> list[float] | None:
+    """The label mix of the counts this node released under DP (their sum; None before its first round):
+    a mean of noised releases, so the more rounds the closer to its data's mix, at no further cost."""
+    held = context.state.config_records.get(records.RELEASED_COUNTS)
+    return [float(x) for x in held["sum"]] if held is not None else None
 
 
 def personal_tensors(context: Context) -> Tensors | None:

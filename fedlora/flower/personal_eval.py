@@ -9,8 +9,15 @@ partition's label mix (:meth:`fedlora.learning.client_data.ClientData.test_shard
 is two numbers, parsed strictly; the server reports the mean over the clients and the mean of
 the worst tenth (at least one client), and the bytes the messages took (``personal_bytes_down``:
 not in ``bytes_down``, which counts the training messages; a node that catches up on base
-weights here needs that much less in its next training round). Off under DP: a client's accuracy on a shard chosen by
-its private label counts would be an unprotected release.
+weights here needs that much less in its next training round).
+
+Under DP (sample level) a client's accuracy on a shard chosen by its private label counts would be an
+unprotected release: a node evaluates only once it has released label counts (noised and charged with
+its rounds, for the logit adjustment), on rows of the shared test split drawn in the mean of the mixes
+it released (:meth:`~fedlora.learning.client_data.ClientData.released_test_shard`), with a DP-trained
+model: the reply is post-processing of what it released. Off under user-level DP, without logit
+adjustment, on a node's own data file (its test rows are private too) and under secure aggregation
+(the server would see each client's statistic alone).
 """
 
 from __future__ import annotations
@@ -29,11 +36,18 @@ from fedlora.flower.messages import round_config, train_messages
 from fedlora.outputs.metrics import RoundStats
 
 if TYPE_CHECKING:
+    from fedlora.config.run import RunConfig
     from fedlora.flower.rounds import FlowerRounds
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("personal_accuracy", "personal_worst10", "personal_bytes_down")
+
+
+def available(cfg: RunConfig) -> bool:
+    """Whether a run evaluates personalised accuracy (see the module's docstring for when not)."""
+    private_ok = not cfg.privacy.any or (cfg.privacy.enabled and bool(cfg.train.logit_adjustment))
+    return cfg.train.personal_eval and cfg.task == "classification" and not cfg.server.secure and private_ok
 
 
 def summarise(accuracies: list[float]) -> dict[str, float]:
@@ -64,7 +78,11 @@ def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int, *, expor
     """Every connected node's personalised accuracy after ``server_round``, summarised (empty: none replied).
     ``export``: each node also writes the model it evaluated to its own disk (its personal tensors stay there)."""
     online = set(grid.get_node_ids())
-    chosen = [(pid, node) for pid, node in rounds.nodes.items() if node.node_id in online and node.responsive]
+    private = rounds.cfg.privacy.any  # only nodes that released label counts, on the shared test split
+    chosen = [
+        (pid, node) for pid, node in rounds.nodes.items()
+        if node.node_id in online and node.responsive and not (private and (not node.ledger or pid in rounds.own_data))
+    ]  # fmt: skip
     nonce = secrets.randbits(62)
     fixed = rounds.strategy.fixed(rounds.state)
     config = round_config(server_round, nonce, fixed, labels=rounds.label_names, clients=rounds.cfg.clients)

@@ -35,6 +35,7 @@ FOLD_ENTRY = "fold-{}"  # the factors folded in round (version) i + 1
 PERSONAL_ACCURACY = "personal-accuracy"  # an evaluate reply: accuracy of the node's model on its test shard
 PERSONAL_EXAMPLES = "personal-examples"  # ... and the shard's size
 PERSONAL = "personal"  # a node's personal tensors (FedSA-LoRA's B), in its context.state, never sent
+RELEASED_COUNTS = "released-counts"  # under DP: the sum of the noised label counts a node released, and how many
 EXPORT_PERSONAL = "export-personal"  # the last evaluation: the node also writes its personal model to its own disk
 BASE_DELTA = "base-delta"  # a node's D and its version, in its context.state
 BASE_VERSION = "base-version"

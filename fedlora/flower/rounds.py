@@ -73,7 +73,7 @@ class FlowerRounds:
         self.protocol = protocol
         self.strategy = protocol.strategy
         self.combine = robust.combiner(cfg.server.aggregation, trim=cfg.server.trim_fraction)  # what a mean is
-        own = own_data or set()
+        own = self.own_data = own_data or set()  # partitions whose node trains on its own data file
         # partition -> its size, where the server's table applies (not to a node's own data file)
         self.known_sizes = {pid: n for pid, n in (known_sizes or {}).items() if pid not in own}
         self.state = state

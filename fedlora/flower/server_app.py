@@ -165,8 +165,7 @@ def _run_server(
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
         initialise(grid, rounds, worker)
-    # each client's accuracy on its own test shard is a statistic of its data: not under DP or secure aggregation
-    personal = cfg.train.personal_eval and not (cfg.privacy.any or cfg.server.secure) and cfg.task == "classification"
+    personal = personal_eval.available(cfg)  # a statistic of each client's data: under DP only from what it released
     personal_columns = personal_eval.COLUMNS if personal else ()
     metrics = MetricsLog(
         out / METRICS,

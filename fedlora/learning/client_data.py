@@ -10,10 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedlora.config.run import RunConfig
-from fedlora.learning.data import Splits, label_counts, load_splits, partition, shard_test_split
+from fedlora.learning.data import Splits, draw_test_shard, label_counts, load_splits, partition, shard_test_split
 from fedlora.learning.model import model_folder
 from fedlora.learning.tasks import Task
 from fedlora.learning.train import MicroBatches
+from fedlora.seeds import Stream, seed_of
 
 
 class ClientData:
@@ -31,7 +32,7 @@ class ClientData:
         self._tokenised: dict[int, Any] = {}
         self._offsets: dict[int, torch.Tensor] = {}  # partition -> its logit adjustment
         self._lengths: dict[int, list[int]] = {}  # partition -> token count of each example
-        self._personal_tests: dict[int, Any] = {}  # partition -> its test shard, ready to evaluate
+        self._personal_tests: dict[int, tuple[list[int], Any]] = {}  # partition -> its test rows, ready
 
     @cached_property
     def splits(self) -> Splits:
@@ -72,16 +73,24 @@ class ClientData:
         """Client ``partition_id``'s rows of the test split (a node's own file: its labels' test rows)."""
         return self.test_shards[0 if self.num_partitions == 1 else partition_id]
 
-    def personal_test_batches(self, partition_id: int) -> Any:
-        """What the task evaluates client ``partition_id``'s model on: its test shard (tokenised once per
-        process, then reused every evaluated round)."""
-        if partition_id not in self._personal_tests:
-            rows, train = self.test_shard(partition_id), self.cfg.train
-            self._personal_tests[partition_id] = self.task.evaluation_data(
+    def released_test_shard(self, partition_id: int, mix: list[float]) -> list[int]:
+        """Under DP: client ``partition_id``'s test rows drawn in the label mix ``mix`` of the label counts it
+        released (noised and charged), not of its private ones; a 1/clients share of the test split drawn
+        with a seed anyone can know (:func:`.data.draw_test_shard`; clients' draws may overlap)."""
+        n, seed = len(self.splits.test), seed_of(Stream.PERSONAL_TEST, self.cfg.seed, client=partition_id)
+        return draw_test_shard(mix, self.splits.test["label"], size=max(1, round(n / self.num_partitions)), seed=seed)
+
+    def personal_test_batches(self, partition_id: int, rows: list[int]) -> Any:
+        """What the task evaluates client ``partition_id``'s model on: its test ``rows`` (tokenised once per
+        process while they stay the same, then reused every evaluated round)."""
+        held = self._personal_tests.get(partition_id)
+        if held is None or held[0] != rows:
+            train = self.cfg.train
+            self._personal_tests[partition_id] = rows, self.task.evaluation_data(
                 self.splits.test.select(rows), self.tokenizer, max_len=train.max_seq_len,
                 labels=self.splits.label_names, batch_size=train.eval_batch_size,
             )  # fmt: skip
-        return self._personal_tests[partition_id]
+        return self._personal_tests[partition_id][1]
 
     def rows(self, partition_id: int) -> list[int]:
         """Client ``partition_id``'s rows of the training split: its partition, or all of them when the
@@ -120,14 +129,13 @@ class ClientData:
 
     def noised_prior(self, partition_id: int, generator: torch.Generator) -> tuple[torch.Tensor | None, int | None]:
         """Under DP: this round's label counts noised by ``privacy.label_noise`` from ``generator`` (a release,
-        charged with the round); (the logit adjustment they give, the example count they sum to, at least 1).
-        (None, None) when logit adjustment is off."""
-        tau = self.cfg.train.logit_adjustment
-        if not tau:
+        charged with the round); (the counts, the example count they sum to, at least 1). (None, None) when
+        logit adjustment is off. Their logit adjustment: ``task.prior_offset(counts, tau=...)``."""
+        if not self.cfg.train.logit_adjustment:
             return None, None
         labels, noise = self.tokenised(partition_id)["labels"], self.cfg.privacy.label_noise
         counts = self.task.label_counts(labels, len(self.splits.label_names), noise_std=noise, generator=generator)
-        return self.task.prior_offset(counts, tau=tau), max(1, round(float(counts.sum())))
+        return counts, max(1, round(float(counts.sum())))
 
     def shuffled(self, data: Any, *, seed: int, micro: bool = False) -> DataLoader | MicroBatches:
         """Training batches in a seeded order; also seeds dropout, which draws from torch's global generator.

@@ -8,6 +8,7 @@ What the round exchanges is :class:`~fedlora.federation.protocol.Protocol`'s (he
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -117,7 +118,8 @@ def _private_steps(
     privacy = cfg.privacy
     unsafe_seed = seed_of(Stream.UNSAFE_DP, cfg.seed, server_round=server_round, client=partition_id)
     g = dp_generator(privacy, unsafe_seed)
-    offset, noised_count = data.noised_prior(partition_id, g)  # charged with the round
+    counts, noised_count = data.noised_prior(partition_id, g)  # charged with the round
+    offset = None if counts is None else data.task.prior_offset(counts, tau=cfg.train.logit_adjustment)
     with dp_sgd(
         adapted.model,
         optimizer,
@@ -131,6 +133,8 @@ def _private_steps(
         lengths=data.lengths(partition_id),
     ) as (model, dp_optimizer, loader, criterion):
         result = train(model, cycle(loader), loss_fn=_loss(data, criterion, offset), optimizer=dp_optimizer)
+    if counts is not None:
+        result = dataclasses.replace(result, released_counts=tuple(counts.tolist()))
     return result, noised_count
 
 

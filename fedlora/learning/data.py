@@ -262,3 +262,25 @@ def shard_test_split(counts: np.ndarray, test_labels: list[int], *, seed: int) -
         for k, (start, stop) in enumerate(zip(np.cumsum(dealt) - dealt, np.cumsum(dealt), strict=True)):
             shards[k].extend(rows[start:stop].tolist())
     return [sorted(shard) for shard in shards]
+
+
+def draw_test_shard(mix: np.ndarray, test_labels: list[int], *, size: int, seed: int) -> list[int]:
+    """``size`` rows of the test split in the label mix ``mix`` (non-negative weights, e.g. label counts),
+    for one client alone: each label's share by largest remainders, its rows drawn with ``seed`` without
+    replacement (at most all of them). Unlike :func:`shard_test_split`, no other client's counts are
+    used, so under DP the mix can be a client's released (noised) counts; two clients' draws may overlap.
+    """
+    y = np.asarray(test_labels if isinstance(test_labels, list | np.ndarray) else list(test_labels))
+    weight = np.clip(np.asarray(mix, dtype=np.float64), 0.0, None)
+    if weight.sum() <= 0 or size <= 0:
+        return []
+    exact = size * weight / weight.sum()
+    dealt = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - dealt), kind="stable")[: size - dealt.sum()]:
+        dealt[k] += 1
+    rng = np.random.default_rng(seed)
+    rows: list[int] = []
+    for label, k in enumerate(dealt):
+        pool = np.flatnonzero(y == label)
+        rows += rng.choice(pool, size=min(int(k), len(pool)), replace=False).tolist()
+    return sorted(rows)

@@ -21,6 +21,7 @@ class LocalResult:
 
     steps: int
     mean_loss: float
+    released_counts: tuple[float, ...] | None = None  # under DP: the label counts the round released (noised)
 
 
 class LengthSorted(torch.utils.data.Sampler[list[int]]):

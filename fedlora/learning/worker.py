@@ -116,19 +116,26 @@ class Worker:
         )  # fmt: skip
 
     def evaluate_personal(
-        self, partition_id: int, received: Tensors, *, base: Tensors | None = None, personal: Tensors | None = None
+        self,
+        partition_id: int,
+        received: Tensors,
+        *,
+        base: Tensors | None = None,
+        personal: Tensors | None = None,
+        label_mix: list[float] | None = None,
     ) -> dict[str, float]:
         """Client ``partition_id``'s model on its test shard: what it would start a round from (``received``
-        at its rank, its ``personal`` tensors, base delta ``base``); the task's metrics and ``examples``."""
-        protocol = self.adapted.protocol
+        at its rank, its ``personal`` tensors, base delta ``base``); the task's metrics and ``examples``.
+        ``label_mix`` (under DP: its released label counts): the shard is drawn in that mix instead."""
+        data, protocol = self.data, self.adapted.protocol
+        rows = data.test_shard(partition_id) if label_mix is None else data.released_test_shard(partition_id, label_mix)
+        if not rows:
+            return {"examples": 0}
         self.adapted.set_base(base or {})
         self.adapted.load(protocol.start(partition_id, received, server_round=0, personal=personal))
         protocol.rank_mask(partition_id).apply(self.adapted.params)
-        examples = len(self.data.test_shard(partition_id))
-        if not examples:
-            return {"examples": 0}
-        batches = self.data.personal_test_batches(partition_id)
-        return self.task.evaluate(self.adapted.model, batches, self.device) | {"examples": examples}
+        batches = data.personal_test_batches(partition_id, rows)
+        return self.task.evaluate(self.adapted.model, batches, self.device) | {"examples": len(rows)}
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config.compose import compose
@@ -96,14 +96,66 @@ def test_a_node_sampled_for_the_first_time_starts_from_the_initial_b(make_config
     assert all(torch.equal(mine[k], b0[k]) for k in b0)
 
 
-def test_personalised_evaluation_is_in_every_strategys_metrics_and_off_under_dp(tmp_path: Path) -> None:
+def test_personalised_evaluation_is_in_every_strategys_metrics(tmp_path: Path) -> None:
     cfg, _ = compose([*RUN, "strategy=fed_sb", f"output_dir={tmp_path / 'plain'}"])
     run_in_process(cfg)
     table = rows(tmp_path / "plain")
     assert all(0 <= float(r["personal_worst10"]) <= float(r["personal_accuracy"]) <= 1 for r in table)
-    cfg, _ = compose([*RUN, "privacy=dp", "privacy.noise_multiplier=1", f"output_dir={tmp_path / 'dp'}"])
-    run_in_process(cfg)
-    assert "personal_accuracy" not in rows(tmp_path / "dp")[0]
+
+
+class SendingGrid(RecordingGrid):
+    """Also keeps every message the server sends."""
+
+    def __init__(self, grid: LocalGrid) -> None:
+        super().__init__(grid)
+        self.sent: list[Message] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent += messages
+        return super().push_messages(messages)
+
+
+def test_under_dp_a_client_evaluates_only_on_rows_drawn_in_the_counts_it_released(tmp_path: Path) -> None:
+    from fedlora.flower.client_app import released_mix
+    from fedlora.learning.worker import get_worker
+
+    dp = [*RUN, "strategy=fedsa_lora", "privacy=dp", "privacy.noise_multiplier=1"]
+    cfg, _ = compose([*dp, f"output_dir={tmp_path / 'dp'}"])
+    grid = SendingGrid(grid_for(cfg))
+    run_in_process(cfg, grid)
+    table = rows(tmp_path / "dp")
+    assert table[0]["personal_accuracy"] == ""  # round 0: no node has released anything yet
+    assert all(0 <= float(r["personal_worst10"]) <= float(r["personal_accuracy"]) <= 1 for r in table[1:])
+    # Only nodes that trained (and so released noised label counts) were asked, and each evaluated the
+    # draw in the mix of what it released: its exact label counts chose none of its rows.
+    trained = {m.metadata.src_node_id for m in grid.received if m.metadata.message_type == "train"
+               and records.ARRAYS in m.content}  # fmt: skip
+    evaluations = [m for m in grid.received if m.metadata.message_type == "evaluate"]
+    assert evaluations and {m.metadata.src_node_id for m in evaluations} <= trained
+    worker = get_worker(cfg, num_partitions=cfg.clients)
+    for m in evaluations:
+        context = grid.contexts[m.metadata.src_node_id]
+        pid, mix = int(context.node_config[records.PARTITION_ID]), released_mix(context)
+        exact = np.bincount(worker.data.tokenised(pid)["labels"], minlength=4)
+        assert mix is not None and not np.allclose(mix, exact * context.state[records.RELEASED_COUNTS]["rounds"])
+        drawn = worker.data.released_test_shard(pid, mix)
+        share = round(len(worker.data.splits.test) / cfg.clients)  # fewer where a label has too few test rows
+        assert 0 < m.content[records.METRICS][records.PERSONAL_EXAMPLES] == len(drawn) <= share
+    # A node that released nothing (a server asking one that never trained) answers no statistic.
+    asked = next(m for m in grid.sent if m.metadata.message_type == "evaluate")
+    node = asked.metadata.dst_node_id
+    fresh = Context(1, node, node_config=dict(grid.contexts[node].node_config), state=RecordDict(), run_config={})
+    reply = grid.apps[node](asked, fresh)
+    assert reply.content[records.METRICS][records.PERSONAL_EXAMPLES] == 0
+    assert read_reply(reply, int(fresh.node_config[records.PARTITION_ID]), reply.content[records.METRICS][
+        records.ROUND_NONCE]) == "an empty test shard"  # fmt: skip
+    # Without released counts (no logit adjustment) or at user level there is nothing to draw from: off.
+    for extra in (["train.logit_adjustment=0"], ["privacy=user", "privacy.noise_multiplier=1"]):
+        base = [*RUN, "strategy=fedsa_lora", *extra] if "privacy=user" in extra else [*dp, *extra]
+        out = tmp_path / extra[0].replace("=", "_")
+        run_in_process(compose([*base, f"output_dir={out}"])[0])
+        assert "personal_accuracy" not in rows(out)[0], extra
 
 
 def test_test_shards_follow_each_clients_label_mix_and_are_disjoint() -> None:
@@ -147,3 +199,18 @@ def test_worst_tenth_and_malformed_evaluation_replies() -> None:
     assert "accuracy 1.5" in read_reply(reply(**{records.PERSONAL_ACCURACY: 1.5}), 2, 7)
     assert "empty" in read_reply(reply(**{records.PERSONAL_EXAMPLES: 0}), 2, 7)
     assert "unexpected" in read_reply(reply(**{"train-loss": 0.1}), 2, 7)
+
+
+def test_a_test_shard_drawn_for_one_client_follows_its_mix() -> None:
+    from fedlora.learning.data import draw_test_shard
+
+    rng = np.random.default_rng(1)
+    test = rng.integers(0, 3, size=300).tolist()  # about 100 rows a label
+    drawn = draw_test_shard([30.0, 60.0, -5.0], test, size=60, seed=7)  # a noised count below 0 counts as 0
+    assert len(drawn) == len(set(drawn)) == 60
+    assert [sum(test[i] == label for i in drawn) for label in range(3)] == [20, 40, 0]
+    assert draw_test_shard([30.0, 60.0, -5.0], test, size=60, seed=7) == drawn
+    assert draw_test_shard([30.0, 60.0, -5.0], test, size=60, seed=8) != drawn
+    few = draw_test_shard([0.0, 1.0, 0.0], test, size=250, seed=7)  # more than label 1 has: all of its rows
+    assert few == [i for i, y in enumerate(test) if y == 1]
+    assert draw_test_shard([0.0, 0.0, 0.0], test, size=60, seed=7) == []

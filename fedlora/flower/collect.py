@@ -96,6 +96,7 @@ class NodeState:
     base_version: int | None = 0  # the folds its base weights hold; None: unknown (it failed or was silent)
     ledger: list[Step] | None = None  # its DP accountant history, as its latest reply stated it
     responsive: bool = True  # it answered its latest message (a silent or failed node gets no evaluation to wait on)
+    trained: bool = False  # an update of its was accepted in this server's life (round 1 on)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def personal_round(rounds: FlowerRounds, grid: Grid, server_round: int, *, expor
     private = rounds.cfg.privacy.any  # only nodes that released label counts, on the shared test split
     chosen = [
         (pid, node) for pid, node in rounds.nodes.items()
-        if node.node_id in online and node.responsive and not (private and (not node.ledger or pid in rounds.own_data))
+        if node.node_id in online and node.responsive and not (private and (not node.trained or pid in rounds.own_data))
     ]  # fmt: skip
     nonce = secrets.randbits(62)
     fixed = rounds.strategy.fixed(rounds.state)

@@ -153,17 +153,13 @@ class FlowerRounds:
             self._secure_step(grid, server_round, outgoing, stats)
             return
         accepted = collect(
-            grid,
-            outgoing,
-            nodes=self.nodes,
-            stats=stats,
-            server_round=server_round,
-            timeout=self.cfg.server.round_timeout,
-            straggler_factor=self.cfg.server.straggler_factor,
-            private=self.cfg.privacy.enabled,
-            check=partial(self._check, server_round=server_round),
+            grid, outgoing, nodes=self.nodes, stats=stats, server_round=server_round,
+            timeout=self.cfg.server.round_timeout, straggler_factor=self.cfg.server.straggler_factor,
+            private=self.cfg.privacy.enabled, check=partial(self._check, server_round=server_round),
             on_progress=self.on_progress,
-        )
+        )  # fmt: skip
+        for pid, _ in accepted:  # under DP: it has released label counts (a personalised evaluation's mix)
+            self.nodes[pid].trained = True
         if self.user_dp is not None:
             self._user_level_step(server_round, accepted, stats)
             return

@@ -150,6 +150,11 @@ def test_under_dp_a_client_evaluates_only_on_rows_drawn_in_the_counts_it_release
     assert reply.content[records.METRICS][records.PERSONAL_EXAMPLES] == 0
     assert read_reply(reply, int(fresh.node_config[records.PARTITION_ID]), reply.content[records.METRICS][
         records.ROUND_NONCE]) == "an empty test shard"  # fmt: skip
+    # Fed-SB's DP init round releases its clients' gradients but no label counts: its nodes are not asked.
+    cfg, _ = compose([*dp, "strategy=fed_sb", f"output_dir={tmp_path / 'fed_sb'}"])
+    run_in_process(cfg, grid := RecordingGrid(grid_for(cfg)))
+    evaluations = [m for m in grid.received if m.metadata.message_type == "evaluate"]
+    assert evaluations and all(m.content[records.METRICS][records.PERSONAL_EXAMPLES] > 0 for m in evaluations)
     # Without released counts (no logit adjustment) or at user level there is nothing to draw from: off.
     for extra in (["train.logit_adjustment=0"], ["privacy=user", "privacy.noise_multiplier=1"]):
         base = [*RUN, "strategy=fedsa_lora", *extra] if "privacy=user" in extra else [*dp, *extra]

@@ -120,6 +120,8 @@ def train_steps(
             item = next(batches)
             parts = item if isinstance(item, list) else [item]
             examples = sum(len(part["input_ids"]) for part in parts)
+            if not examples:  # an empty Poisson batch (DP-SGD): no forward pass, still a step
+                zero_gradients(optimizer)
             loss = 0.0
             for part in parts:
                 part = {k: v.to(device, non_blocking=True) for k, v in part.items()}
@@ -139,8 +141,18 @@ def train_steps(
                 if after_step is not None:
                     after_step()
             total += loss
-            seen += 1
-    return LocalResult(steps=taken, mean_loss=total / seen)
+            seen += 1 if examples else 0
+    return LocalResult(steps=taken, mean_loss=total / max(seen, 1))
+
+
+def zero_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """The gradients of an empty batch: zero per-example gradients for Opacus's DP optimizer (``grad_sample``,
+    none of them; ghost clipping reads ``grad``), so that it still adds its noise to the zero clipped sum
+    and steps, as DP-SGD's analysis assumes (a step skipped would tell the batch was empty)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad = torch.zeros_like(p)
 
 
 def local_steps(cfg: TrainConfig, num_examples: int) -> int:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -130,26 +131,33 @@ def dp_sgd(
         )
         private, dp_optimizer, *rest = made
         private_criterion = rest[0] if len(rest) == 2 else criterion
+        # Opacus's sampler, our collate: Opacus's guesses an empty Poisson batch's structure from the first
+        # example (a tokenised row's dict: it fails) or batch (a model cannot run on zero rows); ours gives
+        # [], which train_steps takes as a step on a zero sum, noised (see zero_gradients)
+        sampler = rest[-1].batch_sampler
+        if lengths is not None and max_physical_batch_size is not None:
+            sampler = LengthSorted(sampler, lengths)
+        logical = torch.utils.data.DataLoader(
+            rest[-1].dataset, batch_sampler=sampler, collate_fn=partial(collate_or_empty, batches.collate_fn),
+            generator=rest[-1].generator,
+        )  # fmt: skip
         try:
             if max_physical_batch_size is None:
-                yield private, dp_optimizer, rest[-1], private_criterion
+                yield private, dp_optimizer, logical, private_criterion
             else:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-                logical = rest[-1]
-                if lengths is not None:
-                    logical = torch.utils.data.DataLoader(
-                        logical.dataset,
-                        batch_sampler=LengthSorted(logical.batch_sampler, lengths),
-                        collate_fn=logical.collate_fn,
-                        generator=logical.generator,
-                    )
                 with BatchMemoryManager(
                     data_loader=logical, max_physical_batch_size=max_physical_batch_size, optimizer=dp_optimizer
                 ) as physical:
                     yield private, dp_optimizer, physical, private_criterion
         finally:
             private._close()
+
+
+def collate_or_empty(collate: Callable[[list[Any]], Any], rows: list[Any]) -> Any:
+    """``collate(rows)``, or ``[]`` for an empty Poisson batch."""
+    return collate(rows) if rows else []
 
 
 def poisson_subsample(num_examples: int, rate: float, *, generator: torch.Generator) -> list[int]:

@@ -104,13 +104,21 @@ class ResultsFile:
                 if text(recorded[k]) != text(config[k])]  # fmt: skip
 
     def add(self, cell: Cell, record: dict[str, Any], *, name: str, command: str, overrides: list[str]) -> None:
-        self.data.update(name=name, command=command, overrides=overrides, versions=versions())
+        """Record a finished cell with the ``command`` that ran it (also added to the file's commands)."""
+        commands = [c for c in commands_of(self.data) if c != command] + [command]
+        self.data.pop("command", None)  # a file from before commands were kept: its one command comes first
+        self.data.update(name=name, commands=commands, overrides=overrides, versions=versions())
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.data["cells"][cell.name] = record
+        self.data["cells"][cell.name] = record | {"command": command}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.path)  # a benchmark stopped mid-write keeps its earlier cells
+
+
+def commands_of(data: dict[str, Any]) -> list[str]:
+    """The commands that ran a results file's cells, oldest first (a file from before kept only its latest)."""
+    return list(data.get("commands") or ([data["command"]] if data.get("command") else []))
 
 
 def load_results(path: Path) -> list:
@@ -149,7 +157,8 @@ def render(path: Path) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     minutes = sum(r["wall_s"] for r in data["cells"].values()) / 60
     runs = f"{len(cells)} run" + ("s" if len(cells) != 1 else "")
-    lines += ["", f"{runs}, {minutes:.0f} min of wall time in all; `{data.get('command', '?')}`."]
+    commands = "; ".join(f"`{c}`" for c in commands_of(data)) or "?"
+    lines += ["", f"{runs}, {minutes:.0f} min of wall time in all; {commands}."]
     lines += [f"- {line}" for line in comparisons(cells)]
     return "\n".join(lines) + "\n"
 

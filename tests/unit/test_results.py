@@ -46,7 +46,8 @@ def test_cells_are_recorded_as_they_finish_and_never_run_again(tmp_path: Path, m
     cell = data["cells"]["fedavg/eps-inf/seed-1"]
     assert [r["test_accuracy"] for r in cell["rounds"]] == [0.25, pytest.approx(0.72), 0.82]
     assert cell["config"]["seed"] == 1 and cell["wall_s"] >= 0 and data["versions"]["torch"]
-    assert "model=tiny" in data["overrides"] and data["command"].startswith("fedlora")
+    assert "model=tiny" in data["overrides"] and data["commands"] == [cell["command"]]
+    assert cell["command"].startswith("fedlora")
 
     def no_runs(*args, **kwargs):
         raise AssertionError("a recorded cell ran again")
@@ -107,3 +108,23 @@ def test_the_repository_s_docs_equal_their_results_files() -> None:
     root = Path(__file__).resolve().parents[2]
     pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
     assert update_pages(pages, check=True) == []
+
+
+def test_every_command_that_ran_cells_is_kept_and_shown(tmp_path: Path, monkeypatch) -> None:
+    """A benchmark run in parts: each part's command stays in the file (each cell names its own), and the
+    generated block lists them all, oldest first; a file from before, with one ``command``, keeps it first."""
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    book = tmp_path / "ab.json"
+    for seeds in ([0], [1]):
+        monkeypatch.setattr("sys.argv", ["fedlora", "bench", "ab", "--seeds", str(seeds[0])])
+        assert sweep(tmp_path, seeds) == 0
+    data = json.loads(book.read_text())
+    assert data["commands"] == ["fedlora bench ab --seeds 0", "fedlora bench ab --seeds 1"]
+    assert data["cells"]["fedavg/eps-inf/seed-1"]["command"] == "fedlora bench ab --seeds 1"
+    assert "`fedlora bench ab --seeds 0`; `fedlora bench ab --seeds 1`." in render(book)
+    data["command"] = data.pop("commands")[0]  # as a file written before commands were kept
+    book.write_text(json.dumps(data))
+    monkeypatch.setattr("sys.argv", ["fedlora", "bench", "ab", "--seeds", "2"])
+    assert sweep(tmp_path, [2]) == 0
+    data = json.loads(book.read_text())
+    assert "command" not in data and data["commands"] == ["fedlora bench ab --seeds 0", "fedlora bench ab --seeds 2"]

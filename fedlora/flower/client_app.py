@@ -176,6 +176,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         result: dict[str, float] = {"examples": 0}  # under DP only the shared test split, in the mix it released
     else:
         result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context), label_mix=mix)
+        result = result if "accuracy" in result else {"examples": 0}  # records without labels: no accuracy
     if config.get(records.EXPORT_PERSONAL) and worker.adapted.protocol.personal:
         export_personal(worker, pid, result)
     metrics = MetricRecord({

@@ -17,7 +17,8 @@ its rounds, for the logit adjustment), on rows of the shared test split drawn in
 it released (:meth:`~fedlora.learning.client_data.ClientData.released_test_shard`), with a DP-trained
 model: the reply is post-processing of what it released. Off under user-level DP, without logit
 adjustment, on a node's own data file (its test rows are private too) and under secure aggregation
-(the server would see each client's statistic alone).
+(the server would see each client's statistic alone). A causal LM's accuracy is its label ranking's, so
+on instruction records with labels only.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ log = logging.getLogger(__name__)
 COLUMNS = ("personal_accuracy", "personal_worst10", "personal_bytes_down")
 
 
-def available(cfg: RunConfig) -> bool:
-    """Whether a run evaluates personalised accuracy (see the module's docstring for when not)."""
+def available(cfg: RunConfig, *, labelled: bool) -> bool:
+    """Whether a run evaluates personalised accuracy (see the module's docstring for when not); ``labelled``:
+    the data has labels (a causal LM's accuracy ranks them: free-text records have none)."""
     private_ok = not cfg.privacy.any or (cfg.privacy.enabled and bool(cfg.train.logit_adjustment))
-    return cfg.train.personal_eval and cfg.task == "classification" and not cfg.server.secure and private_ok
+    return cfg.train.personal_eval and labelled and not cfg.server.secure and private_ok
 
 
 def summarise(accuracies: list[float]) -> dict[str, float]:

@@ -165,7 +165,8 @@ def _run_server(
     resumed = resume(rounds, out) if cfg.server.resume else None
     if resumed is None:
         initialise(grid, rounds, worker)
-    personal = personal_eval.available(cfg)  # a statistic of each client's data: under DP only from what it released
+    # a statistic of each client's data: under DP only from what it released
+    personal = personal_eval.available(cfg, labelled=bool(worker.data.splits.label_names))
     personal_columns = personal_eval.COLUMNS if personal else ()
     metrics = MetricsLog(
         out / METRICS,

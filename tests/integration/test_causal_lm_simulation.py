@@ -39,7 +39,20 @@ def test_every_strategy_fine_tunes_a_causal_lm(strategy: str, tmp_path: Path) ->
     table = rows(tmp_path)
     assert [r["replies_received"] for r in table[1:]] == ["2", "2"]
     assert all(r["test_accuracy"] and float(r["test_perplexity"]) > 1 for r in table)
+    assert all(0 <= float(r["personal_worst10"]) <= float(r["personal_accuracy"]) <= 1 for r in table)  # ranking
     assert (tmp_path / "adapter" / "fedlora.json").is_file()
+    if strategy == "fedsa_lora":  # each node's own model (its B) as an export, loadable as any
+        assert all((tmp_path / "personal" / f"partition_{k}" / "adapter_model.safetensors").is_file() for k in (0, 1))
+
+
+def test_free_text_records_have_no_personalised_accuracy(tmp_path: Path) -> None:
+    """Instruction records without labels: the accuracy a causal LM reports ranks labels, so there is none."""
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(f'{{"instruction": "Count to {k}", "input": "", "output": "{k}"}}\n' for k in range(30)))
+    run = [*RUN, "data=files", f"data.path={records}", "data.test_fraction=0.2", f"output_dir={tmp_path / 'out'}"]
+    run_in_process(compose(run)[0])
+    table = rows(tmp_path / "out")
+    assert all(float(r["test_perplexity"]) > 1 for r in table) and "personal_accuracy" not in table[0]
 
 
 def test_dp_sgd_on_a_causal_lm_stays_within_its_budget(tmp_path: Path) -> None:

@@ -18,8 +18,11 @@ The apps rebuild the :class:`RunConfig` by composing ``conf/`` with Hydra
 (:func:`from_run_config`): the ``<group>.name`` keys choose the presets, and each
 other key whose value differs from its default here is applied on top. So a key
 left at its default takes the preset's value (``model.name = "tiny"`` brings the
-tiny model's ``pretrained = false``). ``simulation.*`` keys are simulation-only and
-not part of the App's config.
+tiny model's ``pretrained = false``). A key that some preset sets (``train.batch_size``,
+which ``model=tiny`` makes 32) defaults to ``""``, the chosen preset's value: Flower fuses
+a run config onto the defaults, so a value equal to the default could not be told from
+none, and ``train.batch_size = 16`` beside ``model.name = "tiny"`` would be lost.
+``simulation.*`` keys are simulation-only and not part of the App's config.
 
 Both apps, simulated and deployed, read their config this one way. (Not ``RunConfig.from_flat``:
 a Flower user's run config names presets, whose defaults only Hydra knows, so the apps compose
@@ -46,18 +49,42 @@ def _app_keys(flat: Mapping[str, Any]) -> Flat:
     return {k: v for k, v in flat.items() if not k.startswith(SIMULATION_ONLY)}
 
 
+# What a preset needs beside its name to compose at all (validation), for reading the keys it sets.
+_TO_COMPOSE = {"data": ["data.path=preset-keys"], "privacy": ["privacy.epsilon=1"]}
+
+
+@functools.cache
+def preset_keys() -> frozenset[str]:
+    """Keys (other than ``<group>.name``) that some preset of a group sets to another value than the default
+    run's: their App default is ``""``, the chosen preset's value."""
+    base = _app_keys(compose([])[0].to_flat())
+    keys: set[str] = set()
+    for group in PRESET_GROUPS[1:]:  # strategy: its keys default to "" already
+        for option in group_options(group):
+            try:
+                cfg, _ = compose([f"{group}={option}"])
+            except ConfigError:
+                cfg, _ = compose([f"{group}={option}", *_TO_COMPOSE.get(group, [])])
+            keys |= {k for k, v in _app_keys(cfg.to_flat()).items() if k in base and v != base[k]}
+    return frozenset(keys - {"data.path", "privacy.epsilon"} - {f"{g}.name" for g in PRESET_GROUPS})
+
+
+@functools.cache
+def chosen_keys() -> frozenset[str]:
+    """Keys whose App default ``""`` means "as the rest of the config chooses": a preset's value
+    (:func:`preset_keys`), a null the RunConfig resolves from the strategy and the privacy, or the chosen
+    strategy's own default (every strategy's keys, so that `flwr run` accepts them whichever is chosen)."""
+    keys = set(preset_keys()) | {"train.lr", "strategy.weighting", "train.logit_adjustment", "server.multi_krum"}
+    for name in group_options("strategy"):
+        other, _ = compose([f"strategy={name}"])
+        keys |= {k for k in other.to_flat() if k.startswith("strategy.") and k != "strategy.name"}
+    return frozenset(keys)
+
+
 @functools.cache
 def _defaults() -> tuple[tuple[str, Any], ...]:
     cfg, _ = compose([])
-    flat = _app_keys(cfg.to_flat())
-    # Keys whose null the RunConfig resolves from the rest (the strategy, the privacy): "" leaves that to it.
-    flat |= {"train.lr": "", "strategy.weighting": "", "train.logit_adjustment": "", "server.multi_krum": ""}
-    # Every strategy's own keys, so that `flwr run` accepts them whichever strategy.name is chosen;
-    # each defaults to "", which leaves the chosen strategy's own default (conf/strategy/<name>.yaml).
-    for name in group_options("strategy"):
-        other, _ = compose([f"strategy={name}"])
-        flat |= {k: "" for k in other.to_flat() if k.startswith("strategy.") and k != "strategy.name"}
-    return tuple(flat.items())
+    return tuple((_app_keys(cfg.to_flat()) | dict.fromkeys(sorted(chosen_keys()), "")).items())
 
 
 def app_defaults() -> Flat:
@@ -137,7 +164,10 @@ def run_config_for(cfg: RunConfig) -> Flat:
     defaults = app_defaults()
     flat = _app_keys(cfg.to_flat())
     out: Flat = {f"{g}.name": flat[f"{g}.name"] for g in PRESET_GROUPS if flat[f"{g}.name"] != defaults[f"{g}.name"]}
-    out |= {k: v for k, v in flat.items() if k in defaults and v != defaults[k]}
+    late = chosen_keys()
+    out |= {k: v for k, v in flat.items() if k in defaults and k not in late and v != defaults[k]}
+    given = _app_keys(from_run_config(defaults | out).to_flat())  # then the chosen keys the rest would not give
+    out |= {k: v for k, v in flat.items() if k in late and k in defaults and not _same(v, given.get(k))}
     rebuilt = _app_keys(from_run_config(defaults | out).to_flat())
     differ = sorted(k for k in flat.keys() | rebuilt.keys() if not _same(flat.get(k), rebuilt.get(k)))
     if differ:

@@ -73,8 +73,26 @@ def test_bad_run_config_fails_clearly() -> None:
         to_overrides({"not.a.key": 1})
     with pytest.raises(ConfigError, match=r"strategy\.alpha"):
         from_run_config(app_defaults() | {"strategy.alpha": 32.0})  # fedavg has no alpha
-    with pytest.raises(ConfigError, match="cannot carry"):
-        run_config_for(compose(["model=tiny", "model.pretrained=true"])[0])
+    with pytest.raises(ConfigError, match="cannot carry"):  # "" is the preset's value: null cannot be asked for
+        run_config_for(compose(["data=sst2", "data.path=x", "data.delimiter=null"])[0])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model=tiny", "train.batch_size=16"], ["model=tiny", "model.pretrained=true"],
+     ["model=smollm2", "train.lr_schedule=constant", "lora.target_modules=[q_proj]"], ["model=tiny"], []],
+    ids=str,
+)  # fmt: skip
+def test_a_value_a_preset_changes_can_be_set_back_through_the_run_config(overrides: list[str]) -> None:
+    """Flower fuses a run config onto the App's defaults, so a key some preset sets defaults to "" (the preset's):
+    the tiny preset's batch of 32 set back to 16 stays 16, where a default of 16 would have been taken for none."""
+    cfg, _ = compose(overrides)
+    carried = run_config_for(cfg)
+    assert from_run_config(app_defaults() | carried).to_flat() == cfg.to_flat()
+    assert all(k.endswith(".name") or k in ("train.batch_size", "model.pretrained", "train.lr_schedule",
+                                            "lora.target_modules") for k in carried)  # fmt: skip
+    as_typed = parse_config_args([deploy.run_config_arg(carried)]) if carried else {}
+    assert from_run_config(app_defaults() | as_typed).to_flat() == cfg.to_flat()  # what `flwr run` gets
 
 
 # -- reply checks --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The sweep report's figures: accuracy against epsilon (error bars: 95% t intervals over seeds), against the
-round (the mean over seeds with its interval as a band), and against the cumulative upload.
+"""The sweep report's figures: accuracy against epsilon (error bars, and bands for the no-DP lines: 95% t intervals
+over seeds), against the round (the mean over seeds with its interval as a band), and against the cumulative upload.
 
 One encoding throughout: colour is the strategy, the marker and line style the strategy too, so a
 figure reads in grey; markers of strategies at the same epsilon are set slightly apart so that none
@@ -68,6 +68,8 @@ def _accuracy_vs_epsilon(plt, cells, federated, strategies, style, path: Path) -
         plain = t_interval([c.final for c in federated if c.strategy == s and math.isinf(c.epsilon)])
         if plain.n:
             ax.axhline(plain.mean, color=colour, linestyle="--", linewidth=1, alpha=0.7, label=f"{s}, no DP")
+            if plain.n > 1:  # its interval as a band, as the DP points have theirs as bars
+                ax.axhspan(plain.mean - plain.half_width, plain.mean + plain.half_width, color=colour, alpha=0.08)
     reference = t_interval([c.final for c in cells if c.strategy == CENTRALISED])
     if reference.n:
         ax.axhline(reference.mean, color="black", linewidth=1.6, label="centralised, no DP")
@@ -77,9 +79,10 @@ def _accuracy_vs_epsilon(plt, cells, federated, strategies, style, path: Path) -
     if finite:
         ax.set_xscale("log")
         ax.set_xticks(finite, [f"{e:g}" for e in finite])
+        ax.set_xlim(finite[0] / 1.6, finite[-1] * 1.6)  # one epsilon: its strategies side by side, not axis-wide
         ax.minorticks_off()
     seeds = max((len({c.seed for c in federated if c.strategy == s}) for s in strategies), default=0)
-    bars = "error bars: 95% t interval over seeds" if seeds > 1 else "one seed: no error bars"
+    bars = "bars and bands: 95% t intervals over seeds" if seeds > 1 else "one seed: no error bars"
     ax.set(xlabel=f"epsilon per client (log scale; {bars})", ylabel="final test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

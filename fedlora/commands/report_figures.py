@@ -68,8 +68,8 @@ def _accuracy_vs_epsilon(plt, cells, federated, strategies, style, path: Path) -
         plain = t_interval([c.final for c in federated if c.strategy == s and math.isinf(c.epsilon)])
         if plain.n:
             ax.axhline(plain.mean, color=colour, linestyle="--", linewidth=1, alpha=0.7, label=f"{s}, no DP")
-            if plain.n > 1:  # its interval as a band, as the DP points have theirs as bars
-                ax.axhspan(plain.mean - plain.half_width, plain.mean + plain.half_width, color=colour, alpha=0.08)
+            if plain.n > 1:  # its interval as a band (within [0, 1]), as the DP points have theirs as bars
+                ax.axhspan(max(plain.low, 0.0), min(plain.high, 1.0), color=colour, alpha=0.08)
     reference = t_interval([c.final for c in cells if c.strategy == CENTRALISED])
     if reference.n:
         ax.axhline(reference.mean, color="black", linewidth=1.6, label="centralised, no DP")
@@ -105,8 +105,8 @@ def _accuracy_vs_round(plt, cells, style, path: Path) -> None:
             mean = [iv.mean for iv in per_round]
             line = ax.plot(rounds, mean, marker=MARKERS[j % len(MARKERS)], linestyle=LINESTYLES[j % len(LINESTYLES)],
                            markersize=4, label=f"eps {eps_label(epsilon)} (n={len(runs)})")[0]  # fmt: skip
-            if len(runs) > 1:
-                ax.fill_between(rounds, [iv.low for iv in per_round], [iv.high for iv in per_round],
+            if len(runs) > 1:  # drawn within [0, 1]: a t interval of 3 seeds can pass an accuracy's bounds
+                ax.fill_between(rounds, [max(iv.low, 0.0) for iv in per_round], [min(iv.high, 1.0) for iv in per_round],
                                 color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
         ax.set(title=s, xlabel="round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -4,7 +4,7 @@ and the docs' tables made from their results.
     fedlora sweep privacy [--preset sst2] [--seeds 0 1 2] [<overrides>]   # a grid into sweeps/, with its report
     fedlora bench ag_news [--seeds 0 1 2]        # a published benchmark: conf/sweep/privacy_ag_news.yaml, its
                                                  # results added cell by cell to docs/results/ag_news.json
-    fedlora tables [--check]                     # the docs' tables regenerated from docs/results/*.json
+    fedlora tables [--check] [--figures DIR]     # the docs' tables regenerated from docs/results/*.json
 
 A benchmark is a sweep preset whose results file lives in the repository: a cell in the file is not run
 again (it continues where it stopped, on another day or machine), and its tables are generated.
@@ -57,6 +57,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tables = sub.add_parser("tables", help="regenerate the docs' tables from docs/results/*.json")
     tables.add_argument("--check", action="store_true", help="only check: exit 1 when a page differs from its files")
     tables.add_argument("pages", nargs="*", type=Path, help="Markdown pages (default: README.md and docs/*.md)")
+    tables.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                        help="also draw each results file's figures (a sweep report's) into DIR/<name>/")  # fmt: skip
     tables.set_defaults(handler=run_tables)
     for p in (sweep, bench, tables):
         p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
@@ -139,11 +141,16 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
 
 
 def run_tables(args: argparse.Namespace) -> int:
-    from fedlora.commands.results import update_pages
+    from fedlora.commands.report_figures import plot
+    from fedlora.commands.results import load_results, update_pages
 
     pages = args.pages or [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
     stale = update_pages([p for p in pages if p.is_file()], check=args.check)
     verb = "differ from their results files" if args.check else "updated"
     if stale:
         console.print(f"{len(stale)} page(s) {verb}: " + ", ".join(map(str, stale)))
+    for results in sorted(RESULTS_DIR.glob("*.json")) if args.figures is not None else ():
+        (folder := args.figures / results.stem).mkdir(parents=True, exist_ok=True)
+        plot(load_results(results), folder)
+        console.print(f"figures: {folder}")
     return 1 if args.check and stale else 0

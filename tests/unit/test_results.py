@@ -128,3 +128,18 @@ def test_every_command_that_ran_cells_is_kept_and_shown(tmp_path: Path, monkeypa
     assert sweep(tmp_path, [2]) == 0
     data = json.loads(book.read_text())
     assert "command" not in data and data["commands"] == ["fedlora bench ab --seeds 0", "fedlora bench ab --seeds 2"]
+
+
+def test_tables_draws_each_results_file_s_figures(tmp_path: Path, monkeypatch) -> None:
+    """`fedlora tables --figures DIR`: a results file's report figures, from the file alone (no runs folder)."""
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0, 1]) == 0
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "ab.json").rename(tmp_path / "docs" / "results" / "ab.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tables", "--figures", "figs", str(tmp_path / "none.md")]) == 0
+    assert {p.name for p in (tmp_path / "figs" / "ab").glob("*.png")} == {
+        "accuracy_vs_epsilon.png",
+        "accuracy_vs_round.png",
+        "accuracy_vs_upload.png",
+    }

@@ -166,8 +166,19 @@ def run_config_for(cfg: RunConfig) -> Flat:
     out: Flat = {f"{g}.name": flat[f"{g}.name"] for g in PRESET_GROUPS if flat[f"{g}.name"] != defaults[f"{g}.name"]}
     late = chosen_keys()
     out |= {k: v for k, v in flat.items() if k in defaults and k not in late and v != defaults[k]}
-    given = _app_keys(from_run_config(defaults | out).to_flat())  # then the chosen keys the rest would not give
-    out |= {k: v for k, v in flat.items() if k in late and k in defaults and not _same(v, given.get(k))}
+    # Then the chosen keys the rest would not give. The rest alone may be refused (Fed-SB at user level needs
+    # its strategy.init_source): then with the strategy's keys, and failing that every chosen key that is set.
+    own = {k: v for k, v in flat.items() if k.startswith("strategy.") and k in late and v != defaults.get(k)}
+    given: Flat | None = None
+    for first in (out, out | own):
+        try:
+            given = _app_keys(from_run_config(defaults | first).to_flat())
+        except ConfigError:
+            continue
+        out = first
+        break
+    out |= {k: v for k, v in flat.items() if k in late and k in defaults
+            and (not _same(v, given.get(k)) if given is not None else v != defaults[k])}  # fmt: skip
     rebuilt = _app_keys(from_run_config(defaults | out).to_flat())
     differ = sorted(k for k in flat.keys() | rebuilt.keys() if not _same(flat.get(k), rebuilt.get(k)))
     if differ:

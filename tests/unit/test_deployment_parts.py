@@ -80,17 +80,20 @@ def test_bad_run_config_fails_clearly() -> None:
 @pytest.mark.parametrize(
     "overrides",
     [["model=tiny", "train.batch_size=16"], ["model=tiny", "model.pretrained=true"],
-     ["model=smollm2", "train.lr_schedule=constant", "lora.target_modules=[q_proj]"], ["model=tiny"], []],
+     ["model=smollm2", "train.lr_schedule=constant", "lora.target_modules=[q_proj]"], ["model=tiny"], [],
+     ["model=tiny", "strategy=fed_sb", "privacy=user", "privacy.epsilon=3", "strategy.init_source=CALIBRATION"]],
     ids=str,
 )  # fmt: skip
-def test_a_value_a_preset_changes_can_be_set_back_through_the_run_config(overrides: list[str]) -> None:
+def test_a_value_a_preset_changes_can_be_set_back_through_the_run_config(overrides: list[str], tmp_path) -> None:
     """Flower fuses a run config onto the App's defaults, so a key some preset sets defaults to "" (the preset's):
     the tiny preset's batch of 32 set back to 16 stays 16, where a default of 16 would have been taken for none."""
-    cfg, _ = compose(overrides)
+    cfg, _ = compose([o.replace("CALIBRATION", str(tmp_path / "public.csv")) for o in overrides])
     carried = run_config_for(cfg)
     assert from_run_config(app_defaults() | carried).to_flat() == cfg.to_flat()
+    # only what was set (a strategy whose settings alone are refused writes its own keys: Fed-SB at user level)
     assert all(k.endswith(".name") or k in ("train.batch_size", "model.pretrained", "train.lr_schedule",
-                                            "lora.target_modules") for k in carried)  # fmt: skip
+                                            "lora.target_modules", "privacy.epsilon")
+               or (k.startswith("strategy.") and "privacy=user" in overrides) for k in carried)  # fmt: skip
     as_typed = parse_config_args([deploy.run_config_arg(carried)]) if carried else {}
     assert from_run_config(app_defaults() | as_typed).to_flat() == cfg.to_flat()  # what `flwr run` gets
 

@@ -134,7 +134,8 @@ def test_under_dp_a_client_evaluates_only_on_rows_drawn_in_the_counts_it_release
     evaluations = [m for m in grid.received if m.metadata.message_type == "evaluate"]
     assert evaluations and {m.metadata.src_node_id for m in evaluations} <= trained
     worker = get_worker(cfg, num_partitions=cfg.clients)
-    for m in evaluations:
+    latest = {m.metadata.src_node_id: m for m in evaluations}  # each node's last: its state's mix is that one's
+    for m in latest.values():
         context = grid.contexts[m.metadata.src_node_id]
         pid, mix = int(context.node_config[records.PARTITION_ID]), released_mix(context)
         exact = np.bincount(worker.data.tokenised(pid)["labels"], minlength=4)

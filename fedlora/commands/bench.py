@@ -144,6 +144,8 @@ def run_tables(args: argparse.Namespace) -> int:
     from fedlora.commands.report_figures import plot
     from fedlora.commands.results import load_results, update_pages
 
+    if args.figures is not None and args.figures.exists() and not args.figures.is_dir():
+        raise ConfigError(f"--figures needs a folder; {args.figures} is a file")
     pages = args.pages or [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
     stale = update_pages([p for p in pages if p.is_file()], check=args.check)
     verb = "differ from their results files" if args.check else "updated"

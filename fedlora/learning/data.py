@@ -236,6 +236,16 @@ def label_skew(counts: np.ndarray) -> float:
     return float(0.5 * np.abs(client_mix - global_mix).sum(1).mean())
 
 
+def largest_remainders(weight: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split in proportion to ``weight`` (positive sum) in whole numbers: the floors, then one more
+    to the largest remainders (ties to the lower index)."""
+    exact = total * weight / weight.sum()
+    dealt = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - dealt), kind="stable")[: total - dealt.sum()]:
+        dealt[k] += 1
+    return dealt
+
+
 def shard_test_split(counts: np.ndarray, test_labels: list[int], *, seed: int) -> list[list[int]]:
     """Each client's share of the test split, in the label mix of its training partition.
 
@@ -255,10 +265,7 @@ def shard_test_split(counts: np.ndarray, test_labels: list[int], *, seed: int) -
         weight = counts[:, label]
         if weight.sum() == 0 or len(rows) == 0:
             continue
-        exact = len(rows) * weight / weight.sum()
-        dealt = np.floor(exact).astype(int)
-        for k in np.argsort(-(exact - dealt), kind="stable")[: len(rows) - dealt.sum()]:
-            dealt[k] += 1
+        dealt = largest_remainders(weight, len(rows))
         for k, (start, stop) in enumerate(zip(np.cumsum(dealt) - dealt, np.cumsum(dealt), strict=True)):
             shards[k].extend(rows[start:stop].tolist())
     return [sorted(shard) for shard in shards]
@@ -274,10 +281,7 @@ def draw_test_shard(mix: np.ndarray, test_labels: list[int], *, size: int, seed:
     weight = np.clip(np.asarray(mix, dtype=np.float64), 0.0, None)
     if weight.sum() <= 0 or size <= 0:
         return []
-    exact = size * weight / weight.sum()
-    dealt = np.floor(exact).astype(int)
-    for k in np.argsort(-(exact - dealt), kind="stable")[: size - dealt.sum()]:
-        dealt[k] += 1
+    dealt = largest_remainders(weight, size)
     rng = np.random.default_rng(seed)
     rows: list[int] = []
     for label, k in enumerate(dealt):

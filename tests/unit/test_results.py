@@ -137,6 +137,8 @@ def test_tables_draws_each_results_file_s_figures(tmp_path: Path, monkeypatch) -
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "ab.json").rename(tmp_path / "docs" / "results" / "ab.json")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    assert main(["tables", "--figures", "a_file", str(tmp_path / "none.md")]) == 2  # one line, not a traceback
     assert main(["tables", "--figures", "figs", str(tmp_path / "none.md")]) == 0
     assert {p.name for p in (tmp_path / "figs" / "ab").glob("*.png")} == {
         "accuracy_vs_epsilon.png",

@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from fedlora.config.cache import digest, json_once
 from fedlora.config.compose import compose, group_options
 from fedlora.config.run import ConfigError, Flat, RunConfig
 
@@ -83,8 +86,22 @@ def chosen_keys() -> frozenset[str]:
 
 @functools.cache
 def _defaults() -> tuple[tuple[str, Any], ...]:
+    """The App's defaults, derived once per set of sources (``conf/``, the config schema, the strategies)
+    and read from the cache after: a deployed SuperNode starts a ClientApp process per message."""
+    return tuple((k, v) for k, v in json_once("app-defaults", _sources_digest(), _derive_defaults))
+
+
+def _derive_defaults() -> list[tuple[str, Any]]:
     cfg, _ = compose([])
-    return tuple((_app_keys(cfg.to_flat()) | dict.fromkeys(sorted(chosen_keys()), "")).items())
+    return list((_app_keys(cfg.to_flat()) | dict.fromkeys(sorted(chosen_keys()), "")).items())
+
+
+def _sources_digest() -> str:
+    """What the defaults are derived from: every file of ``conf/`` and the sources of config/ and strategies/."""
+    conf, strategies = (Path(str(importlib.resources.files(name))) for name in ("conf", "strategies"))
+    files = [p for p in conf.rglob("*") if p.is_file() and p.suffix in (".yaml", ".py")]
+    files += [*Path(__file__).parent.glob("*.py"), *strategies.glob("*.py")]
+    return digest([p.resolve() for p in files], Path("/"))
 
 
 def app_defaults() -> Flat:

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
+from fedlora.config.cache import cache_root
 from fedlora.config.groups import ConfigError, LoraConfig, ModelConfig
 from fedlora.learning.pooling import use_pooling
 
@@ -39,10 +40,6 @@ def model_folder(model: ModelConfig) -> str:
     """The folder (or hub id) the model loads from: ``model.path``, or its GGUF file converted once."""
     path = resolve_path(model.path)
     return converted(path, model.gguf_file, model.path) if model.gguf_file else path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
 
 
 def converted(folder: str, gguf_file: str, source: str) -> str:

@@ -199,8 +199,11 @@ class CausalLM:
         )  # fmt: skip
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Evaluation, device: torch.device) -> dict[str, float]:
-        """Response loss and perplexity; with labels, ranking accuracy (every prompt) and generation accuracy.
+    def evaluate(
+        self, model: nn.Module, data: Evaluation, device: torch.device, *, accuracy_only: bool = False
+    ) -> dict[str, float]:
+        """Response loss and perplexity; with labels, ranking accuracy (every prompt) and generation accuracy
+        (greedy decoding of ``GENERATE`` prompts, the slow part: skipped with ``accuracy_only``).
 
         With labels the response is the true label word and end-of-sequence, which is one of the
         ranked candidates: its loss (the mean of its tokens' negative log-likelihoods, as in training)
@@ -216,7 +219,8 @@ class CausalLM:
             true_scores = scores.gather(1, truth[:, None]).squeeze(1) if len(truth) else scores[:0, 0]
             loss = float((-true_scores / lengths[truth]).mean()) if len(truth) else math.nan
             out["accuracy"] = self.ranking_accuracy(scores, data.truth)
-            out["test_generation_accuracy"] = self._generation_accuracy(model, data, device)
+            if not accuracy_only:
+                out["test_generation_accuracy"] = self._generation_accuracy(model, data, device)
         else:
             criterion = CausalLMLoss()
             criterion.reduction = "none"

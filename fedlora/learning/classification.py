@@ -133,9 +133,10 @@ class SequenceClassification:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
-    ) -> dict[str, float]:
-        """Accuracy and mean cross-entropy over all examples."""
+        self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+        *, accuracy_only: bool = False,
+    ) -> dict[str, float]:  # fmt: skip
+        """Accuracy and mean cross-entropy over all examples (all there is: ``accuracy_only`` changes nothing)."""
         was_training = model.training
         model.eval()
         correct, total, loss_sum = 0, 0, 0.0

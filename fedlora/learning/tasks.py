@@ -58,8 +58,11 @@ class Task(Protocol):
         self, data: Any, tokenizer: Any, *, max_len: int, labels: tuple[str, ...], batch_size: int
     ) -> Any: ...
 
-    def evaluate(self, model: nn.Module, data: Any, device: torch.device) -> dict[str, float]:
-        """``accuracy`` (where the task has labels), ``loss`` and the ``metric_columns``."""
+    def evaluate(
+        self, model: nn.Module, data: Any, device: torch.device, *, accuracy_only: bool = False
+    ) -> dict[str, float]:
+        """``accuracy`` (where the task has labels), ``loss`` and the ``metric_columns``; ``accuracy_only``:
+        what personalised evaluation reports, accuracy and loss (a causal LM skips its generation then)."""
         ...
 
 

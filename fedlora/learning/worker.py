@@ -135,7 +135,9 @@ class Worker:
         self.adapted.load(protocol.start(partition_id, received, server_round=0, personal=personal))
         protocol.rank_mask(partition_id).apply(self.adapted.params)
         batches = data.personal_test_batches(partition_id, rows)
-        return self.task.evaluate(self.adapted.model, batches, self.device) | {"examples": len(rows)}
+        return self.task.evaluate(self.adapted.model, batches, self.device, accuracy_only=True) | {
+            "examples": len(rows)
+        }
 
     def evaluate(self, received: Tensors, *, base: Tensors | None = None) -> dict[str, float]:
         """Central evaluation on the test split with the global adapter (and base delta) loaded."""

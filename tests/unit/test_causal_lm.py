@@ -130,6 +130,10 @@ def test_labelled_test_loss_read_off_the_ranking_equals_the_response_loss_of_a_f
     result = worker.task.evaluate(model, data, torch.device("cpu"))
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["test_perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
+    # personalised evaluation reports accuracy only: the same numbers, without the greedy generation
+    brief = worker.task.evaluate(model, data, torch.device("cpu"), accuracy_only=True)
+    assert "test_generation_accuracy" in result and "test_generation_accuracy" not in brief
+    assert brief == {k: v for k, v in result.items() if k != "test_generation_accuracy"}
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,19 @@ weights). Directions beyond r_k get zeros from client k: the higher directions
 shrink towards zero unless the larger-rank clients keep them up. Like FedAvg on LoRA
 the average is of the factors, not of the products, and so inexact.
 
+Rank self-pruning (``prune_lambda`` > 0; :class:`strategies.ranks.SelfPruning`): while it
+trains, a client of rank r penalises lambda ||B[:, t:r]||_F ||A[t:r]||_F summed over modules,
+its tail from t = floor(gamma r); when the tail's size ends a round below where it ended the
+client's previous round, the client drops those directions for good (its node state keeps
+its rank) and sends rank t from then on. The server accepts any rank up to the assigned one
+and zero-pads it like any other. Off by default: the paper gives no lambda for a task like ours.
+
 Where this differs from the paper: the weights are per module (the paper's norm is of
 each client's LoRA update; per module keeps a layer one client barely moved from being
-weighted by the others); the clients' rank self-pruning (dropping trailing directions
-whose norm falls) is not implemented: each client keeps its assigned rank.
+weighted by the others); the penalty is the upper bound ||B_t|| ||A_t|| of the paper's
+||B_t A_t|| and is taken as a proximal step after each optimiser step (decoupled, as AdamW's
+weight decay) rather than as a term of the loss, so that DP-SGD never clips or noises it (it
+reads no example); a client sends its pruned adapter in the round it prunes.
 """
 
 from __future__ import annotations
@@ -28,13 +37,7 @@ import torch.nn.functional as F
 
 from fedlora.lora import Role, Tensors
 from strategies.base import Combine, Strategy, average_payloads, by_role, partner, weighted_mean
-from strategies.ranks import HeterogeneousRanks, RankedConfig
-
-
-def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    """||B A||_F from the small Gram matrices: ||B A||_F^2 = sum((B^T B) * (A A^T))."""
-    b, a = b.double(), a.double()
-    return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+from strategies.ranks import HeterogeneousRanks, PruningConfig, SelfPruning, product_norm
 
 
 def sparsity_weights(norms: Sequence[float], p: torch.Tensor) -> torch.Tensor:
@@ -49,11 +52,11 @@ def pad(tensor: torch.Tensor, role: Role, rank: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, 0, missing)) if role is Role.A else F.pad(tensor, (0, missing))
 
 
-class HetLoRA(HeterogeneousRanks, Strategy):
+class HetLoRA(SelfPruning, HeterogeneousRanks, Strategy):
     """Zero-pad the clients' adapters to the largest rank, average them with sparsity weights."""
 
     name = "hetlora"
-    config_class = RankedConfig
+    config_class = PruningConfig
     robust_aggregation = False
     robust_note = "its weights are the clients' own update norms, which a robust mean would not bound"
     user_level_dp = False

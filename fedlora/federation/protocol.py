@@ -9,7 +9,7 @@ hold and where its change is measured from (:meth:`Protocol.expected_reply`).
 
 from __future__ import annotations
 
-from fedlora.lora import LORA_ROLES, AdapterKey, RankMask, Tensors
+from fedlora.lora import LORA_ROLES, AdapterKey, RankMask, Role, Tensors
 from fedlora.seeds import Stream, generator
 from strategies import Strategy
 
@@ -47,10 +47,11 @@ class Protocol:
             down = {k: v for k, v in down.items() if k.role in LORA_ROLES}
         return down
 
-    def rank_mask(self, partition_id: int) -> RankMask:
-        """The rank client ``partition_id`` trains, within the model's."""
+    def rank_mask(self, partition_id: int, *, own: int | None = None) -> RankMask:
+        """The rank client ``partition_id`` trains, within the model's: the strategy's, or the client's
+        ``own`` lower one (a self-pruning HetLoRA client's, kept in its node state)."""
         rank = self.strategy.client_rank(partition_id, rank=self.model_rank)
-        return RankMask(rank, self.model_rank)
+        return RankMask(min(rank, own) if own else rank, self.model_rank)
 
     def start(
         self, partition_id: int, received: Tensors, *, server_round: int, personal: Tensors | None = None
@@ -64,12 +65,23 @@ class Protocol:
         g = generator(Stream.CLIENT_START, self.seed, server_round=server_round, client=partition_id)
         return self.strategy.start(received | mine, like=self.initial, generator=g)
 
-    def expected_reply(self, partition_id: int, state: Tensors, *, server_round: int) -> Tensors:
+    def expected_reply(
+        self, partition_id: int, state: Tensors, *, server_round: int, reply: Tensors | None = None
+    ) -> Tensors:
         """The payload the client would send had it not trained, from the server's full ``state``.
 
         Its keys and shapes are what the client's reply must have (by strategy, rank and
-        trainable set), and its values are where the client's change is measured from.
+        trainable set), and its values are where the client's change is measured from. A
+        self-pruning strategy's client may send fewer directions than its rank: then the
+        ``reply``'s rank (its first A's rows), when it is at least 1, is the one expected.
         """
         begin = self.initial | self.start(partition_id, state, server_round=server_round)
         trained = {k: begin[k] for k in self.trained_in(server_round)}
-        return self.strategy.payload(self.rank_mask(partition_id).view(trained))
+        return self.strategy.payload(self.rank_mask(partition_id, own=self.reply_rank(reply)).view(trained))
+
+    def reply_rank(self, reply: Tensors | None) -> int | None:
+        """The rank a self-pruning client's ``reply`` claims (its first A's rows), or None."""
+        if not reply or not getattr(self.strategy, "prunes", False):
+            return None
+        a_keys = sorted(k for k in reply if k.role is Role.A)
+        return int(reply[a_keys[0]].shape[0]) if a_keys and reply[a_keys[0]].dim() == 2 else None

@@ -121,10 +121,12 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         with reporting:
             payload, num_examples, result = worker.train_round(
                 pid, received, server_round=server_round, base=base, history=history,
-                personal=personal_tensors(context),
+                personal=personal_tensors(context), own=records.rank_state(context.state),
             )  # fmt: skip
         if worker.adapted.protocol.personal:  # kept for this node's next round; never in the reply
             context.state[records.PERSONAL] = records.to_record(worker.adapted.personal())
+        if result.rank_state is not None:  # a self-pruning client's rank, for its next rounds
+            context.state[records.OWN_RANK] = records.rank_state_record(result.rank_state)
         if result.released_counts is not None:  # under DP: its test shard's mix for a personalised evaluation
             keep_released(context, result.released_counts)
         if ledger is None:  # a loss on private batches is not DP-protected: it stays on the client
@@ -175,7 +177,9 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.privacy.any and (mix is None or cfg.privacy.user_level or context.node_config.get(records.DATA_PATH)):
         result: dict[str, float] = {"examples": 0}  # under DP only the shared test split, in the mix it released
     else:
-        result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context), label_mix=mix)
+        own = records.rank_state(context.state)
+        result = worker.evaluate_personal(pid, received, base=base, personal=personal_tensors(context), label_mix=mix,
+                                          own_rank=own.rank if own is not None else None)  # fmt: skip
         result = result if "accuracy" in result else {"examples": 0}  # records without labels: no accuracy
     if config.get(records.EXPORT_PERSONAL) and worker.adapted.protocol.personal:
         export_personal(worker, pid, result)

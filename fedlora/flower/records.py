@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedlora.federation.folding import FoldUpdate
 from fedlora.lora import AdapterKey, Tensors
 from fedlora.privacy.accounting import Step
+from strategies.ranks import RankState
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -56,6 +57,7 @@ MAX_WEIGHT = "max-weight"
 CLIP_BOUND = "clip-bound"
 UNDER_CLIP = "under-clip"
 DATA_PATH = "data-path"  # node config: this node's data file or folder (default: the run's data)
+OWN_RANK = "own-rank"  # a self-pruning (HetLoRA) node's rank and tail norm, in its context.state, never sent
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
@@ -122,3 +124,14 @@ def ledger_history(record: ConfigRecord) -> list[Step]:
 def digest_number(tensors: Tensors) -> int:
     """:func:`digest` as a 52-bit integer: a metric that survives a float64 round trip exactly."""
     return int(digest(tensors)[:13], 16)
+
+
+def rank_state(state: RecordDict) -> RankState | None:
+    """A self-pruning node's rank state from its ``context.state`` (None before it has trained)."""
+    held = state.config_records.get(OWN_RANK)
+    return RankState(int(held["rank"]), float(held["tail-norm"])) if held is not None else None
+
+
+def rank_state_record(state: RankState) -> ConfigRecord:
+    """Inverse of :func:`rank_state`."""
+    return ConfigRecord({"rank": state.rank, "tail-norm": state.tail_norm})

@@ -230,7 +230,7 @@ class FlowerRounds:
             return f"no {records.NUM_EXAMPLES} (the run weights by examples)"
         if reply.round_nonce != self.nonces.get(server_round):
             return f"it does not answer round {server_round}'s message (round nonce {reply.round_nonce})"
-        expected = self.protocol.expected_reply(pid, self.state, server_round=server_round)
+        expected = self.protocol.expected_reply(pid, self.state, server_round=server_round, reply=reply.tensors)
         reason = reject_reason(reply.tensors or {}, expected, max_norm=self.cfg.server.max_update_norm)
         if reason is not None:
             return reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -22,11 +22,12 @@ from fedlora.federation.schedule import rounds_taken, scheduled
 from fedlora.learning.adapted_model import AdaptedModel
 from fedlora.learning.client_data import ClientData
 from fedlora.learning.train import LocalResult, cycle, local_steps, make_optimizer, round_lr, train_steps
-from fedlora.lora import Tensors
+from fedlora.lora import AdapterKey, Tensors
 from fedlora.privacy.accounting import ClientPlan, Step, make_plan
 from fedlora.privacy.dp_sgd import dp_generator, dp_sgd
 from fedlora.seeds import Stream, seed_of
 from strategies import Strategy
+from strategies.ranks import RankState, SelfPruning
 
 
 def privacy_plan(cfg: RunConfig, strategy: Strategy, *, partition_id: int, num_examples: int) -> ClientPlan:
@@ -57,6 +58,7 @@ def train_round(
     history: list[Step] | None = None,
     plan: ClientPlan | None = None,
     personal: Tensors | None = None,
+    own: RankState | None = None,
 ) -> tuple[Tensors, int | None, LocalResult]:
     """Load ``received`` (and base delta ``base``), train the partition; (payload, num_examples, result).
 
@@ -65,13 +67,15 @@ def train_round(
     checks the budget first (:meth:`ClientPlan.affords`). ``num_examples`` is then the sum of the
     round's noised label counts (None without logit adjustment), unless ``privacy.public_counts``
     declares the exact count public. ``personal``: the node's own kept tensors (FedSA-LoRA's B; see
-    :meth:`AdaptedModel.personal`), missing on a client's first round.
+    :meth:`AdaptedModel.personal`), missing on a client's first round. ``own``: a self-pruning client's rank
+    state (HetLoRA's, from its node state); the result then holds the next one (``LocalResult.rank_state``).
     """
     protocol, params, strategy = adapted.protocol, adapted.params, adapted.protocol.strategy
     examples = data.tokenised(partition_id)
     adapted.set_base(base or {})
     adapted.load(protocol.start(partition_id, received, server_round=server_round, personal=personal))
-    mask = protocol.rank_mask(partition_id)
+    pruning = strategy if isinstance(strategy, SelfPruning) and strategy.prunes else None
+    mask = protocol.rank_mask(partition_id, own=own.rank if own is not None and pruning else None)
     mask.apply(params)
     trainable = protocol.trained_in(server_round)
     lora.set_trainable(params, trainable)
@@ -84,7 +88,7 @@ def train_round(
         train_steps,
         steps=local_steps(cfg.train, len(examples)),
         device=adapted.device,
-        after_step=partial(mask.apply, params),
+        after_step=partial(_after_step, mask, params, pruning, lr=lr),
     )
     with torch.autocast(adapted.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         if private:
@@ -98,6 +102,10 @@ def train_round(
             loss_fn = _loss(data, None, data.label_offset(partition_id))
             result, noised_count = train(adapted.model, cycle(batches), loss_fn=loss_fn, optimizer=optimizer), None
     trained = lora.read({k: params[k] for k in trainable})  # copy only what was trained
+    if pruning is not None:  # prune the tail if it shrank since this client's last round: sent at its new rank
+        state = pruning.next_state(trained, mask.rank, own)
+        mask = protocol.rank_mask(partition_id, own=state.rank)
+        result = dataclasses.replace(result, rank_state=state)
     exact = not private or cfg.privacy.public_counts
     return strategy.payload(mask.view(trained)), len(examples) if exact else noised_count, result
 
@@ -136,6 +144,16 @@ def _private_steps(
     if counts is not None:
         result = dataclasses.replace(result, released_counts=tuple(counts.tolist()))
     return result, noised_count
+
+
+def _after_step(
+    mask: lora.RankMask, params: Mapping[AdapterKey, torch.nn.Parameter], pruning: SelfPruning | None, *, lr: float
+) -> None:
+    """After each optimiser step: the rank mask again (DP noise fills masked directions), then a self-pruning
+    strategy's decoupled step on its tail penalty (it reads no example: under DP, post-processing)."""
+    mask.apply(params)
+    if pruning is not None:
+        pruning.penalty_step(params, mask.rank, lr=lr)
 
 
 def _loss(data: ClientData, criterion: torch.nn.Module | None, offset: torch.Tensor | None) -> Callable[..., Any]:

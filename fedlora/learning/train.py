@@ -13,6 +13,7 @@ from torch import nn
 
 from fedlora.config.groups import TrainConfig
 from fedlora.federation import progress, stopping
+from strategies.ranks import RankState
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class LocalResult:
     steps: int
     mean_loss: float
     released_counts: tuple[float, ...] | None = None  # under DP: the label counts the round released (noised)
+    rank_state: RankState | None = None  # a self-pruning client's rank after the round (HetLoRA)
 
 
 class LengthSorted(torch.utils.data.Sampler[list[int]]):

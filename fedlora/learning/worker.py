@@ -28,6 +28,7 @@ from fedlora.learning.train import LocalResult
 from fedlora.lora import Tensors
 from fedlora.privacy.accounting import ClientPlan, Step
 from strategies import Strategy, get_strategy_class
+from strategies.ranks import RankState
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,13 @@ class Worker:
         base: Tensors | None = None,
         history: list[Step] | None = None,
         personal: Tensors | None = None,
+        own: RankState | None = None,
     ) -> tuple[Tensors, int | None, LocalResult]:
         """:func:`fedlora.learning.client_round.train_round` on this process's data and model."""
         plan = self.privacy_plan(partition_id) if self.cfg.privacy.enabled and history is not None else None
         return client_round.train_round(
             self.cfg, self.data, self.adapted, partition_id, received,
-            server_round=server_round, base=base, history=history, plan=plan, personal=personal,
+            server_round=server_round, base=base, history=history, plan=plan, personal=personal, own=own,
         )  # fmt: skip
 
     def evaluate_personal(
@@ -123,17 +125,19 @@ class Worker:
         base: Tensors | None = None,
         personal: Tensors | None = None,
         label_mix: list[float] | None = None,
+        own_rank: int | None = None,
     ) -> dict[str, float]:
         """Client ``partition_id``'s model on its test shard: what it would start a round from (``received``
         at its rank, its ``personal`` tensors, base delta ``base``); the task's metrics and ``examples``.
-        ``label_mix`` (under DP: its released label counts): the shard is drawn in that mix instead."""
+        ``label_mix`` (under DP: its released label counts): the shard is drawn in that mix instead;
+        ``own_rank``: a self-pruning client's rank, below its assigned one."""
         data, protocol = self.data, self.adapted.protocol
         rows = data.test_shard(partition_id) if label_mix is None else data.released_test_shard(partition_id, label_mix)
         if not rows:
             return {"examples": 0}
         self.adapted.set_base(base or {})
         self.adapted.load(protocol.start(partition_id, received, server_round=0, personal=personal))
-        protocol.rank_mask(partition_id).apply(self.adapted.params)
+        protocol.rank_mask(partition_id, own=own_rank).apply(self.adapted.params)
         batches = data.personal_test_batches(partition_id, rows)
         return self.task.evaluate(self.adapted.model, batches, self.device, accuracy_only=True) | {
             "examples": len(rows)

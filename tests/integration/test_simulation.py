@@ -208,6 +208,25 @@ def test_heterogeneous_rank_strategies_send_each_clients_share_and_receive_the_l
     assert {tuple(v.shape) for k, v in adapter.items() if "lora_A" in k} == {(3, D)}
 
 
+def test_hetlora_clients_prune_their_ranks_and_keep_them_in_their_node_state(tmp_path: Path) -> None:
+    """A penalty so strong that a client's tail is zero after every step: each round it trains, a client
+    halves its rank (gamma 0.5; rank 1 has no tail) and remembers it, and the server takes every reply."""
+    run = [*TINY_RUN, "rounds=3", "strategy=hetlora", "strategy.client_ranks=[4,2]", "lora.rank=2",
+           "strategy.prune_lambda=1e6", "strategy.prune_gamma=0.5"]  # fmt: skip
+    simulate(run, tmp_path, ray=False)
+    table = rows(tmp_path)
+    ranks = {pid: [4, 2][pid % 2] for pid in range(6)}
+    for rnd in (1, 2, 3):
+        for pid in sampled(rnd):
+            ranks[pid] = max(1, ranks[pid] // 2)
+        row = table[rnd]
+        assert row["replies_rejected"] == "0" and row["replies_received"] == "3"
+        assert int(row["numbers_up"]) == sum(MODULES * ranks[pid] * 2 * D + HEAD for pid in sampled(rnd))
+    assert ranks[2] == ranks[4] == 1  # 4 -> 2 -> 1: the second halving needs the rank kept from the first
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {tuple(v.shape) for k, v in adapter.items() if "lora_A" in k} == {(4, D)}
+
+
 @pytest.mark.parametrize("strategy", ["fedex", "flora"])
 def test_folding_strategies_send_the_dense_delta_when_it_is_smaller(strategy: str, tmp_path: Path) -> None:
     """At r = 8 a round's factors (rank 24 for FLoRA, 32 for FedEx) outweigh the 32 x 32 delta."""

@@ -8,7 +8,7 @@ import torch
 from fedlora.learning.worker import Worker
 from fedlora.lora import AdapterKey, Role, truncate_rank
 from strategies.flexlora import truncated_product
-from strategies.hetlora import product_norm
+from strategies.ranks import product_norm
 from strategies.rolora import factor_of
 from tests.helpers import D_IN, D_OUT, MODULES, R, make, random_adapter, server_step
 

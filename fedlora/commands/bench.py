@@ -96,7 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Path, results: Path | None) -> None:
     """Compose every cell first (a bad override fails before any runs), then run the unfinished ones."""
-    from fedlora.commands.results import ResultsFile, cell_record
+    from fedlora.commands.results import ResultsFile, cell_record, same_run_elsewhere
     from fedlora.commands.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
     from fedlora.config.compose import compose
 
@@ -132,6 +132,14 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
             raise ConfigError(f"{results}'s {cell.strategy} cells ran with other settings than a new seed "
                               f"would: {'; '.join(changed[:3])}; pin them in the preset or use another results "
                               "file")  # fmt: skip
+
+    for cell in cells:  # run with the same settings for another benchmark: copied, not run again
+        others = [p for p in results.parent.glob("*.json") if p.resolve() != results.resolve()]
+        if not book.done(cell) and (found := same_run_elsewhere(cell, composed[cell.name].to_flat(), others)):
+            source, record = found
+            book.add(cell, record | {"copied_from": source.name}, name=preset or name,
+                     command=record.get("command", command), overrides=overrides)  # fmt: skip
+            console.print(f"{cell.name}: the same run is in {source}; copied, not run again")
 
     def record(cell, folder: Path, wall_s: float) -> None:
         book.add(cell, cell_record(cell, folder, wall_s=wall_s), name=preset or name, command=command,

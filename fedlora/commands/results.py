@@ -21,6 +21,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
@@ -95,13 +96,9 @@ class ResultsFile:
         if not same:
             return []
         recorded = same[0].get("config", {})
-
-        def text(value: Any) -> str:
-            return "" if value is None else str(value)
-
         skip = {"seed", "output_dir"}
         return [f"{k}: {recorded[k]!r} -> {config[k]!r}" for k in sorted(set(recorded) & set(config) - skip)
-                if text(recorded[k]) != text(config[k])]  # fmt: skip
+                if _text(recorded[k]) != _text(config[k])]  # fmt: skip
 
     def add(self, cell: Cell, record: dict[str, Any], *, name: str, command: str, overrides: list[str]) -> None:
         """Record a finished cell with the ``command`` that ran it (also added to the file's commands)."""
@@ -114,6 +111,24 @@ class ResultsFile:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.path)  # a benchmark stopped mid-write keeps its earlier cells
+
+
+def same_run_elsewhere(cell: Cell, config: dict[str, Any], paths: Iterable[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """A results file among ``paths`` that holds ``cell`` run with the same settings (every key of ``config``,
+    the flat config the cell would run with, recorded with the same value; the output folder aside), and its
+    record; None when none does. Benchmarks that share a setting (AG News's FedAvg cells are also the
+    personalised benchmark's) then run such a cell once."""
+    for path in sorted(paths):
+        record = json.loads(path.read_text()).get("cells", {}).get(cell.name)
+        recorded = (record or {}).get("config", {})
+        if record and all(k in recorded and _text(recorded[k]) == _text(v) for k, v in config.items()
+                          if k != "output_dir"):  # fmt: skip
+            return path, record
+    return None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def commands_of(data: dict[str, Any]) -> list[str]:
@@ -158,6 +173,9 @@ def render(path: Path) -> str:
     minutes = sum(r["wall_s"] for r in data["cells"].values()) / 60
     runs = f"{len(cells)} run" + ("s" if len(cells) != 1 else "")
     commands = "; ".join(f"`{c}`" for c in commands_of(data)) or "?"
+    copied = sorted(r["copied_from"] for r in data["cells"].values() if r.get("copied_from"))
+    if copied:  # run once for another benchmark with the same settings
+        runs += f" ({len(copied)} of them copied from {', '.join(sorted(set(copied)))})"
     lines += ["", f"{runs}, {minutes:.0f} min of wall time in all; {commands}."]
     lines += [f"- {line}" for line in comparisons(cells)]
     return "\n".join(lines) + "\n"

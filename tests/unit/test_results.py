@@ -145,3 +145,42 @@ def test_tables_draws_each_results_file_s_figures(tmp_path: Path, monkeypatch) -
         "accuracy_vs_round.png",
         "accuracy_vs_upload.png",
     }
+
+
+def test_a_cell_run_with_the_same_settings_for_another_benchmark_is_copied_not_run(tmp_path: Path, monkeypatch) -> None:
+    """Two results files side by side: a cell of the second whose every setting the first recorded is copied
+    (naming its source and keeping its command); one setting apart, it runs."""
+    from fedlora.config.compose import compose
+
+    def full_simulate(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        done = fake_simulate(cmd, **kwargs)
+        overrides = [a for a in cmd if "=" in a and not a.startswith("-")]
+        out = Path(dict(a.split("=", 1) for a in overrides)["output_dir"])
+        (out / "run_config.json").write_text(json.dumps(compose(overrides)[0].to_flat()))  # as simulate writes it
+        return done
+
+    def run(results: str, *overrides: str) -> int:
+        return main(["sweep", "privacy", "model=tiny", "rounds=2", *overrides, "--out", str(tmp_path / results),
+                     "--results", str(tmp_path / f"{results}.json"), "--strategies", "fedavg", "--epsilons", "inf",
+                     "--no-centralised", "--seeds", "0"])  # fmt: skip
+
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", full_simulate)
+    assert run("first") == 0
+    first = json.loads((tmp_path / "first.json").read_text())["cells"]["fedavg/eps-inf/seed-0"]
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a cell another benchmark ran with these settings ran again")
+
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", no_runs)
+    assert run("second") == 0
+    second = json.loads((tmp_path / "second.json").read_text())
+    copied = second["cells"]["fedavg/eps-inf/seed-0"]
+    assert copied["copied_from"] == "first.json" and copied["rounds"] == first["rounds"]
+    assert second["commands"] == [first["command"]]
+    assert "1 of them copied from first.json" in render(tmp_path / "second.json")
+    ran = []
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", lambda cmd, **kw: ran.append(1) or full_simulate(cmd))
+    assert run("third", "train.lr=0.01") == 0  # another learning rate: not the same run
+    assert (
+        ran and "copied_from" not in json.loads((tmp_path / "third.json").read_text())["cells"]["fedavg/eps-inf/seed-0"]
+    )

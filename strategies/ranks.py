@@ -156,6 +156,11 @@ class SelfPruning:
         return RankState(rank, norm)
 
 
+def prunes(strategy: object) -> bool:
+    """Whether ``strategy`` self-prunes its clients' ranks (HetLoRA with ``prune_lambda`` > 0)."""
+    return isinstance(strategy, SelfPruning) and strategy.prunes
+
+
 def shrinkage(norm: float, threshold: float) -> float:
     """The factor of the proximal map of ``threshold`` ||x||: x -> x max(0, 1 - threshold / ||x||)."""
     return max(0.0, 1.0 - threshold / norm) if norm > 0 else 1.0

@@ -13,6 +13,7 @@ again (it continues where it stopped, on another day or machine), and its tables
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -133,8 +134,8 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
                               f"would: {'; '.join(changed[:3])}; pin them in the preset or use another results "
                               "file")  # fmt: skip
 
+    others = {p: json.loads(p.read_text()) for p in results.parent.glob("*.json") if p.resolve() != results.resolve()}
     for cell in cells:  # run with the same settings for another benchmark: copied, not run again
-        others = [p for p in results.parent.glob("*.json") if p.resolve() != results.resolve()]
         if not book.done(cell) and (found := same_run_elsewhere(cell, composed[cell.name].to_flat(), others)):
             source, record = found
             book.add(cell, record | {"copied_from": source.name}, name=preset or name,

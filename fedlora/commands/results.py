@@ -21,7 +21,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
@@ -113,13 +113,15 @@ class ResultsFile:
         tmp.replace(self.path)  # a benchmark stopped mid-write keeps its earlier cells
 
 
-def same_run_elsewhere(cell: Cell, config: dict[str, Any], paths: Iterable[Path]) -> tuple[Path, dict[str, Any]] | None:
-    """A results file among ``paths`` that holds ``cell`` run with the same settings (every key of ``config``,
-    the flat config the cell would run with, recorded with the same value; the output folder aside), and its
-    record; None when none does. Benchmarks that share a setting (AG News's FedAvg cells are also the
-    personalised benchmark's) then run such a cell once."""
-    for path in sorted(paths):
-        record = json.loads(path.read_text()).get("cells", {}).get(cell.name)
+def same_run_elsewhere(
+    cell: Cell, config: dict[str, Any], files: Mapping[Path, dict[str, Any]]
+) -> tuple[Path, dict[str, Any]] | None:
+    """A results file among ``files`` (path: its loaded data) that holds ``cell`` run with the same settings
+    (every key of ``config``, the flat config the cell would run with, recorded with the same value; the
+    output folder aside), and its record; None when none does. Benchmarks that share a setting (AG News's
+    FedAvg cells are also the personalised benchmark's) then run such a cell once."""
+    for path in sorted(files):
+        record = files[path].get("cells", {}).get(cell.name)
         recorded = (record or {}).get("config", {})
         if record and all(k in recorded and _text(recorded[k]) == _text(v) for k, v in config.items()
                           if k != "output_dir"):  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from fedlora.lora import LORA_ROLES, AdapterKey, RankMask, Role, Tensors
 from fedlora.seeds import Stream, generator
 from strategies import Strategy
+from strategies.ranks import prunes
 
 
 class Protocol:
@@ -81,7 +82,7 @@ class Protocol:
 
     def reply_rank(self, reply: Tensors | None) -> int | None:
         """The rank a self-pruning client's ``reply`` claims (its first A's rows), or None."""
-        if not reply or not getattr(self.strategy, "prunes", False):
+        if not reply or not prunes(self.strategy):
             return None
         a_keys = sorted(k for k in reply if k.role is Role.A)
         return int(reply[a_keys[0]].shape[0]) if a_keys and reply[a_keys[0]].dim() == 2 else None

@@ -27,7 +27,7 @@ from fedlora.privacy.accounting import ClientPlan, Step, make_plan
 from fedlora.privacy.dp_sgd import dp_generator, dp_sgd
 from fedlora.seeds import Stream, seed_of
 from strategies import Strategy
-from strategies.ranks import RankState, SelfPruning
+from strategies.ranks import RankState, SelfPruning, prunes
 
 
 def privacy_plan(cfg: RunConfig, strategy: Strategy, *, partition_id: int, num_examples: int) -> ClientPlan:
@@ -74,7 +74,7 @@ def train_round(
     examples = data.tokenised(partition_id)
     adapted.set_base(base or {})
     adapted.load(protocol.start(partition_id, received, server_round=server_round, personal=personal))
-    pruning = strategy if isinstance(strategy, SelfPruning) and strategy.prunes else None
+    pruning = strategy if prunes(strategy) else None
     mask = protocol.rank_mask(partition_id, own=own.rank if own is not None and pruning else None)
     mask.apply(params)
     trainable = protocol.trained_in(server_round)

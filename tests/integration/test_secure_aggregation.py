@@ -219,9 +219,12 @@ def test_too_many_dropouts_leave_the_round_unchanged_and_the_run_goes_on(tmp_pat
 def test_user_level_dp_over_a_secure_sum_charges_the_same_epsilon_and_releases_the_same_model(tmp_path) -> None:
     """privacy=user with secure aggregation: the clients clip (the server cannot), the server noises the
     unmasked sum. With the same (unsafe, seeded) randomness the cohort, the noise and the accountant are the
-    plain run's, so the released adapter and every privacy column agree, to the quantisation error."""
+    plain run's, so the released adapter and every privacy column agree, to the quantisation error.
+
+    SGD, not AdamW: SecAgg+ rounds stochastically (numpy's global generator, not ours), and AdamW's
+    normalisation would turn round 1's sub-step differences into lr-sized steps in round 2 (seen: 4.5-28 steps)."""
     dp = ["privacy=user", "privacy.noise_multiplier=0.5", "privacy.unsafe_seeded_randomness=true", "rounds=2",
-          "clients=8", "clients_per_round=4", "privacy.clip_norm=0.05"]  # fmt: skip
+          "clients=8", "clients_per_round=4", "privacy.clip_norm=0.05", "train.optimizer=sgd"]  # fmt: skip
     run([*RUN, *dp], tmp_path / "plain")
     run([*RUN, *dp, *SECURE], tmp_path / "secure")
     plain, masked = rows(tmp_path / "plain"), rows(tmp_path / "secure")
@@ -231,7 +234,7 @@ def test_user_level_dp_over_a_secure_sum_charges_the_same_epsilon_and_releases_t
         assert p["clip_norm"] == s["clip_norm"] and p["clip_fraction"] == s["clip_fraction"]  # the bits' sum too
         assert p["replies_received"] == s["replies_received"] == ""  # no counts released either way
     a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 8 * STEP
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2 * STEP  # under a step a round (seen: 0.8-1.0)
 
 
 @pytest.mark.parametrize(

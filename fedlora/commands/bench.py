@@ -97,7 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Path, results: Path | None) -> None:
     """Compose every cell first (a bad override fails before any runs), then run the unfinished ones."""
-    from fedlora.commands.results import ResultsFile, cell_record, same_run_elsewhere
+    from fedlora.commands.results import ResultsFile, cell_record, protocol, same_run_elsewhere
     from fedlora.commands.sweep import cell_overrides, defaults, grid, override_key, parse_epsilon, run_cells
     from fedlora.config.compose import compose
 
@@ -125,8 +125,8 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
         return
     if results.suffix != ".json":
         raise ConfigError(f"a results file is JSON: {results}")
-    book = ResultsFile(results)
-    if book.data.get("overrides", overrides) != overrides:
+    book, kept = ResultsFile(results), protocol(overrides)  # the file keeps what the cells compute, not where
+    if protocol(book.data.get("overrides", kept)) != kept:
         raise ConfigError(f"{results} holds cells run with other settings; use another results file")
     for cell in cells:  # a default changed since: the same overrides would now run other settings
         if not book.done(cell) and (changed := book.changed_settings(cell, composed[cell.name].to_flat())):
@@ -139,12 +139,12 @@ def run_grid(args: argparse.Namespace, *, name: str, preset: str | None, out: Pa
         if not book.done(cell) and (found := same_run_elsewhere(cell, composed[cell.name].to_flat(), others)):
             source, record = found
             book.add(cell, record | {"copied_from": source.name}, name=preset or name,
-                     command=record.get("command", command), overrides=overrides)  # fmt: skip
+                     command=record.get("command", command), overrides=kept)  # fmt: skip
             console.print(f"{cell.name}: the same run is in {source}; copied, not run again")
 
     def record(cell, folder: Path, wall_s: float) -> None:
         book.add(cell, cell_record(cell, folder, wall_s=wall_s), name=preset or name, command=command,
-                 overrides=overrides)  # fmt: skip
+                 overrides=kept)  # fmt: skip
 
     run_cells(cells, overrides, out, command=command, recorded=book.done, on_done=record)
 

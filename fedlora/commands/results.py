@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora.commands.sweep import Cell, format_epsilon
+from fedlora.commands.sweep import Cell, format_epsilon, override_key
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS, RUN_CONFIG
 
@@ -45,6 +45,9 @@ KEPT_COLUMNS = (
     "personal_worst10",
 )
 LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
+# Where a cell runs, not what it computes: a results file may hold cells run on more or fewer Ray workers
+# (or a GPU) than its others; each cell's config still records its own, beside its wall time.
+PLACEMENT = frozenset({"simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address"})
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -90,13 +93,13 @@ class ResultsFile:
     def changed_settings(self, cell: Cell, config: dict[str, Any]) -> list[str]:
         """Where ``config`` (flat, the cell as it would run) differs from a recorded cell of the same strategy
         and epsilon (another seed): "key: recorded -> now". Keys a recorded cell does not have (added to
-        fedlora since) and the seed and output folder are not compared."""
+        fedlora since), the seed, the output folder and the cell's placement are not compared."""
         same = [r for r in self.data["cells"].values()
                 if r.get("strategy") == cell.strategy and r.get("epsilon") == format_epsilon(cell.epsilon)]  # fmt: skip
         if not same:
             return []
         recorded = same[0].get("config", {})
-        skip = {"seed", "output_dir"}
+        skip = {"seed", "output_dir", *PLACEMENT}
         return [f"{k}: {recorded[k]!r} -> {config[k]!r}" for k in sorted(set(recorded) & set(config) - skip)
                 if _text(recorded[k]) != _text(config[k])]  # fmt: skip
 
@@ -118,15 +121,20 @@ def same_run_elsewhere(
 ) -> tuple[Path, dict[str, Any]] | None:
     """A results file among ``files`` (path: its loaded data) that holds ``cell`` run with the same settings
     (every key of ``config``, the flat config the cell would run with, recorded with the same value; the
-    output folder aside), and its record; None when none does. Benchmarks that share a setting (AG News's
-    FedAvg cells are also the personalised benchmark's) then run such a cell once."""
+    output folder and the placement aside), and its record; None when none does. Benchmarks that share a
+    setting (AG News's FedAvg cells are also the personalised benchmark's) then run such a cell once."""
     for path in sorted(files):
         record = files[path].get("cells", {}).get(cell.name)
         recorded = (record or {}).get("config", {})
         if record and all(k in recorded and _text(recorded[k]) == _text(v) for k, v in config.items()
-                          if k != "output_dir"):  # fmt: skip
+                          if k != "output_dir" and k not in PLACEMENT):  # fmt: skip
             return path, record
     return None
+
+
+def protocol(overrides: list[str]) -> list[str]:
+    """``overrides`` without those that only place the cells (:data:`PLACEMENT`): what a results file keeps."""
+    return [o for o in overrides if override_key(o) not in PLACEMENT]
 
 
 def _text(value: Any) -> str:

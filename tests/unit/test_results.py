@@ -66,6 +66,9 @@ def test_a_results_file_refuses_cells_of_other_settings(tmp_path: Path, monkeypa
     monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
     assert sweep(tmp_path, [0]) == 0
     assert sweep(tmp_path, [0], "train.lr=0.1") == 2  # one line, exit 2: the file holds other settings
+    assert sweep(tmp_path, [0, 1], "simulation.num_cpus=0.5") == 0  # where cells run is not what they compute
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert len(data["cells"]) == 4 and not any("simulation" in o for o in data["overrides"])
 
 
 def test_a_new_seed_is_refused_when_a_default_changed_since_the_recorded_cells(tmp_path: Path, monkeypatch) -> None:
@@ -178,6 +181,8 @@ def test_a_cell_run_with_the_same_settings_for_another_benchmark_is_copied_not_r
     assert copied["copied_from"] == "first.json" and copied["rounds"] == first["rounds"]
     assert second["commands"] == [first["command"]]
     assert "1 of them copied from first.json" in render(tmp_path / "second.json")
+    assert run("fourth", "simulation.num_cpus=0.5") == 0  # on 4 Ray workers where first ran on 2: the same run
+    assert json.loads((tmp_path / "fourth.json").read_text())["cells"]["fedavg/eps-inf/seed-0"]["copied_from"]
     ran = []
     monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", lambda cmd, **kw: ran.append(1) or full_simulate(cmd))
     assert run("third", "train.lr=0.01") == 0  # another learning rate: not the same run

@@ -96,16 +96,23 @@ def _spread(values: list[float]) -> str:
 
 
 def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
-    """Each strategy against ``baseline`` at each epsilon, on paired seeds (final accuracy)."""
+    """Each strategy against ``baseline`` at each epsilon, on paired seeds: final accuracy, then, where both
+    measured it, personalised accuracy (the same seed gives both the same clients' test shards)."""
     finals: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    personal: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     for c in cells:
         finals[(c.strategy, c.epsilon)][c.seed] = c.final
+        if c.personal:
+            personal[(c.strategy, c.epsilon)][c.seed] = c.personal[0]
     out = []
     for (strategy, epsilon), by_seed in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if strategy in (baseline, CENTRALISED) or (baseline, epsilon) not in finals:
             continue
         where = "without DP" if math.isinf(epsilon) else f"at epsilon {epsilon:g}"
         out.append(verdict(strategy, baseline, paired_difference(by_seed, finals[(baseline, epsilon)]), what=where))
+        mine, theirs = personal.get((strategy, epsilon), {}), personal.get((baseline, epsilon), {})
+        if set(mine) & set(theirs):
+            out.append(verdict(strategy, baseline, paired_difference(mine, theirs), what=f"{where}, personalised"))
     return out
 
 

@@ -156,6 +156,24 @@ def test_the_table_shows_personalised_accuracy_and_traffic_each_way_when_measure
     assert "worst 10% of clients" not in plain
 
 
+def test_personalised_accuracy_is_compared_with_fedavg_s_on_paired_seeds_where_both_measured_it() -> None:
+    from fedlora.commands.report import CellResult, comparisons
+
+    def cell(strategy: str, seed: int, final: float, personal: float | None) -> CellResult:
+        return CellResult(strategy, math.inf, seed, [0, 1], [0.2, final], [100.0], None, 0,
+                          personal=None if personal is None else (personal, 0.5))  # fmt: skip
+
+    lines = comparisons(
+        [cell("fedavg", s, 0.85, p) for s, p in enumerate([0.90, 0.91, None])]
+        + [cell("fedsa_lora", s, 0.80, p) for s, p in enumerate([0.93, 0.95, 0.99])]
+        + [cell("flora", 0, 0.86, None)]
+    )
+    # final: -5 points on all three seeds; personalised: +3 and +4 on the two seeds FedAvg measured (seed 2 not)
+    assert lines[0].startswith("fedsa_lora - fedavg without DP: -5.0 points, 95% CI [-5.0, -5.0], 3 paired seeds")
+    assert lines[1].startswith("fedsa_lora - fedavg without DP, personalised: +3.5 points, 95% CI [-2.9, +9.9], 2 ")
+    assert lines[2:] == ["flora - fedavg without DP: +1.0 points, 1 seed: no interval, no ordering can be stated"]
+
+
 def test_a_report_whose_every_cell_is_at_chance_says_so_first(tmp_path: Path) -> None:
     """Four classes (chance 0.25): cells ending at 0.235-0.29 learned nothing, and the report leads with
     that; one cell at 0.40 is enough for no warning."""

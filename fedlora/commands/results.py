@@ -43,6 +43,7 @@ KEPT_COLUMNS = (
     "refused",
     "personal_accuracy",
     "personal_worst10",
+    "wall_s",  # each round's, so a cell's speed can be read per round (the model loads in round 1)
 )
 LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
 # Where a cell runs, not what it computes: a results file may hold cells run on more or fewer Ray workers

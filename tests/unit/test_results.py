@@ -45,6 +45,7 @@ def test_cells_are_recorded_as_they_finish_and_never_run_again(tmp_path: Path, m
     assert sorted(data["cells"]) == [f"{s}/eps-inf/seed-{k}" for s in ("fed_sb", "fedavg") for k in (0, 1)]
     cell = data["cells"]["fedavg/eps-inf/seed-1"]
     assert [r["test_accuracy"] for r in cell["rounds"]] == [0.25, pytest.approx(0.72), 0.82]
+    assert [r["wall_s"] for r in cell["rounds"]] == [1.5] * 3
     assert cell["config"]["seed"] == 1 and cell["wall_s"] >= 0 and data["versions"]["torch"]
     assert "model=tiny" in data["overrides"] and data["commands"] == [cell["command"]]
     assert cell["command"].startswith("fedlora")

@@ -49,6 +49,7 @@ LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
 # Where a cell runs, not what it computes: a results file may hold cells run on more or fewer Ray workers
 # (or a GPU) than its others; each cell's config still records its own, beside its wall time.
 PLACEMENT = frozenset({"simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address"})
+UNCOMPARED = PLACEMENT | {"output_dir"}  # two runs differing only here are the same run
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -100,7 +101,7 @@ class ResultsFile:
         if not same:
             return []
         recorded = same[0].get("config", {})
-        skip = {"seed", "output_dir", *PLACEMENT}
+        skip = {"seed", *UNCOMPARED}
         return [f"{k}: {recorded[k]!r} -> {config[k]!r}" for k in sorted(set(recorded) & set(config) - skip)
                 if _text(recorded[k]) != _text(config[k])]  # fmt: skip
 
@@ -128,7 +129,7 @@ def same_run_elsewhere(
         record = files[path].get("cells", {}).get(cell.name)
         recorded = (record or {}).get("config", {})
         if record and all(k in recorded and _text(recorded[k]) == _text(v) for k, v in config.items()
-                          if k != "output_dir" and k not in PLACEMENT):  # fmt: skip
+                          if k not in UNCOMPARED):  # fmt: skip
             return path, record
     return None
 

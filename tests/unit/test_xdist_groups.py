@@ -12,3 +12,14 @@ def test_a_grouped_test_reaches_the_scheduler_under_its_group(request) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(request.config.option, "loadgroup", False):
         pytest.skip("only a pytest-xdist worker under --dist loadgroup groups tests")
     assert request.node.nodeid.endswith("@groups-check"), request.node.nodeid
+
+
+@pytest.fixture(scope="module")
+def computed_once() -> int:
+    return 1
+
+
+def test_tests_sharing_a_module_fixture_share_a_group(request, computed_once) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("only a pytest-xdist worker under --dist loadgroup groups tests")
+    assert request.node.nodeid.endswith("@test_xdist_groups.computed_once"), request.node.nodeid

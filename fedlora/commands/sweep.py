@@ -185,7 +185,8 @@ def run_cells(
             progress.advance(task)
             spent.append(minutes)
             left = len(cells) - i
-            eta = f"; about {left * sum(spent) / len(spent):.0f} min left ({left} cells)" if left else ""
+            cells_left = f"{left} cell" + ("s" if left > 1 else "")
+            eta = f"; about {left * sum(spent) / len(spent):.0f} min left ({cells_left})" if left else ""
             if plain:
                 console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}{eta}")
 

@@ -22,11 +22,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests sharing a module-scoped fixture form one pytest-xdist group: the fixture is then computed once a
     run, not once on each worker that runs one of them (a two-run simulation was computed twice: 94 s lost)."""
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            defs = getattr(item, "_fixtureinfo", None)  # pytest keeps a test's fixture definitions there
-            shared = sorted(n for n, d in (defs.name2fixturedefs.items() if defs else ()) if d[-1].scope == "module")
-            if shared:
-                item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{shared[0]}"))
+        defs = getattr(item, "_fixtureinfo", None)  # pytest keeps a test's fixture definitions there
+        if defs is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = sorted(name for name, d in defs.name2fixturedefs.items() if d[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{shared[0]}"))
 
 
 @pytest.fixture(autouse=True, scope="session")

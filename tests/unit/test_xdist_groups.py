@@ -7,10 +7,14 @@ import os
 import pytest
 
 
-@pytest.mark.xdist_group("groups-check")
-def test_a_grouped_test_reaches_the_scheduler_under_its_group(request) -> None:
+def only_under_loadgroup(request) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(request.config.option, "loadgroup", False):
         pytest.skip("only a pytest-xdist worker under --dist loadgroup groups tests")
+
+
+@pytest.mark.xdist_group("groups-check")
+def test_a_grouped_test_reaches_the_scheduler_under_its_group(request) -> None:
+    only_under_loadgroup(request)
     assert request.node.nodeid.endswith("@groups-check"), request.node.nodeid
 
 
@@ -20,6 +24,5 @@ def computed_once() -> int:
 
 
 def test_tests_sharing_a_module_fixture_share_a_group(request, computed_once) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(request.config.option, "loadgroup", False):
-        pytest.skip("only a pytest-xdist worker under --dist loadgroup groups tests")
+    only_under_loadgroup(request)
     assert request.node.nodeid.endswith("@test_xdist_groups.computed_once"), request.node.nodeid

@@ -43,35 +43,34 @@ def test_it_takes_as_many_optimizer_steps_as_the_federated_run(tmp_path: Path, m
     assert float(rows[2]["train_loss"]) > 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.fixture
-def omp_env(monkeypatch):
-    """omp_env(value): OMP_NUM_THREADS set to ``value`` (None: unset); torch's thread count is restored after."""
-    threads = torch.get_num_threads()
-
-    def set_to(value: str | None) -> None:
-        if value is None:
-            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        else:
-            monkeypatch.setenv("OMP_NUM_THREADS", value)
-
-    yield set_to
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("env", "cpus", "expected"), [(None, 1.0, 1), (None, 2.5, 2), ("3", 1.0, 3), ("x", 2, 2)])
-def test_threads_are_the_cpus_a_process_owns_or_what_the_user_set(omp_env, env, cpus, expected) -> None:
-    omp_env(env)
-    assert set_threads(cpus) == expected == torch.get_num_threads()
+def test_threads_are_the_cpus_a_process_owns_or_what_the_user_set(monkeypatch, env, cpus, expected) -> None:
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    threads = torch.get_num_threads()
+    try:
+        assert set_threads(cpus) == expected == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("env", "expected"), [(None, len(os.sched_getaffinity(0))), ("3", 3)])
-def test_the_servers_evaluation_between_rounds_takes_every_core_and_gives_them_back(omp_env, env, expected) -> None:
-    omp_env(env)
-    torch.set_num_threads(1)  # what the simulation's server has beside its clients
-    with pytest.raises(KeyError), every_core() as inside:
-        assert inside == expected == torch.get_num_threads()
-        raise KeyError  # an evaluation that fails gives the cores back too
-    assert torch.get_num_threads() == 1
+def test_the_servers_evaluation_between_rounds_takes_every_core_and_gives_them_back(monkeypatch, env, expected) -> None:
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what the simulation's server has beside its clients
+        with pytest.raises(KeyError), every_core() as inside:
+            assert inside == expected == torch.get_num_threads()
+            raise KeyError  # an evaluation that fails gives the cores back too
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,20 +201,3 @@ def set_threads(cpus: float) -> int:
     threads = int(given) if given.isdigit() and int(given) > 0 else max(1, int(cpus))
     torch.set_num_threads(threads)
     return threads
-
-
-@contextlib.contextmanager
-def every_core() -> Iterator[int]:
-    """torch on every core this process may use (``OMP_NUM_THREADS`` where that is set) for the block, then
-    back to the threads it had: for work while no client trains, the server's evaluation between rounds
-    (they are synchronous). One thread there left a core idle for a third of every AG News round (20 of 62 s
-    on 2 cores); beside training clients, more threads than cores thrash (see :func:`set_threads`)."""
-    before = torch.get_num_threads()
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no
-    threads = int(given) if given.isdigit() and int(given) > 0 else cores
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from fedlora.commands.centralised import overrides_for, run_centralised
 from fedlora.config.compose import compose
 from fedlora.learning import client_round
-from fedlora.learning.model import every_core, set_threads
+from fedlora.learning.model import set_threads
 from fedlora.outputs.metrics import read_metrics
 from tests.conftest import TINY
 
@@ -52,23 +51,6 @@ def test_threads_are_the_cpus_a_process_owns_or_what_the_user_set(monkeypatch, e
     threads = torch.get_num_threads()
     try:
         assert set_threads(cpus) == expected == torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize(("env", "expected"), [(None, len(os.sched_getaffinity(0))), ("3", 3)])
-def test_the_servers_evaluation_between_rounds_takes_every_core_and_gives_them_back(monkeypatch, env, expected) -> None:
-    if env is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", env)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # what the simulation's server has beside its clients
-        with pytest.raises(KeyError), every_core() as inside:
-            assert inside == expected == torch.get_num_threads()
-            raise KeyError  # an evaluation that fails gives the cores back too
-        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
 

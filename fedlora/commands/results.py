@@ -48,7 +48,9 @@ KEPT_COLUMNS = (
 LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
 # Where a cell runs, not what it computes: a results file may hold cells run on more or fewer Ray workers
 # (or a GPU) than its others; each cell's config still records its own, beside its wall time.
-PLACEMENT = frozenset({"simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address"})
+PLACEMENT = frozenset(
+    {"simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address", "simulation.parallel_clients"}
+)
 UNCOMPARED = PLACEMENT | {"output_dir"}  # two runs differing only here are the same run
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 

@@ -4,7 +4,7 @@ The apps receive the run's config as a deployment gives it, the Flower App run c
 (:func:`fedlora.config.app.run_config_for`), by closure: ``run_simulation`` takes no
 run config. Each virtual client gets ``simulation.num_cpus`` CPUs and
 ``simulation.num_gpus`` GPUs from Ray (fractions share a GPU); Ray sets each actor's
-thread count to its CPUs.
+thread count to its CPUs; ``simulation.parallel_clients`` caps how many it trains at once.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ def run_flower_simulation(
     from fedlora.learning.model import set_threads
 
     run_config = run_config_for(simulated(cfg))
-    init_args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
-    # null: a Ray of its own, even beside a cluster started on this machine (which ray.init would join)
-    init_args["address"] = cfg.simulation.ray_address or "local"
+    init_args = ray_init_args(cfg, verbose=verbose)
     backend = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
@@ -52,6 +50,17 @@ def run_flower_simulation(
     with stop_file():  # named before Ray starts, so that its workers inherit it
         init_ray(init_args)  # before our signal handlers: Ray's driver turns SIGTERM into a bare sys.exit
         return _run(cfg, run_config, backend, verbose=verbose, on_round=on_round, on_progress=on_progress)
+
+
+def ray_init_args(cfg: RunConfig, *, verbose: bool = False) -> dict:
+    """``ray.init``'s arguments: ``simulation.ray_address`` or a Ray of this process's own, even beside a
+    cluster started on this machine (which ray.init would join), declared ``parallel_clients`` clients'
+    CPUs when that is set: Flower starts one worker (one model copy) per client that fits."""
+    args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
+    args["address"] = cfg.simulation.ray_address or "local"
+    if cfg.simulation.parallel_clients:
+        args["num_cpus"] = round(cfg.simulation.parallel_clients * cfg.simulation.num_cpus)
+    return args
 
 
 def simulated(cfg: RunConfig) -> RunConfig:

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 RUN = [
     "model=tiny_llama", "data.synthetic_train=40", "data.synthetic_test=8", "clients=2", "clients_per_round=2",
     "rounds=2", "train.max_seq_len=96", "train.batch_size=4", "train.local_steps=1", "train.eval_batch_size=16",
+    "simulation.parallel_clients=1",  # one Ray worker (tests/conftest.py TINY says why)
 ]  # fmt: skip
 
 

@@ -34,6 +34,7 @@ RUN = [
     "rounds=1",
     "train.local_steps=2",
     "train.batch_size=8",
+    "simulation.parallel_clients=1",  # one Ray worker (tests/conftest.py TINY says why)
 ]
 SECURE = ["server.secure_aggregation=secaggplus"]
 # Flower's quantiser at the defaults: a step of 2 x 8 / 2^22 per weighted value; the mean of the clients'

@@ -34,6 +34,7 @@ TINY_RUN = [
     "rounds=2",
     "train.local_steps=2",
     "train.batch_size=8",
+    "simulation.parallel_clients=1",  # one Ray worker (tests/conftest.py TINY says why)
 ]
 
 
@@ -52,11 +53,12 @@ def rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same 2-round simulation twice (same seed), in this process."""
+    """The same 2-round simulation twice (same seed), in this process: on one Ray worker, then on as many
+    as the CPUs hold (where clients run is not what they compute)."""
     folders = []
-    for name in ("first", "second"):
+    for name, placement in (("first", []), ("second", ["simulation.parallel_clients=null"])):
         out = tmp_path_factory.mktemp(name)
-        assert main(["simulate", *TINY_RUN, f"output_dir={out}"]) == 0
+        assert main(["simulate", *TINY_RUN, *placement, f"output_dir={out}"]) == 0
         folders.append(out)
     return folders[0], folders[1]
 

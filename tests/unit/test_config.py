@@ -69,6 +69,9 @@ def test_clients_per_round_is_a_count_or_a_fraction(cpr: float, clients: int, ex
         (["train.local_epochs=1"], "set exactly one of train.local_steps and train.local_epochs"),
         (["lora.bogus=1"], "unknown config key 'lora.bogus'"),
         (["rounds"], "expected key=value"),
+        (["simulation.parallel_clients=0"], "simulation.parallel_clients must be >= 1"),
+        (["simulation.parallel_clients=3", "simulation.num_cpus=0.5"], "a whole number of CPUs (got 1.5)"),
+        (["simulation.parallel_clients=2", "simulation.ray_address=auto"], "a cluster's size is set where"),
     ],
 )
 def test_bad_input_is_one_clear_config_error(overrides: list[str], message: str) -> None:

@@ -104,3 +104,15 @@ def test_a_simulation_never_cuts_stragglers() -> None:
     assert cfg.server.straggler_factor == 3.0
     assert simulated(cfg).server.straggler_factor is None
     assert simulated(cfg).server.round_timeout == cfg.server.round_timeout
+
+
+def test_parallel_clients_declares_ray_that_many_clients_cpus() -> None:
+    """Flower sizes its worker pool (one model copy each) to the clients that fit Ray's CPUs: capped, the
+    local Ray is declared exactly ``parallel_clients`` clients' CPUs; uncapped, Ray counts the machine's."""
+    from fedlora.config.compose import compose
+    from fedlora.flower.simulation import ray_init_args
+
+    assert "num_cpus" not in ray_init_args(compose(["model=tiny"])[0])
+    capped = ray_init_args(compose(["simulation.parallel_clients=5", "simulation.num_cpus=0.4"])[0])
+    assert (capped["num_cpus"], capped["address"]) == (2, "local")
+    assert ray_init_args(compose(["simulation.ray_address=auto"])[0])["address"] == "auto"

@@ -49,7 +49,13 @@ LIBRARIES = ("fedlora", "torch", "flwr", "transformers", "peft", "opacus")
 # Where a cell runs, not what it computes: a results file may hold cells run on more or fewer Ray workers
 # (or a GPU) than its others; each cell's config still records its own, beside its wall time.
 PLACEMENT = frozenset(
-    {"simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address", "simulation.parallel_clients"}
+    {
+        "simulation.num_cpus",
+        "simulation.num_gpus",
+        "simulation.ray_address",
+        "simulation.parallel_clients",
+        "simulation.server_threads",
+    }
 )
 UNCOMPARED = PLACEMENT | {"output_dir"}  # two runs differing only here are the same run
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)

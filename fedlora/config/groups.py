@@ -193,17 +193,20 @@ class TrainConfig:
 @dataclass
 class SimulationConfig:
     """Ray resources per virtual client; ``ray_address`` joins a running cluster (e.g. auto);
-    ``parallel_clients`` caps how many clients this machine's own Ray trains at once."""
+    ``parallel_clients`` caps how many clients this machine's own Ray trains at once; ``server_threads``: the
+    server's torch threads while it evaluates between rounds (null: ``num_cpus``'s)."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     ray_address: Optional[str] = None
     parallel_clients: Optional[int] = None
+    server_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         require(self.num_cpus > 0, "simulation.num_cpus must be > 0")
         require(self.num_gpus >= 0, "simulation.num_gpus must be >= 0 (fractions share a GPU)")
         require(self.parallel_clients is None or self.parallel_clients >= 1, "simulation.parallel_clients must be >= 1")
+        require(self.server_threads is None or self.server_threads >= 1, "simulation.server_threads must be >= 1")
         cpus = (self.parallel_clients or 1) * self.num_cpus  # what the local Ray is declared: Ray counts whole CPUs
         require(
             self.parallel_clients is None or (abs(cpus - round(cpus)) < 1e-9 and round(cpus) >= 1),

@@ -30,6 +30,7 @@ from fedlora.flower.init_round import gradient_round
 from fedlora.flower.personal_eval import personal_round
 from fedlora.flower.rounds import FlowerRounds
 from fedlora.learning import gradient_init
+from fedlora.learning.model import threads
 from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Role
 from fedlora.outputs.checkpoint import read_checkpoint, resumable_settings, save_checkpoint, save_tensors
@@ -181,7 +182,8 @@ def _run_server(
         every = cfg.train.eval_every
         due = every > 0 and (server_round % every == 0 or server_round == cfg.rounds)
         base = rounds.fold_log.delta
-        evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
+        with threads(cfg.simulation.server_threads):  # no client trains now
+            evaluation = worker.evaluate(rounds.state, base=base) if due else {}  # the full state, not a broadcast
         if due and personal:
             last = server_round == cfg.rounds and bool(rounds.protocol.personal)  # FedSA-LoRA's own models
             evaluation |= personal_round(rounds, grid, server_round, export=last)

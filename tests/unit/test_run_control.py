@@ -116,3 +116,36 @@ def test_parallel_clients_declares_ray_that_many_clients_cpus() -> None:
     capped = ray_init_args(compose(["simulation.parallel_clients=5", "simulation.num_cpus=0.4"])[0])
     assert (capped["num_cpus"], capped["address"]) == (2, "local")
     assert ray_init_args(compose(["simulation.ray_address=auto"])[0])["address"] == "auto"
+
+
+@pytest.mark.parametrize("server_threads", [None, 3])
+def test_the_servers_evaluation_runs_on_server_threads_and_gives_them_back(
+    monkeypatch, tmp_path, server_threads
+) -> None:
+    """The evaluation between rounds (no client trains then) on ``simulation.server_threads`` threads, null: the
+    threads the server had; the rest of the server, and what comes after it, on those it had."""
+    from fedlora.config.compose import compose
+    from fedlora.learning.worker import Worker
+    from tests.conftest import TINY
+    from tests.local_grid import run_in_process
+
+    seen: list[int] = []
+    real = Worker.evaluate
+
+    def counting(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Worker, "evaluate", counting)
+    placement = [] if server_threads is None else [f"simulation.server_threads={server_threads}"]
+    cfg, _ = compose(
+        [*TINY, "clients=2", "rounds=1", "train.personal_eval=false", *placement, f"output_dir={tmp_path}"]
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_in_process(cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [server_threads or 1] * 2  # rounds 0 and 1

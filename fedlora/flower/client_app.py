@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -26,13 +26,13 @@ from fedlora.federation import progress
 from fedlora.federation.folding import catch_up
 from fedlora.flower import records, secure_client
 from fedlora.flower.secure_client import secure_mod
-from fedlora.learning import gradient_init
-from fedlora.learning.worker import Worker, get_worker
 from fedlora.lora import Tensors
 from fedlora.outputs.console import quiet_libraries
-from fedlora.outputs.export import export_adapter
 from fedlora.outputs.run_folder import PERSONAL_DIR
 from fedlora.privacy.accounting import Step
+
+if TYPE_CHECKING:
+    from fedlora.learning.worker import Worker
 
 
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -70,7 +70,13 @@ def query(msg: Message, context: Context) -> Message:
 
 def node_worker(msg: Message, context: Context, cfg: RunConfig) -> Worker:
     """This node's worker: the run's data, or the node's own (node config ``data-path``), split into
-    ``num-partitions`` parts (default: the run's clients; 1: the whole file is this node's)."""
+    ``num-partitions`` parts (default: the run's clients; 1: the whole file is this node's).
+
+    The model's libraries (transformers, peft, datasets: 3.5 s of a deployed ClientApp process's 5.5 s of
+    imports) load here, not with this module: a SuperNode starts a process per message, and a query or a
+    SecAgg+ key-exchange message needs none of them."""
+    from fedlora.learning.worker import get_worker
+
     node = context.node_config
     path = node.get(records.DATA_PATH)
     if path:
@@ -108,6 +114,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             return Message(content, reply_to=msg)
     history = ledger.history if ledger is not None else None
     if init:
+        from fedlora.learning import gradient_init
+
         share = int(config[records.INIT_EXAMPLES])
         payload, _ = gradient_init.client_share(worker, pid, num_examples=share, history=history)
     else:
@@ -217,6 +225,8 @@ class Ledger:
 def export_personal(worker: Worker, pid: int, result: dict[str, float]) -> Path:
     """This client's own model (the shared tensors with its personal ones, as it just evaluated it) as an
     export in ``<output_dir>/personal/partition_<pid>`` on this node's disk; nothing of it is sent."""
+    from fedlora.outputs.export import export_adapter
+
     folder = Path(worker.cfg.output_dir or "outputs/serverapp") / PERSONAL_DIR / f"partition_{pid}"
     state = lora.read(worker.adapted.params)
     summary = {"partition": pid, "personal_accuracy": result.get("accuracy"), "test_examples": result["examples"]}

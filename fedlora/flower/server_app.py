@@ -55,15 +55,20 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     on_progress: ProgressCallback | None = None,
     partitions: Partitions | None = None,
+    server_threads: int | None = None,
 ) -> ServerApp:
     """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed); ``partitions``:
-    in a simulation, the engine's own table of each partition's node (no partition query)."""
+    in a simulation, the engine's own table of each partition's node (no partition query);
+    ``server_threads``: the simulation's ``simulation.server_threads`` (the App's config has no
+    ``simulation.*`` keys)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if run_config is not None:
             cfg = from_run_config(run_config)
+            simulation = dataclasses.replace(cfg.simulation, server_threads=server_threads)
+            cfg = dataclasses.replace(cfg, simulation=simulation)
             run_server(grid, cfg, on_round=on_round, on_progress=on_progress, partitions=partitions)
             return
         # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.

@@ -118,13 +118,14 @@ def test_parallel_clients_declares_ray_that_many_clients_cpus() -> None:
     assert ray_init_args(compose(["simulation.ray_address=auto"])[0])["address"] == "auto"
 
 
-@pytest.mark.parametrize("server_threads", [None, 3])
+@pytest.mark.parametrize("server_threads", [None, pytest.param(3, marks=pytest.mark.slow)])  # 3: a Ray run
 def test_the_servers_evaluation_runs_on_server_threads_and_gives_them_back(
     monkeypatch, tmp_path, server_threads
 ) -> None:
     """The evaluation between rounds (no client trains then) on ``simulation.server_threads`` threads, null: the
     threads the server had; the rest of the server, and what comes after it, on those it had."""
     from fedlora.config.compose import compose
+    from fedlora.flower.simulation import run_flower_simulation
     from fedlora.learning.worker import Worker
     from tests.conftest import TINY
     from tests.local_grid import run_in_process
@@ -144,8 +145,12 @@ def test_the_servers_evaluation_runs_on_server_threads_and_gives_them_back(
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        run_in_process(cfg)
+        if server_threads is None:
+            run_in_process(cfg)
+        else:  # through Ray: the App's run config has no simulation.* keys, the simulation hands it over
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            run_flower_simulation(cfg)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert seen == [server_threads or 1] * 2  # rounds 0 and 1
+    assert seen == [server_threads or 1] * 2  # rounds 0 and 1 (the clients' evaluations run in Ray's workers)

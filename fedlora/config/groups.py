@@ -207,9 +207,9 @@ class SimulationConfig:
         require(self.num_gpus >= 0, "simulation.num_gpus must be >= 0 (fractions share a GPU)")
         require(self.parallel_clients is None or self.parallel_clients >= 1, "simulation.parallel_clients must be >= 1")
         require(self.server_threads is None or self.server_threads >= 1, "simulation.server_threads must be >= 1")
-        cpus = (self.parallel_clients or 1) * self.num_cpus  # what the local Ray is declared: Ray counts whole CPUs
+        cpus = (self.parallel_clients or 1) * self.num_cpus
         require(
-            self.parallel_clients is None or (abs(cpus - round(cpus)) < 1e-9 and round(cpus) >= 1),
+            self.parallel_clients is None or abs(cpus - round(cpus)) < 1e-9,  # Ray counts whole CPUs
             f"simulation.parallel_clients x simulation.num_cpus must be a whole number of CPUs (got {cpus:g})",
         )
         require(
@@ -217,3 +217,8 @@ class SimulationConfig:
             "simulation.parallel_clients sizes this machine's own Ray; a cluster's size is set where `ray start` "
             "runs (drop one of simulation.parallel_clients, simulation.ray_address)",
         )
+
+    @property
+    def local_cpus(self) -> int | None:
+        """The CPUs this machine's own Ray is declared: ``parallel_clients`` clients' (None: Ray counts them)."""
+        return None if self.parallel_clients is None else round(self.parallel_clients * self.num_cpus)

@@ -58,8 +58,8 @@ def ray_init_args(cfg: RunConfig, *, verbose: bool = False) -> dict:
     CPUs when that is set: Flower starts one worker (one model copy) per client that fits."""
     args: dict = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     args["address"] = cfg.simulation.ray_address or "local"
-    if cfg.simulation.parallel_clients:
-        args["num_cpus"] = round(cfg.simulation.parallel_clients * cfg.simulation.num_cpus)
+    if cfg.simulation.local_cpus is not None:
+        args["num_cpus"] = cfg.simulation.local_cpus
     return args
 
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
 from fedlora.config.app import from_run_config
+from fedlora.config.groups import SimulationConfig
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.flower import personal_eval
 from fedlora.flower.discovery import FederationError, discover_partitions
@@ -55,20 +56,20 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     on_progress: ProgressCallback | None = None,
     partitions: Partitions | None = None,
-    server_threads: int | None = None,
+    simulation: SimulationConfig | None = None,
 ) -> ServerApp:
     """A ServerApp for the App run config ``run_config`` (None: the context's, as deployed); ``partitions``:
     in a simulation, the engine's own table of each partition's node (no partition query);
-    ``server_threads``: the simulation's ``simulation.server_threads`` (the App's config has no
-    ``simulation.*`` keys)."""
+    ``simulation``: the simulation's own ``simulation`` group (the App's run config has no ``simulation.*``
+    keys, so without it the server would see their defaults)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if run_config is not None:
             cfg = from_run_config(run_config)
-            simulation = dataclasses.replace(cfg.simulation, server_threads=server_threads)
-            cfg = dataclasses.replace(cfg, simulation=simulation)
+            if simulation is not None:
+                cfg = dataclasses.replace(cfg, simulation=simulation)
             run_server(grid, cfg, on_round=on_round, on_progress=on_progress, partitions=partitions)
             return
         # Deployed (flwr run): what a person follows with `flwr log` or --stream is this process's output.

@@ -78,7 +78,7 @@ def _run(cfg: RunConfig, run_config: dict, backend: dict, *, verbose: bool, on_r
     engine_nodes = SimulatedNodes()
     partitions = partial(engine_nodes.table, timeout=cfg.server.node_timeout)
     server_app = make_server_app(run_config, on_round=on_round, on_progress=on_progress, partitions=partitions,
-                                 server_threads=cfg.simulation.server_threads)  # fmt: skip
+                                 simulation=cfg.simulation)  # fmt: skip
     with stop_on_signals() as signals, resilient_ray_backend(), scaled_engine(engine_nodes):
         try:
             run_simulation(

@@ -127,8 +127,11 @@ class SequenceClassification:
         self, data: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_len: int, labels: tuple[str, ...],
         batch_size: int,
     ) -> DataLoader:  # fmt: skip
-        """The test split in batches."""
+        """The test split in batches of similar lengths: accuracy and loss are sums over the examples, so the order
+        changes nothing but the padding (on AG News at max_len 64, a fifth of the tokens a random order pads to)."""
         tokenized = self.tokenize(data, tokenizer, max_len=max_len)
+        lengths = [len(ids) for ids in tokenized["input_ids"]]
+        tokenized = tokenized.select(sorted(range(len(lengths)), key=lengths.__getitem__))
         return DataLoader(tokenized, batch_size=batch_size, collate_fn=self.collate(tokenizer))
 
     @torch.no_grad()

@@ -64,3 +64,18 @@ def test_bad_pooling_exits_2_with_one_line(capsys, overrides, message) -> None:
     code = main(["simulate", "--dry-run", "model=tiny", *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_evaluation_sorted_by_length_equals_one_text_at_a_time(make_config, pooling: str) -> None:
+    """The test split is batched by length (less padding): accuracy and loss equal those of unpadded texts."""
+    worker = Worker(make_config(f"model.pooling={pooling}", "train.eval_batch_size=8"), num_partitions=10)
+    task, model, data = worker.task, worker.adapted.model, worker.data
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in data.test_batches]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    tokenized = task.tokenize(data.splits.test, data.tokenizer, max_len=worker.cfg.train.max_seq_len)
+    alone = torch.utils.data.DataLoader(tokenized, batch_size=1, collate_fn=task.collate(data.tokenizer))
+    sorted_batches = task.evaluate(model, data.test_batches, torch.device("cpu"))
+    one_by_one = task.evaluate(model, alone, torch.device("cpu"))
+    assert sorted_batches["accuracy"] == one_by_one["accuracy"]
+    assert sorted_batches["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)

@@ -3,9 +3,9 @@
     fedlora sweep privacy [--preset sst2] [--level sample|user] [--out sweeps/x] [<overrides>]
 
 The grid comes from ``conf/sweep/privacy.yaml`` (or ``privacy_<preset>.yaml``: a grid
-with its own shared ``overrides``); ``--strategies``, ``--epsilons`` (``inf``: no DP)
-and ``--seeds`` replace its lists, ``--level`` its ``level`` (sample: DP-SGD on every
-client, ``privacy=dp``; user: DP-FedAvg on the server, ``privacy=user``), and
+with its own shared ``overrides``, after those of the preset its ``base`` names, if any);
+``--strategies``, ``--epsilons`` (``inf``: no DP) and ``--seeds`` replace its lists, ``--level``
+its ``level`` (sample: DP-SGD on every client, ``privacy=dp``; user: DP-FedAvg on the server, ``privacy=user``), and
 command-line overrides come after the preset's. Every cell is a ``fedlora simulate`` subprocess (a fresh Ray and model
 cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
 ``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
@@ -94,6 +94,8 @@ def defaults(name: str, preset: str | None = None) -> dict:
         raise ConfigError(f"unknown sweep {stem!r}; presets of {name}: {presets}")
     grid_ = yaml.safe_load(path.read_text())
     grid_.setdefault("overrides", [])
+    if base := grid_.pop("base", None):  # another preset's overrides first, this one's replacing theirs in place
+        grid_["overrides"] = merged(defaults(name, base)["overrides"], grid_["overrides"])
     grid_.setdefault("centralised", False)
     grid_.setdefault("level", "sample")
     grid_.setdefault("strategy_overrides", {})
@@ -189,6 +191,18 @@ def run_cells(
             eta = f"; about {left * sum(spent) / len(spent):.0f} min left ({cells_left})" if left else ""
             if plain:
                 console.print(f"cell {i}/{len(cells)} {cell.name} done in {minutes:.1f} min: {summary(folder)}{eta}")
+
+
+def merged(base: list[str], own: list[str]) -> list[str]:
+    """``base`` with each of ``own`` replacing the override of its key where ``base`` has one, else appended:
+    a preset built on another keeps that one's order (its results file compares the list)."""
+    out, where = list(base), {override_key(o): i for i, o in enumerate(base)}
+    for o in own:
+        if (i := where.get(override_key(o))) is None:
+            out.append(o)
+        else:
+            out[i] = o
+    return out
 
 
 def override_key(override: str) -> str:

@@ -187,6 +187,25 @@ def test_every_sweep_preset_starts_and_composes_in_every_cell(tmp_path, monkeypa
     assert not started
 
 
+def test_a_preset_on_a_base_replaces_its_keys_in_place_and_every_results_file_matches_its_preset() -> None:
+    """``base:`` gives a preset another's overrides first, its own replacing the same keys where they stand; every
+    results file in docs/results/ still holds its preset's settings (else `fedlora bench` refuses to add to it)."""
+    import json
+    from pathlib import Path
+
+    from fedlora.commands.results import protocol
+    from fedlora.commands.sweep import defaults, merged
+
+    assert merged(["a=1", "b=2"], ["b=3", "c=4"]) == ["a=1", "b=3", "c=4"]
+    base, robust = defaults("privacy", "ag_news")["overrides"], defaults("privacy", "robust_cost")["overrides"]
+    krum = "server.multi_krum=0.2"
+    assert robust[: len(base)] == [krum if o.startswith("server.multi_krum=") else o for o in base]
+    files = sorted((Path(__file__).parents[2] / "docs" / "results").glob("*.json"))
+    assert len(files) >= 7
+    for path in files:
+        assert json.loads(path.read_text())["overrides"] == protocol(defaults("privacy", path.stem)["overrides"]), path
+
+
 def test_piped_output_keeps_each_line_whole() -> None:
     """Through a pipe (| tee run.log) rich wrapped at 80 columns and cut table headers; now lines stay whole."""
     import subprocess

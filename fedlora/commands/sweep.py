@@ -82,7 +82,7 @@ def parse_epsilon(text: str | float) -> float:
     return value
 
 
-def defaults(name: str, preset: str | None = None) -> dict:
+def defaults(name: str, preset: str | None = None, *, _under: tuple[str, ...] = ()) -> dict:
     """The grid of ``conf/sweep/<name>.yaml`` or ``<name>_<preset>.yaml``."""
     import importlib.resources
 
@@ -95,7 +95,9 @@ def defaults(name: str, preset: str | None = None) -> dict:
     grid_ = yaml.safe_load(path.read_text())
     grid_.setdefault("overrides", [])
     if base := grid_.pop("base", None):  # another preset's overrides first, this one's replacing theirs in place
-        grid_["overrides"] = merged(defaults(name, base)["overrides"], grid_["overrides"])
+        if base in (*_under, preset):
+            raise ConfigError(f"sweep preset {stem!r}: its base {base!r} is built on it (a cycle)")
+        grid_["overrides"] = merged(defaults(name, base, _under=(*_under, preset))["overrides"], grid_["overrides"])
     grid_.setdefault("centralised", False)
     grid_.setdefault("level", "sample")
     grid_.setdefault("strategy_overrides", {})

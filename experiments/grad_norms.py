@@ -9,6 +9,12 @@ and prints the quantiles of their L2 norm. A clip near the median clips about ha
 examples: the usual advice (Andrew et al., 2021; De et al., 2022) is a clip at or a
 little below the typical norm, so that clipping bounds the sensitivity without
 discarding the direction of most gradients.
+
+For classification it also prints, per label, the median norm and how much of that
+label's summed gradient each clip keeps (the norm of the clipped sum over the raw one).
+On a skewed client with logit adjustment the minority label carries the largest
+gradients; a clip that keeps the majority's sum whole and cuts the minority's undoes
+the adjustment, and DP runs then drift to the client's majority.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--partition", type=int, default=0, help="whose examples (a client's partition id)")
+    parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 2.0, 5.0], help="clip norms to report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -48,22 +55,38 @@ def main() -> int:
     offset = worker.task.label_offset(labels, len(worker.data.splits.label_names), tau=tau) if tau else None
     model = GradSampleModule(worker.adapted.model)
     model.train()
-    norms = []
+    grads, labels_seen = [], []
     for batch in DataLoader(data, batch_size=32, collate_fn=worker.task.collate(worker.data.tokenizer)):
         model.zero_grad()
         worker.task.loss(model, batch, offset=offset).backward()
         per_sample = [
             worker.adapted.params[k].grad_sample.flatten(1) for k in sorted(worker.adapted.protocol.trainable)
         ]
-        norms.append(torch.cat(per_sample, dim=1).norm(dim=1))  # Opacus undoes the mean reduction itself
+        grads.append(torch.cat(per_sample, dim=1))  # Opacus undoes the mean reduction itself
+        labels_seen.append(batch["labels"])
     model._close()
-    norms = torch.cat(norms)
+    grads = torch.cat(grads)
+    norms = grads.norm(dim=1)
     quantiles = torch.quantile(norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
     print(f"strategy={cfg.strategy.name} partition {args.partition}: {len(norms)} examples, per-sample gradient norm")
     print("  q10 {:.3g}  q25 {:.3g}  median {:.3g}  q75 {:.3g}  q90 {:.3g}".format(*quantiles.tolist()))
-    for clip in (1.0, 2.0, 5.0):
+    for clip in args.clips:
         print(f"  clip {clip:g}: {(norms > clip).float().mean():.0%} of the examples clipped")
+    if cfg.task == "classification":
+        per_label(grads, norms, torch.cat(labels_seen), args.clips)
     return 0
+
+
+def per_label(grads: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor, clips: list[float]) -> None:
+    """Each label's median norm and the share of its summed gradient that each clip keeps."""
+    for label in labels.unique().tolist():
+        rows = labels == label
+        raw = grads[rows].sum(0).norm()
+        kept = []
+        for clip in clips:
+            scale = (clip / norms[rows].clamp(min=clip)).unsqueeze(1)
+            kept.append(f"clip {clip:g} keeps {float((grads[rows] * scale).sum(0).norm() / raw):.0%}")
+        print(f"  label {label}: {int(rows.sum())} examples, median {norms[rows].median():.3g}; " + ", ".join(kept))
 
 
 if __name__ == "__main__":

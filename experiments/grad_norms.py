@@ -31,16 +31,22 @@ def main() -> int:
     parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 2.0, 5.0], help="clip norms to report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.examples < 1 or min(args.clips) <= 0:
+        parser.error("--examples must be >= 1 and every clip > 0")
 
     from opacus import GradSampleModule
     from torch.utils.data import DataLoader
 
     from fedlora import lora
     from fedlora.config.compose import compose
+    from fedlora.config.errors import ConfigError
     from fedlora.learning.gradient_init import client_share, initialise
     from fedlora.learning.worker import Worker
 
-    cfg, _ = compose(args.overrides)
+    try:
+        cfg, _ = compose(args.overrides)
+    except ConfigError as err:  # a wrong key or value: one line and status 2, as the CLI answers it
+        parser.exit(2, f"error: {err}\n")
     worker = Worker(cfg, num_partitions=cfg.clients).warm_up()
     state = worker.adapted.initial_state()
     if worker.strategy.gradient_init is not None:  # Fed-SB: R sits between LoRA-SB's B and A

@@ -30,6 +30,8 @@ from fedlora.outputs.run_folder import ADAPTER_DIR, EXPORT_LABELS, METRICS
 from fedlora.outputs.stats import paired_difference, t_interval, verdict
 from fedlora.privacy.dp_sgd import NOT_PRIVATE_COLUMN
 
+TAIL = 5  # rounds the tail mean averages (the paired comparisons give it beside the final round)
+
 
 @dataclass
 class CellResult:
@@ -49,6 +51,13 @@ class CellResult:
     @property
     def final(self) -> float:
         return self.accuracy[-1]
+
+    @property
+    def tail(self) -> float | None:
+        """The mean over the last :data:`TAIL` evaluated rounds, which averages over the cohorts that move a
+        non-IID run's final round; None for a run of fewer than ``2 * TAIL`` evaluated rounds."""
+        trained = [a for r, a in zip(self.rounds, self.accuracy, strict=True) if r > 0]
+        return statistics.mean(trained[-TAIL:]) if len(trained) >= 2 * TAIL else None
 
 
 def load_cells(folder: Path) -> list[CellResult]:
@@ -96,12 +105,16 @@ def _spread(values: list[float]) -> str:
 
 
 def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
-    """Each strategy against ``baseline`` at each epsilon, on paired seeds: final accuracy, then, where both
-    measured it, personalised accuracy (the same seed gives both the same clients' test shards)."""
+    """Each strategy against ``baseline`` at each epsilon, on paired seeds: final accuracy; the mean of the
+    last :data:`TAIL` rounds, where both ran ``2 * TAIL`` or more; personalised accuracy, where both measured
+    it (the same seed gives both the same clients' test shards)."""
     finals: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    tails: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     personal: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     for c in cells:
         finals[(c.strategy, c.epsilon)][c.seed] = c.final
+        if c.tail is not None:
+            tails[(c.strategy, c.epsilon)][c.seed] = c.tail
         if c.personal:
             personal[(c.strategy, c.epsilon)][c.seed] = c.personal[0]
     out = []
@@ -110,9 +123,10 @@ def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
             continue
         where = "without DP" if math.isinf(epsilon) else f"at epsilon {epsilon:g}"
         out.append(verdict(strategy, baseline, paired_difference(by_seed, finals[(baseline, epsilon)]), what=where))
-        mine, theirs = personal.get((strategy, epsilon), {}), personal.get((baseline, epsilon), {})
-        if set(mine) & set(theirs):
-            out.append(verdict(strategy, baseline, paired_difference(mine, theirs), what=f"{where}, personalised"))
+        for measure, label in ((tails, f"mean of the last {TAIL} rounds"), (personal, "personalised")):
+            mine, theirs = measure.get((strategy, epsilon), {}), measure.get((baseline, epsilon), {})
+            if set(mine) & set(theirs):
+                out.append(verdict(strategy, baseline, paired_difference(mine, theirs), what=f"{where}, {label}"))
     return out
 
 

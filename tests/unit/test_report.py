@@ -174,6 +174,27 @@ def test_personalised_accuracy_is_compared_with_fedavg_s_on_paired_seeds_where_b
     assert lines[2:] == ["flora - fedavg without DP: +1.0 points, 1 seed: no interval, no ordering can be stated"]
 
 
+def test_the_mean_of_the_last_rounds_is_compared_beside_the_final_round_when_runs_are_long_enough() -> None:
+    """A run whose last round lands on a bad cohort: the final round says FedAvg is ahead by 15 points, the
+    mean of the last 5 rounds (what averages over cohorts) says the other strategy is, by 3; runs of fewer
+    than 10 rounds give no tail mean (round 0, before training, is not one of the rounds)."""
+    from fedlora.commands.report import CellResult, comparisons
+
+    def cell(strategy: str, seed: int, accuracy: list[float]) -> CellResult:
+        return CellResult(strategy, 6.0, seed, list(range(len(accuracy))), accuracy, [1.0], 5.9, 0)
+
+    steady = [0.5] + [0.80] * 10
+    lucky = [0.5] + [0.80] * 9 + [0.90]  # tail mean 0.82, final 0.90
+    unlucky = [0.5] + [0.875] * 9 + [0.75]  # tail mean 0.85, final 0.75
+    lines = comparisons([cell("fedavg", s, lucky) for s in range(3)] + [cell("fedsvd", s, unlucky) for s in range(3)])
+    assert lines[0].startswith("fedsvd - fedavg at epsilon 6: -15.0 points, 95% CI [-15.0, -15.0], 3 paired seeds")
+    assert lines[1].startswith("fedsvd - fedavg at epsilon 6, mean of the last 5 rounds: +3.0 points, 95% CI [+3.0,")
+    assert len(lines) == 2
+    short = comparisons([cell("fedavg", 0, steady[:10]), cell("fedsvd", 0, steady[:10])])
+    assert short == ["fedsvd - fedavg at epsilon 6: +0.0 points, 1 seed: no interval, no ordering can be stated"]
+    assert cell("x", 0, steady).tail == 0.80 and cell("x", 0, steady[:10]).tail is None
+
+
 def test_a_report_whose_every_cell_is_at_chance_says_so_first(tmp_path: Path) -> None:
     """Four classes (chance 0.25): cells ending at 0.235-0.29 learned nothing, and the report leads with
     that; one cell at 0.40 is enough for no warning."""

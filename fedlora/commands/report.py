@@ -113,8 +113,8 @@ def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
     personal: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     for c in cells:
         finals[(c.strategy, c.epsilon)][c.seed] = c.final
-        if c.tail is not None:
-            tails[(c.strategy, c.epsilon)][c.seed] = c.tail
+        if (tail := c.tail) is not None:  # a property over every round: read once
+            tails[(c.strategy, c.epsilon)][c.seed] = tail
         if c.personal:
             personal[(c.strategy, c.epsilon)][c.seed] = c.personal[0]
     out = []

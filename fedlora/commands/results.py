@@ -156,12 +156,26 @@ def commands_of(data: dict[str, Any]) -> list[str]:
     return list(data.get("commands") or ([data["command"]] if data.get("command") else []))
 
 
-def load_results(path: Path) -> list:
-    """The file's cells as the report's :class:`~fedlora.commands.report.CellResult` (for tables)."""
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file's data; a missing or malformed file is a :class:`ConfigError` (one line, status 2)."""
+    from fedlora.config.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read results file {path}: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), dict):
+        raise ConfigError(f"{path} is not a results file (no cells)")
+    return data
+
+
+def load_results(path: Path, data: dict[str, Any] | None = None) -> list:
+    """The file's cells (``data``: the file already read) as the report's
+    :class:`~fedlora.commands.report.CellResult` (for tables)."""
     from fedlora.commands.report import CellResult, personal_of
 
     cells = []
-    for record in json.loads(Path(path).read_text())["cells"].values():
+    for record in (data or read_results(path))["cells"].values():
         rows = [r for r in record["rounds"] if "test_accuracy" in r]
         spent = [float(r[k]) for r in rows for k in ("epsilon_max", "epsilon") if k in r]
         cells.append(
@@ -185,8 +199,8 @@ def render(path: Path) -> str:
     """The Markdown a docs block shows for results file ``path``: the table, then the paired comparisons."""
     from fedlora.commands.report import comparisons, table
 
-    cells = load_results(path)
-    data = json.loads(Path(path).read_text())
+    data = read_results(path)
+    cells = load_results(path, data)
     header, body = table(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]

@@ -190,3 +190,19 @@ def test_a_cell_run_with_the_same_settings_for_another_benchmark_is_copied_not_r
     assert (
         ran and "copied_from" not in json.loads((tmp_path / "third.json").read_text())["cells"]["fedavg/eps-inf/seed-0"]
     )
+
+
+@pytest.mark.parametrize("content", ['{"cells": {', "[]", None], ids=["truncated", "not-a-results-file", "missing"])
+def test_a_docs_block_naming_a_bad_results_file_gets_one_line_and_status_2(tmp_path: Path, monkeypatch, capsys,
+                                                                         content: str | None) -> None:  # fmt: skip
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("before\n<!-- table: results/x.json -->\n<!-- /table -->\n")
+    if content is not None:
+        (tmp_path / "docs" / "results" / "x.json").write_text(content)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tables", str(page)]) == 2
+    said = capsys.readouterr()
+    err = (said.out + said.err).strip()
+    assert len(err.splitlines()) == 1 and "x.json" in err and "Traceback" not in err
+    assert page.read_text() == "before\n<!-- table: results/x.json -->\n<!-- /table -->\n"  # the page is untouched

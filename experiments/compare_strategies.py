@@ -14,7 +14,8 @@ round 0 is Fed-SB's one-off gradient upload) and the wall time.
         partition.alpha=0.5 clients=20 clients_per_round=5 rounds=20
     # variants with their own overrides: "label=override,override"
     python experiments/compare_strategies.py --variants "fedavgm=strategy=fedavg,server.optimizer=momentum" -- ...
-    # seeds: each run once per seed; the table gives mean ± 95% t interval (n) and each variant against the first
+    # seeds: each run once per seed; the table gives mean ± 95% t interval (n) and each variant against the
+    # first on paired seeds: the final round and, for runs of 10 rounds or more, the mean of the last 5
     python experiments/compare_strategies.py --seeds 0 1 2 --strategies fedavg fed_sb -- ...
 
 For the published tables use ``fedlora bench`` (results files in docs/results/, tables generated).
@@ -31,7 +32,7 @@ from pathlib import Path
 from fedlora.outputs.console import human_bytes as human
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS
-from fedlora.outputs.stats import paired_difference, t_interval, verdict
+from fedlora.outputs.stats import TAIL, paired_difference, t_interval, tail_mean, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_strategies"
 SEEDED_HEADER = (
@@ -59,13 +60,15 @@ def run(command: str, overrides: list[str], out: Path) -> float:
 
 
 def measures(out: Path, target: float) -> dict[str, float]:
-    """One run's numbers: final, best, first round at ``target`` (nan: never), lowest of the last 5, bytes."""
+    """One run's numbers: final, best, first round at ``target`` (nan: never), lowest of the last 5, the mean
+    of the last 5 (None under 10 rounds), bytes."""
     rows = read_metrics(out / METRICS)
     rounds = [r for r in rows if int(r["round"]) > 0]
     accs = [float(r["test_accuracy"]) for r in rounds if r["test_accuracy"]]
     reached = next((i + 1 for i, acc in enumerate(accs) if acc >= target), float("nan"))
     return {
         "final": accs[-1], "best": max(accs), "reached": reached, "low5": min(accs[-5:]),
+        "tail": tail_mean(accs),
         "up": sum(float(r["bytes_up"] or 0) for r in rounds) / len(rounds),
         "down": sum(float(r["bytes_down"] or 0) for r in rounds) / len(rounds),
     }  # fmt: skip
@@ -135,24 +138,38 @@ def main() -> int:
 def over_seeds(runs: list[tuple[str, str, list[str]]], args: argparse.Namespace) -> int:
     """Every run once per seed (``seed=<s>`` last), a row per variant over its seeds, each against the first."""
     lines = [SEEDED_HEADER]
-    finals: dict[str, dict[int, float]] = {}
+    measured: dict[str, dict[int, dict[str, float]]] = {}
     for label, command, extra in runs:
         outs, walls = [], []
         for seed in args.seeds:
             out = args.out / label.replace("/", "_") / f"seed-{seed}"
             walls.append(run(command, [*args.overrides, *extra, f"seed={seed}"], out))
             outs.append(out)
-        finals[label] = {seed: measures(out, args.target)["final"] for seed, out in zip(args.seeds, outs, strict=True)}
+        measured[label] = {seed: measures(out, args.target) for seed, out in zip(args.seeds, outs, strict=True)}
         lines.append(seeded_row(label, outs, walls, args.target))
         print("\n".join(lines), flush=True)
     first = next(label for label, command, _ in runs if command == "simulate")
-    lines.append("")
-    lines += [f"- {verdict(label, first, paired_difference(f, finals[first]))}" for label, f in finals.items()
-              if label not in (first, "centralised")]  # fmt: skip
+    verdicts = against(measured, first)
+    lines += ["", *verdicts]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(finals) :]) + f"\ntable: {args.out / 'table.md'}")
+    print("\n".join(verdicts) + f"\ntable: {args.out / 'table.md'}")
     return 0
+
+
+def against(measured: dict[str, dict[int, dict[str, float]]], first: str) -> list[str]:
+    """Each variant (not the centralised reference) against ``first`` on paired seeds: the final round, and
+    the mean of the last rounds where both ran long enough (a non-IID run's final round moves with its cohort)."""
+    out = []
+    for label, by_seed in measured.items():
+        if label in (first, "centralised"):
+            continue
+        for key, what in (("final", ""), ("tail", f"(mean of the last {TAIL} rounds)")):
+            mine = {s: m[key] for s, m in by_seed.items() if m[key] is not None}
+            theirs = {s: m[key] for s, m in measured[first].items() if m[key] is not None}
+            if key == "final" or set(mine) & set(theirs):
+                out.append(f"- {verdict(label, first, paired_difference(mine, theirs), what=what)}")
+    return out
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ from fedlora.commands.sweep import CELL, CENTRALISED, SWEEP
 from fedlora.outputs.console import human_bytes
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import ADAPTER_DIR, EXPORT_LABELS, METRICS
-from fedlora.outputs.stats import paired_difference, t_interval, verdict
+from fedlora.outputs.stats import TAIL, paired_difference, t_interval, tail_mean, verdict
 from fedlora.privacy.dp_sgd import NOT_PRIVATE_COLUMN
-
-TAIL = 5  # rounds the tail mean averages (the paired comparisons give it beside the final round)
 
 
 @dataclass
@@ -54,10 +52,8 @@ class CellResult:
 
     @property
     def tail(self) -> float | None:
-        """The mean over the last :data:`TAIL` evaluated rounds, which averages over the cohorts that move a
-        non-IID run's final round; None for a run of fewer than ``2 * TAIL`` evaluated rounds."""
-        trained = [a for r, a in zip(self.rounds, self.accuracy, strict=True) if r > 0]
-        return statistics.mean(trained[-TAIL:]) if len(trained) >= 2 * TAIL else None
+        """:func:`~fedlora.outputs.stats.tail_mean` over the evaluated rounds after round 0."""
+        return tail_mean([a for r, a in zip(self.rounds, self.accuracy, strict=True) if r > 0])
 
 
 def load_cells(folder: Path) -> list[CellResult]:

@@ -11,10 +11,12 @@ interval at all, and :func:`verdict` says so.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+TAIL = 5  # rounds a tail mean averages (comparisons give it beside the final round)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, confidence)
+
+
+def tail_mean(trained: Sequence[float]) -> float | None:
+    """The mean accuracy over the last :data:`TAIL` trained rounds, which averages over the cohorts that move
+    a non-IID run's final round; None for a run of fewer than ``2 * TAIL`` rounds (a tail of a short run is
+    mostly its climb)."""
+    return statistics.mean(trained[-TAIL:]) if len(trained) >= 2 * TAIL else None
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDENCE) -> Interval:

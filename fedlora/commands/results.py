@@ -12,7 +12,9 @@ Tables in the docs are generated from these files, never typed: a block
     <!-- /table -->
 
 in a Markdown page is replaced by :func:`render` of that file (``fedlora tables``), and
-``fedlora tables --check`` (run by the tests) fails when a page differs from its files.
+``fedlora tables --check`` (run by the tests) fails when a page differs from its files. A block
+``<!-- brief: a.json b.json -->`` ... ``<!-- /brief -->`` (the README's) is :func:`render_brief`: one row
+per file, its settings, every strategy's final accuracy and the orderings its intervals support.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ PLACEMENT = frozenset(
 )
 UNCOMPARED = PLACEMENT | {"output_dir"}  # two runs differing only here are the same run
 BLOCK = re.compile(r"(<!-- table: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+AHEAD = re.compile(r" points, 95% CI (\[[^]]*\]), \d+ paired seeds: \S+ is ahead$")  # a verdict's ordering
+BRIEF = re.compile(r"(<!-- brief: (?P<paths>[^>]+?) -->\n)(?P<body>.*?)(<!-- /brief -->)", re.S)
 
 
 def versions() -> dict[str, str]:
@@ -215,12 +219,62 @@ def render(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def settings_of(overrides: list[str]) -> str:
+    """A results file's setting in words: model, data, federation, rounds (from its shared overrides)."""
+    o = dict(item.split("=", 1) for item in overrides if "=" in item)
+    words = [o.get("model", "default model"), o.get("data", "default data")]
+    if "clients" in o:
+        per_round = f", {o['clients_per_round']} per round" if "clients_per_round" in o else ""
+        words.append(f"{o['clients']} clients{per_round}")
+    if o.get("partition") == "dirichlet":
+        words.append(f"Dirichlet {o.get('partition.alpha', 'default')}")
+    return ", ".join([*words, f"{o.get('rounds', 'default')} rounds"])
+
+
+def render_brief(paths: list[Path]) -> str:
+    """A table of one row per results file: its command and settings, each strategy's final accuracy at each
+    epsilon (mean ± 95% t half-width, n; the reference and FedAvg first), and only the paired comparisons
+    whose interval excludes zero, as ``A - B: points [CI]``."""
+    from fedlora.commands.report import comparisons
+    from fedlora.outputs.stats import t_interval
+
+    lines = ["| benchmark | final accuracy: mean ± 95% t CI (n seeds) | orderings: A - B in points [95% CI], paired "
+             "seeds, where the CI excludes zero |", "|---|---|---|"]  # fmt: skip
+    for path in paths:
+        data = read_results(path)
+        cells = load_results(path, data)
+        finals: dict[float, dict[str, list[float]]] = {}
+        for c in cells:
+            finals.setdefault(c.epsilon, {}).setdefault(c.strategy, []).append(c.final)
+        accuracy = "; ".join(
+            ("no DP" if math.isinf(eps) else f"epsilon {eps:g}") + ": "
+            + ", ".join(f"{s} {t_interval(by[s]).format()}" for s in sorted(by, key=_reference_first))
+            for eps, by in sorted(finals.items())
+        )  # fmt: skip
+        orderings = [AHEAD.sub(r" \1", line) for line in comparisons(cells) if AHEAD.search(line)]
+        seeds = max(len(v) for by in finals.values() for v in by.values())
+        none = "none measurable" if seeds > 1 else "one seed: none can be stated"
+        bench = f"fedlora bench {data.get('name')}"  # the one command that runs the file's cells, if it is one
+        label = f"`{bench}`" if any(c.split(" --")[0] == bench for c in commands_of(data)) else path.name
+        what = f"{label}: {settings_of(data.get('overrides', []))}"
+        lines.append(f"| {what} | {accuracy} | {'; '.join(orderings) or none} |")
+    return "\n".join(lines) + "\n"
+
+
+def _reference_first(strategy: str) -> tuple[bool, bool, str]:
+    return strategy != "centralised", strategy != "fedavg", strategy
+
+
 def update_pages(pages: list[Path], *, check: bool) -> list[Path]:
     """Regenerate every results block in ``pages`` (or, with ``check``, only compare); the pages that differ."""
     stale = []
     for page in pages:
         text = page.read_text()
         new = BLOCK.sub(lambda m, here=page.parent: m.group(1) + render(here / m.group("path")) + m.group(4), text)
+        new = BRIEF.sub(
+            lambda m, here=page.parent: m.group(1) + render_brief([here / p for p in m.group("paths").split()])
+            + m.group(4), new
+        )  # fmt: skip
         if new != text:
             stale.append(page)
             if not check:

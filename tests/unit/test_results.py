@@ -206,3 +206,27 @@ def test_a_docs_block_naming_a_bad_results_file_gets_one_line_and_status_2(tmp_p
     err = (said.out + said.err).strip()
     assert len(err.splitlines()) == 1 and "x.json" in err and "Traceback" not in err
     assert page.read_text() == "before\n<!-- table: results/x.json -->\n<!-- /table -->\n"  # the page is untouched
+
+
+def test_the_readme_s_brief_is_generated_one_row_per_results_file(tmp_path: Path, monkeypatch) -> None:
+    """A ``brief`` block (the README's summary): per results file its settings, each strategy's final accuracy
+    with its interval and n, and only the orderings whose paired interval excludes zero; a file of one seed
+    says none can be stated; a number edited by hand fails the check."""
+    monkeypatch.setattr("fedlora.commands.sweep.subprocess.run", fake_simulate)
+    assert sweep(tmp_path, [0, 1, 2]) == 0
+    one = tmp_path / "one"
+    one.mkdir()
+    assert sweep(one, [0], "clients=6") == 0
+    page = tmp_path / "README.md"
+    page.write_text("<!-- brief: ab.json one/ab.json -->\n<!-- /brief -->\n")
+    assert update_pages([page], check=False) == [page]
+    rows = page.read_text().splitlines()[3:5]
+    assert rows[0].startswith("| ab.json: tiny, default data, 2 rounds |") and rows[0].endswith(
+        "| no DP: fedavg 0.810 ± 0.025 (n=3), fed_sb 0.840 ± 0.025 (n=3) "
+        "| fed_sb - fedavg without DP: +3.0 [+0.5, +5.5] |"
+    )
+    assert "6 clients" in rows[1]
+    assert rows[1].endswith("| no DP: fedavg 0.800 (n=1), fed_sb 0.830 (n=1) | one seed: none can be stated |")
+    assert update_pages([page], check=True) == []
+    page.write_text(page.read_text().replace("0.840 ± 0.025", "0.845 ± 0.025"))
+    assert update_pages([page], check=True) == [page]

@@ -74,9 +74,8 @@ def measures(out: Path, target: float) -> dict[str, float]:
     }  # fmt: skip
 
 
-def seeded_row(label: str, outs: list[Path], walls: list[float], target: float) -> str:
-    """A variant over its seeds: each accuracy as mean ± 95% t half-width, and n."""
-    runs = [measures(out, target) for out in outs]
+def seeded_row(label: str, runs: list[dict[str, float]], walls: list[float]) -> str:
+    """A variant over its seeds (each run's :func:`measures`): each accuracy as mean ± 95% t half-width, and n."""
 
     def cell(key: str) -> str:
         return t_interval([r[key] for r in runs]).format().rsplit(" (n=", 1)[0]
@@ -146,7 +145,7 @@ def over_seeds(runs: list[tuple[str, str, list[str]]], args: argparse.Namespace)
             walls.append(run(command, [*args.overrides, *extra, f"seed={seed}"], out))
             outs.append(out)
         measured[label] = {seed: measures(out, args.target) for seed, out in zip(args.seeds, outs, strict=True)}
-        lines.append(seeded_row(label, outs, walls, args.target))
+        lines.append(seeded_row(label, list(measured[label].values()), walls))
         print("\n".join(lines), flush=True)
     first = next(label for label, command, _ in runs if command == "simulate")
     verdicts = against(measured, first)

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora.commands.sweep import Cell, format_epsilon, override_key
+from fedlora.commands.sweep import CENTRALISED, Cell, format_epsilon, override_key
 from fedlora.outputs.metrics import read_metrics
 from fedlora.outputs.run_folder import METRICS, RUN_CONFIG
 
@@ -262,7 +262,7 @@ def render_brief(paths: list[Path]) -> str:
 
 
 def _reference_first(strategy: str) -> tuple[bool, bool, str]:
-    return strategy != "centralised", strategy != "fedavg", strategy
+    return strategy != CENTRALISED, strategy != "fedavg", strategy
 
 
 def update_pages(pages: list[Path], *, check: bool) -> list[Path]:

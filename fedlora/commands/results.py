@@ -252,12 +252,12 @@ def render_brief(paths: list[Path]) -> str:
             for eps, by in sorted(finals.items())
         )  # fmt: skip
         orderings = [AHEAD.sub(r" \1", line) for line in comparisons(cells) if AHEAD.search(line)]
-        seeds = max(len(v) for by in finals.values() for v in by.values())
-        none = "none measurable" if seeds > 1 else "one seed: none can be stated"
+        seeds = max((len(v) for by in finals.values() for v in by.values()), default=0)
+        none = "none measurable" if seeds > 1 else "one seed: none can be stated" if seeds else "no cells yet"
         bench = f"fedlora bench {data.get('name')}"  # the one command that runs the file's cells, if it is one
         label = f"`{bench}`" if any(c.split(" --")[0] == bench for c in commands_of(data)) else path.name
         what = f"{label}: {settings_of(data.get('overrides', []))}"
-        lines.append(f"| {what} | {accuracy} | {'; '.join(orderings) or none} |")
+        lines.append(f"| {what} | {accuracy or '-'} | {'; '.join(orderings) or none} |")
     return "\n".join(lines) + "\n"
 
 

@@ -230,3 +230,8 @@ def test_the_readme_s_brief_is_generated_one_row_per_results_file(tmp_path: Path
     assert update_pages([page], check=True) == []
     page.write_text(page.read_text().replace("0.840 ± 0.025", "0.845 ± 0.025"))
     assert update_pages([page], check=True) == [page]
+    (tmp_path / "empty.json").write_text(json.dumps({"name": "empty", "cells": {}}))  # a benchmark not yet run
+    page.write_text("<!-- brief: empty.json -->\n<!-- /brief -->\n")
+    assert update_pages([page], check=False) == [page]
+    empty = "| empty.json: default model, default data, default rounds | - | no cells yet |"
+    assert page.read_text().splitlines()[3] == empty

@@ -10,7 +10,7 @@ command-line overrides come after the preset's. Every cell is a ``fedlora simula
 cache each) writing to ``<out>/cells/<strategy>/eps-<epsilon>/seed-<seed>/``; with
 ``centralised: true`` one ``fedlora centralised`` cell per seed adds the non-private
 centralised reference (``cells/centralised/eps-inf/seed-<s>``); ``strategy_overrides``
-(strategy: [overrides]) gives a strategy its own settings, after the shared ones (a key
+(strategy or ``centralised``: [overrides]) gives a strategy its own settings, after the shared ones (a key
 the command line sets stays the command line's). A cell that finished leaves
 ``cell.json`` and is not run again when the sweep is restarted. The CLI writes the
 report (:mod:`fedlora.commands.report`) at the end.
@@ -63,7 +63,7 @@ class Cell:
 
     def overrides(self) -> list[str]:
         if self.strategy == CENTRALISED:
-            return [f"seed={self.seed}"]
+            return [*self.settings, f"seed={self.seed}"]
         if math.isinf(self.epsilon):
             dp = ["privacy=none"]
         else:
@@ -114,18 +114,20 @@ def grid(
     strategy_overrides: dict[str, list[str]] | None = None,
 ) -> list[Cell]:
     """The cells: the centralised reference per seed (when asked), then strategy x epsilon x seed, each strategy
-    with its own ``strategy_overrides`` (a preset's per-strategy settings, e.g. Fed-SB's rank)."""
+    with its own ``strategy_overrides`` (a preset's per-strategy settings, e.g. Fed-SB's rank; ``centralised``:
+    the reference's own)."""
     from strategies import get_strategy_class
 
     if level not in LEVELS:
         raise ConfigError(f"unknown privacy level {level!r}; choose from {list(LEVELS)}")
     per_strategy = strategy_overrides or {}
-    for name in [*strategies, *per_strategy]:
+    for name in [*strategies, *(s for s in per_strategy if s != CENTRALISED)]:
         try:
             get_strategy_class(name)
         except ValueError as err:
             raise ConfigError(f"sweep: {err}") from None
-    reference = [Cell(CENTRALISED, math.inf, seed) for seed in seeds] if centralised else []
+    own = tuple(per_strategy.get(CENTRALISED, ()))  # e.g. the schedule a long pooled run needs
+    reference = [Cell(CENTRALISED, math.inf, seed, settings=own) for seed in seeds] if centralised else []
     return reference + [
         Cell(s, e, seed, level, tuple(per_strategy.get(s, ()))) for s in strategies for e in epsilons for seed in seeds
     ]

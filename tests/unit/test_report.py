@@ -105,6 +105,33 @@ def test_a_strategy_takes_its_own_settings_after_the_shared_ones(tmp_path: Path,
     assert "- **per strategy**: `fed_sb: lora.rank=6`" in (tmp_path / "report.md").read_text()
 
 
+def test_the_centralised_reference_takes_its_own_settings(tmp_path: Path, monkeypatch) -> None:
+    """strategy_overrides' ``centralised`` entry reaches the reference cells and no others: AG News' pooled
+    reference runs 2,000 steps in one go and needs a decaying lr where the rounds restart a constant one."""
+    import fedlora.commands.sweep
+    from fedlora.commands.sweep import CENTRALISED, cell_overrides
+    from fedlora.config.compose import compose
+
+    own = {CENTRALISED: ["train.lr_schedule=cosine"]}
+    cells = grid(["fedavg"], [math.inf], [0, 1], centralised=True, strategy_overrides=own)
+    schedules = {c.name: compose(cell_overrides(c, ["rounds=2"]))[0].train.lr_schedule for c in cells}
+    assert schedules == {"centralised/eps-inf/seed-0": "cosine", "centralised/eps-inf/seed-1": "cosine",
+                         "fedavg/eps-inf/seed-0": "constant", "fedavg/eps-inf/seed-1": "constant"}  # fmt: skip
+    assert cells[1].overrides() == ["train.lr_schedule=cosine", "seed=1"]  # what `fedlora centralised` is given
+
+    started: list[list] = []
+    monkeypatch.setattr(fedlora.commands.sweep, "run_cells", lambda cells, overrides, out, **_: started.append(cells))
+    monkeypatch.setattr("fedlora.commands.report.write_report", lambda out: out / "report.html")
+    argv = ["sweep", "privacy", "--preset", "ag_news", "--strategies", "fedavg", "--seeds", "0", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert [(c.strategy, c.settings) for c in started.pop()] == [
+        (CENTRALISED, ("train.lr_schedule=cosine",)),
+        ("fedavg", ()),
+    ]
+    assert main([*argv, str(tmp_path / "b"), "train.lr_schedule=constant"]) == 0
+    assert all(c.settings == () for c in started.pop())  # the command line's schedule for every cell
+
+
 def test_report_and_sweep_refuse_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert main(["sweep", "privacy", "--strategies", "fedsdv", "--out", str(tmp_path)]) == 2

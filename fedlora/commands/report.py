@@ -101,9 +101,10 @@ def _spread(values: list[float]) -> str:
 
 
 def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
-    """Each strategy against ``baseline`` at each epsilon, on paired seeds: final accuracy; the mean of the
-    last :data:`TAIL` rounds, where both ran ``2 * TAIL`` or more; personalised accuracy, where both measured
-    it (the same seed gives both the same clients' test shards)."""
+    """Each strategy against ``baseline`` at each epsilon, on paired seeds, after ``baseline`` against the
+    centralised reference where there is one: final accuracy; the mean of the last :data:`TAIL` rounds, where
+    both ran ``2 * TAIL`` or more; personalised accuracy, where both measured it (the same seed gives both the
+    same clients' test shards)."""
     finals: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     tails: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
     personal: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
@@ -113,16 +114,19 @@ def comparisons(cells: list[CellResult], baseline: str = "fedavg") -> list[str]:
             tails[(c.strategy, c.epsilon)][c.seed] = tail
         if c.personal:
             personal[(c.strategy, c.epsilon)][c.seed] = c.personal[0]
+    reference = {(baseline, math.inf), (CENTRALISED, math.inf)} <= set(finals)  # how close federated gets to pooled
+    pairs = [(baseline, math.inf, CENTRALISED)] if reference else []
+    pairs += [(s, e, baseline) for s, e in sorted(finals, key=lambda k: (k[1], k[0]))
+              if s not in (baseline, CENTRALISED) and (baseline, e) in finals]  # fmt: skip
     out = []
-    for (strategy, epsilon), by_seed in sorted(finals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if strategy in (baseline, CENTRALISED) or (baseline, epsilon) not in finals:
-            continue
+    for strategy, epsilon, other in pairs:
         where = "without DP" if math.isinf(epsilon) else f"at epsilon {epsilon:g}"
-        out.append(verdict(strategy, baseline, paired_difference(by_seed, finals[(baseline, epsilon)]), what=where))
+        out.append(verdict(strategy, other, paired_difference(finals[(strategy, epsilon)], finals[(other, epsilon)]),
+                           what=where))  # fmt: skip
         for measure, label in ((tails, f"mean of the last {TAIL} rounds"), (personal, "personalised")):
-            mine, theirs = measure.get((strategy, epsilon), {}), measure.get((baseline, epsilon), {})
+            mine, theirs = measure.get((strategy, epsilon), {}), measure.get((other, epsilon), {})
             if set(mine) & set(theirs):
-                out.append(verdict(strategy, baseline, paired_difference(mine, theirs), what=f"{where}, {label}"))
+                out.append(verdict(strategy, other, paired_difference(mine, theirs), what=f"{where}, {label}"))
     return out
 
 

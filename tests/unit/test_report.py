@@ -222,6 +222,23 @@ def test_the_mean_of_the_last_rounds_is_compared_beside_the_final_round_when_run
     assert cell("x", 0, steady).tail == 0.80 and cell("x", 0, steady[:10]).tail is None
 
 
+def test_fedavg_is_compared_with_the_centralised_reference_first_where_a_file_has_one() -> None:
+    """How close federated gets to the pooled run, on paired seeds (same init and test set): FedAvg against the
+    reference, final round and tail, before every strategy against FedAvg; nothing else against the reference."""
+    from fedlora.commands.report import CellResult, comparisons
+
+    def cell(strategy: str, seed: int, level: float) -> CellResult:
+        return CellResult(strategy, math.inf, seed, list(range(11)), [0.25] + [level + seed / 100] * 10, [1.0], None, 0)
+
+    reference = [cell("centralised", s, 0.88) for s in range(3)]
+    lines = comparisons(reference + [cell("fedavg", s, 0.86) for s in range(3)] + [cell("ffa_lora", 0, 0.85)])
+    assert lines[0] == ("fedavg - centralised without DP: -2.0 points, 95% CI [-2.0, -2.0], 3 paired seeds: "
+                        "centralised is ahead")  # fmt: skip
+    assert lines[1].startswith("fedavg - centralised without DP, mean of the last 5 rounds: -2.0 points")
+    assert len(lines) == 4 and all(line.startswith("ffa_lora - fedavg without DP") for line in lines[2:])
+    assert comparisons([*reference, cell("ffa_lora", 0, 0.85)]) == []  # no FedAvg: nothing to pair
+
+
 def test_a_report_whose_every_cell_is_at_chance_says_so_first(tmp_path: Path) -> None:
     """Four classes (chance 0.25): cells ending at 0.235-0.29 learned nothing, and the report leads with
     that; one cell at 0.40 is enough for no warning."""
